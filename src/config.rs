@@ -1,0 +1,906 @@
+//! relay.toml: the raw serde shape, loading (the file, then `WECHAT_RELAY_*` environment
+//! overrides, then secrets from files), and validation into a checked [`Config`].
+//!
+//! Validation collects every problem with its key path (`route[2].reply: "shop" is not in to`)
+//! so that an operator fixes the file in one pass; nothing is bound before it passes.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Value};
+use http::Uri;
+use serde::Deserialize;
+
+use crate::wechat::crypto::AesKey;
+
+/// Prefix of the environment variables that override relay.toml; `__` separates key parts.
+pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
+const SECTIONS: [&str; 4] = ["server", "account", "target", "route"];
+/// WeChat cuts the connection after 5 s.
+const WECHAT_DEADLINE_MS: u64 = 5000;
+
+/// Every problem found in a config, one line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+/// A checked configuration: every name resolves, every secret is loaded and well-formed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub accounts: Vec<Account>,
+    pub targets: Vec<Target>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// Answer WeChat by this long after a push arrived, whatever the reply target does.
+    pub reply_deadline: Duration,
+    pub max_body_bytes: usize,
+    /// `None` turns the freshness check off.
+    pub timestamp_skew: Option<Duration>,
+    /// Forwards in flight at once across all targets; more wait for a slot.
+    pub max_concurrent_forwards: usize,
+    /// On SIGTERM, how long requests and forwards in flight may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Only encrypted pushes are accepted.
+    Safe,
+    /// Encrypted pushes carry plaintext copies too; the relay uses the decrypted message.
+    Compatible,
+    Plaintext,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Safe => "safe",
+            Mode::Compatible => "compatible",
+            Mode::Plaintext => "plaintext",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub path: String,
+    pub app_id: String,
+    pub token: Secret,
+    /// The current key first, then the previous one (tried when the current one fails).
+    pub keys: Vec<AesKey>,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardFormat {
+    /// The original query and body, byte for byte.
+    Raw,
+    /// The decrypted message XML, with the query of a plaintext push.
+    Plain,
+    /// A JSON object of the message, signed the Standard Webhooks way.
+    Json,
+}
+
+impl ForwardFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardFormat::Raw => "raw",
+            ForwardFormat::Plain => "plain",
+            ForwardFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub url: Uri,
+    pub format: ForwardFormat,
+    pub timeout: Duration,
+    /// The HMAC key decoded from `whsec_...` (json targets only).
+    pub secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Answer `success` as soon as the push is accepted.
+    None,
+    /// Wait (up to the deadline) for this target's answer and pass it on.
+    Target(String),
+    /// Answer this text as a WeChat text reply.
+    Text(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `name` from the file, or `route[i]`: used in logs.
+    pub name: String,
+    pub account: Option<String>,
+    pub msg_type: Option<Vec<String>>,
+    pub event: Option<Vec<String>>,
+    pub ticket: Option<bool>,
+    pub event_key: Option<Vec<String>>,
+    pub content: Option<Vec<String>>,
+    pub to: Vec<String>,
+    pub reply: Reply,
+}
+
+/// A token, key or HMAC secret: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The secret as text (tokens are ASCII by validation).
+    pub fn expose_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+// ---- raw shape ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_reply_deadline_ms")]
+    reply_deadline_ms: u64,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default = "default_timestamp_skew_s")]
+    timestamp_skew_s: u64,
+    #[serde(default = "default_max_concurrent_forwards")]
+    max_concurrent_forwards: u64,
+    #[serde(default = "default_shutdown_grace_ms")]
+    shutdown_grace_ms: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_reply_deadline_ms() -> u64 {
+    4500
+}
+fn default_max_body_bytes() -> u64 {
+    65536
+}
+fn default_timestamp_skew_s() -> u64 {
+    300
+}
+fn default_max_concurrent_forwards() -> u64 {
+    256
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_timeout_ms() -> u64 {
+    3000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    name: String,
+    path: String,
+    app_id: String,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    encoding_aes_key: Option<String>,
+    encoding_aes_key_file: Option<PathBuf>,
+    previous_encoding_aes_key: Option<String>,
+    previous_encoding_aes_key_file: Option<PathBuf>,
+    mode: Option<Mode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    url: String,
+    #[serde(default = "default_format")]
+    format: ForwardFormat,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+}
+
+fn default_format() -> ForwardFormat {
+    ForwardFormat::Raw
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    account: Option<String>,
+    msg_type: Option<Vec<String>>,
+    event: Option<Vec<String>>,
+    ticket: Option<bool>,
+    event_key: Option<Vec<String>>,
+    content: Option<Vec<String>>,
+    to: Vec<String>,
+    reply: Option<String>,
+    reply_text: Option<String>,
+}
+
+// ---- loading -----------------------------------------------------------------------------
+
+impl Config {
+    /// Loads `path`, applies the `WECHAT_RELAY_*` variables of this process, reads secret files
+    /// and validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// [`Config::load`] with the environment given as `(NAME, value)` pairs.
+    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut root = Figment::from(Toml::file_exact(path))
+            .extract::<Dict>()
+            .map_err(|e| {
+                let why = e.to_string().replace('\n', " ");
+                ConfigError(vec![format!("{}: {why}", path.display())])
+            })?;
+        let mut problems = Vec::new();
+        apply_env(&mut root, env, &mut problems);
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Checker::new(base, problems).check(root)
+    }
+}
+
+/// Applies `WECHAT_RELAY_A__B__C=value` as `a.b.c = value`. An array element is named by its
+/// index or by its `name` (`WECHAT_RELAY_ACCOUNT__MAIN__TOKEN`, `-` written as `_`).
+fn apply_env(root: &mut Dict, env: &[(String, String)], problems: &mut Vec<String>) {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        // WECHAT_RELAY_CONFIG names the file itself.
+        if rest.eq_ignore_ascii_case("config") {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            problems.push(format!("{name}: empty key part"));
+            continue;
+        }
+        if let Err(why) = set_path(root, &path, raw) {
+            problems.push(format!("{name}: {why}"));
+        }
+    }
+}
+
+fn set_path(root: &mut Dict, path: &[String], raw: &str) -> Result<(), String> {
+    let (first, rest) = path.split_first().ok_or("empty key")?;
+    if rest.is_empty() {
+        let value = typed_like(root.get(first.as_str()), raw);
+        root.insert(first.clone(), value);
+        return Ok(());
+    }
+    let slot = root
+        .entry(first.clone())
+        .or_insert_with(|| Value::from(Dict::new()));
+    set_in_value(slot, first, rest, raw)
+}
+
+fn set_in_value(slot: &mut Value, at: &str, path: &[String], raw: &str) -> Result<(), String> {
+    match slot {
+        Value::Dict(_, dict) => set_path(dict, path, raw),
+        Value::Array(_, items) => {
+            let (selector, rest) = path.split_first().ok_or("empty key")?;
+            let position = match selector.parse::<usize>() {
+                Ok(index) => (index < items.len()).then_some(index),
+                Err(_) => items.iter().position(|item| element_named(item, selector)),
+            };
+            let index =
+                position.ok_or_else(|| format!("there is no {at} {selector:?} in the file"))?;
+            if rest.is_empty() {
+                return Err(format!("{at}.{selector} needs a key after it"));
+            }
+            set_in_value(&mut items[index], at, rest, raw)
+        }
+        _ => Err(format!("{at} is not a table")),
+    }
+}
+
+fn element_named(item: &Value, selector: &str) -> bool {
+    item.as_dict()
+        .and_then(|d| d.get("name"))
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.to_ascii_lowercase().replace('-', "_") == selector)
+}
+
+/// A variable's value keeps the type of the value it replaces: a token of digits stays text.
+fn typed_like(existing: Option<&Value>, raw: &str) -> Value {
+    match existing {
+        Some(Value::String(..)) => Value::from(raw.to_owned()),
+        _ => raw
+            .parse::<Value>()
+            .unwrap_or_else(|_| Value::from(raw.to_owned())),
+    }
+}
+
+// ---- validation --------------------------------------------------------------------------
+
+struct Checker<'a> {
+    base: &'a Path,
+    problems: Vec<String>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(base: &'a Path, problems: Vec<String>) -> Self {
+        Self { base, problems }
+    }
+
+    fn problem(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
+        self.problems.push(format!("{at}: {why}"));
+    }
+
+    fn check(mut self, mut root: Dict) -> Result<Config, ConfigError> {
+        for key in root.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                self.problems.push(format!(
+                    "{key}: unknown section (expected one of {})",
+                    SECTIONS.join(", ")
+                ));
+            }
+        }
+        let server = match root.remove("server") {
+            Some(value) => self.raw::<RawServer>("server", &value),
+            None => self.raw::<RawServer>("server", &Value::from(Dict::new())),
+        };
+        let raw_accounts: Vec<Option<RawAccount>> = self.list(&mut root, "account");
+        let raw_targets: Vec<Option<RawTarget>> = self.list(&mut root, "target");
+        let raw_routes: Vec<Option<RawRoute>> = self.list(&mut root, "route");
+
+        // Names and paths come from every entry that parsed, valid or not, so that one broken
+        // target does not also show up as "not a [[target]] name" in each route that names it.
+        let account_names: Vec<String> = raw_accounts
+            .iter()
+            .flatten()
+            .map(|a| a.name.clone())
+            .collect();
+        let account_paths: Vec<String> = raw_accounts
+            .iter()
+            .flatten()
+            .map(|a| a.path.clone())
+            .collect();
+        let target_names: Vec<String> = raw_targets
+            .iter()
+            .flatten()
+            .map(|t| t.name.clone())
+            .collect();
+        if raw_accounts.is_empty() {
+            self.problem("account", "at least one [[account]] is required");
+        }
+        self.unique("account", "name", &account_names);
+        self.unique("account", "path", &account_paths);
+        self.unique("target", "name", &target_names);
+
+        let server = server.and_then(|s| self.server(s));
+        let accounts: Vec<Option<Account>> = raw_accounts
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| a.and_then(|a| self.account(i, a)))
+            .collect();
+        let targets: Vec<Option<Target>> = raw_targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.and_then(|t| self.target(i, t)))
+            .collect();
+        let routes: Vec<Option<Route>> = raw_routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.and_then(|r| self.route(i, r, &account_names, &target_names)))
+            .collect();
+
+        if !self.problems.is_empty() {
+            return Err(ConfigError(self.problems));
+        }
+        match server {
+            Some(server) => Ok(Config {
+                server,
+                accounts: accounts.into_iter().flatten().collect(),
+                targets: targets.into_iter().flatten().collect(),
+                routes: routes.into_iter().flatten().collect(),
+            }),
+            None => Err(ConfigError(vec!["server: invalid".into()])),
+        }
+    }
+
+    fn raw<T: for<'de> Deserialize<'de>>(&mut self, at: &str, value: &Value) -> Option<T> {
+        match value.deserialize::<T>() {
+            Ok(raw) => Some(raw),
+            Err(e) => {
+                for error in e {
+                    let mut at = at.to_owned();
+                    for key in &error.path {
+                        at.push('.');
+                        at.push_str(key);
+                    }
+                    self.problem(at, error.kind);
+                }
+                None
+            }
+        }
+    }
+
+    /// Deserializes each element of an array of tables on its own, so that one bad element
+    /// does not hide the problems of the next.
+    fn list<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        root: &mut Dict,
+        section: &str,
+    ) -> Vec<Option<T>> {
+        match root.remove(section) {
+            None => Vec::new(),
+            Some(Value::Array(_, items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| self.raw::<T>(&format!("{section}[{i}]"), item))
+                .collect(),
+            Some(_) => {
+                self.problem(
+                    section,
+                    format!("must be an array of tables: write [[{section}]]"),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn unique(&mut self, section: &str, key: &str, values: &[String]) {
+        let mut seen: Vec<&String> = Vec::new();
+        for value in values {
+            if seen.contains(&value) {
+                self.problem(section, format!("{key} {value:?} is used twice"));
+            } else {
+                seen.push(value);
+            }
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> Option<Server> {
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    "server.listen",
+                    format!("{:?} is not an address like 127.0.0.1:8080", raw.listen),
+                );
+                None
+            }
+        };
+        if raw.reply_deadline_ms == 0 || raw.reply_deadline_ms >= WECHAT_DEADLINE_MS {
+            self.problem(
+                "server.reply_deadline_ms",
+                format!(
+                    "must be between 1 and {} (WeChat gives up after 5 s), got {}",
+                    WECHAT_DEADLINE_MS - 1,
+                    raw.reply_deadline_ms
+                ),
+            );
+        }
+        if raw.max_body_bytes < 512 {
+            self.problem(
+                "server.max_body_bytes",
+                format!("must be at least 512, got {}", raw.max_body_bytes),
+            );
+        }
+        if raw.max_concurrent_forwards == 0 {
+            self.problem("server.max_concurrent_forwards", "must be at least 1");
+        }
+        Some(Server {
+            listen: listen?,
+            reply_deadline: Duration::from_millis(raw.reply_deadline_ms),
+            max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
+            timestamp_skew: (raw.timestamp_skew_s > 0)
+                .then(|| Duration::from_secs(raw.timestamp_skew_s)),
+            max_concurrent_forwards: usize::try_from(raw.max_concurrent_forwards)
+                .unwrap_or(usize::MAX),
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+        })
+    }
+
+    /// A secret given inline or as `<key>_file` (relative to the config's folder), not both.
+    fn secret(
+        &mut self,
+        at: &str,
+        key: &str,
+        inline: Option<String>,
+        file: Option<PathBuf>,
+    ) -> Option<String> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.problem(at, format!("give {key} or {key}_file, not both"));
+                None
+            }
+            (Some(value), None) => Some(value),
+            (None, Some(file)) => {
+                let path = self.base.join(&file);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Some(text.trim().to_owned()),
+                    Err(e) => {
+                        self.problem(
+                            format!("{at}.{key}_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn name(&mut self, at: &str, name: &str) {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            self.problem(
+                format!("{at}.name"),
+                format!("{name:?} must be 1-64 of A-Z a-z 0-9 - _"),
+            );
+        }
+    }
+
+    fn account(&mut self, i: usize, raw: RawAccount) -> Option<Account> {
+        let at = format!("account[{i}]");
+        let before = self.problems.len();
+        self.name(&at, &raw.name);
+        if !raw.path.starts_with('/') || raw.path.contains(['?', '#', ' ']) {
+            self.problem(
+                format!("{at}.path"),
+                format!(
+                    "{:?} must be a URL path starting with / (no query)",
+                    raw.path
+                ),
+            );
+        }
+        let app_id_ok = raw.app_id.len() == 18
+            && raw.app_id.starts_with("wx")
+            && raw.app_id[2..].bytes().all(|b| b.is_ascii_hexdigit());
+        if !app_id_ok {
+            self.problem(
+                format!("{at}.app_id"),
+                format!("{:?} must be wx followed by 16 hex digits", raw.app_id),
+            );
+        }
+        let token = self.secret(&at, "token", raw.token, raw.token_file);
+        match &token {
+            None => self.problem(format!("{at}.token"), "required (or token_file)"),
+            Some(token) => {
+                let ok = (3..=32).contains(&token.len())
+                    && token.bytes().all(|b| b.is_ascii_alphanumeric());
+                if !ok {
+                    self.problem(
+                        format!("{at}.token"),
+                        format!(
+                            "must be 3-32 letters or digits, got {} characters",
+                            token.chars().count()
+                        ),
+                    );
+                }
+            }
+        }
+        let key = self.secret(
+            &at,
+            "encoding_aes_key",
+            raw.encoding_aes_key,
+            raw.encoding_aes_key_file,
+        );
+        let previous = self.secret(
+            &at,
+            "previous_encoding_aes_key",
+            raw.previous_encoding_aes_key,
+            raw.previous_encoding_aes_key_file,
+        );
+        let mut keys = Vec::new();
+        for (key_name, value) in [
+            ("encoding_aes_key", &key),
+            ("previous_encoding_aes_key", &previous),
+        ] {
+            if let Some(value) = value {
+                match AesKey::from_encoding_aes_key(value) {
+                    Ok(k) => keys.push(k),
+                    Err(e) => self.problem(format!("{at}.{key_name}"), e),
+                }
+            }
+        }
+        if key.is_none() && previous.is_some() {
+            self.problem(
+                format!("{at}.previous_encoding_aes_key"),
+                "needs encoding_aes_key too",
+            );
+        }
+        let mode = raw.mode.unwrap_or(if key.is_some() {
+            Mode::Safe
+        } else {
+            Mode::Plaintext
+        });
+        if mode != Mode::Plaintext && key.is_none() {
+            self.problem(
+                format!("{at}.encoding_aes_key"),
+                format!("required in {} mode", mode.as_str()),
+            );
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Account {
+            name: raw.name,
+            path: raw.path,
+            app_id: raw.app_id,
+            token: Secret(token?.into_bytes()),
+            keys,
+            mode,
+        })
+    }
+
+    fn target(&mut self, i: usize, raw: RawTarget) -> Option<Target> {
+        let at = format!("target[{i}]");
+        let before = self.problems.len();
+        self.name(&at, &raw.name);
+        let url = match raw.url.parse::<Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some_and(|h| !h.is_empty()) =>
+            {
+                Some(uri)
+            }
+            _ => {
+                self.problem(
+                    format!("{at}.url"),
+                    format!(
+                        "{:?} must be an http:// or https:// URL with a host",
+                        raw.url
+                    ),
+                );
+                None
+            }
+        };
+        if raw.timeout_ms == 0 {
+            self.problem(format!("{at}.timeout_ms"), "must be at least 1");
+        }
+        let secret = self.secret(&at, "secret", raw.secret, raw.secret_file);
+        let secret = match (raw.format, secret) {
+            (ForwardFormat::Json, None) => {
+                self.problem(
+                    format!("{at}.secret"),
+                    "required for format = \"json\" (a Standard Webhooks secret, whsec_...)",
+                );
+                None
+            }
+            (ForwardFormat::Json, Some(secret)) => {
+                let decoded = secret
+                    .strip_prefix("whsec_")
+                    .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+                    .filter(|key| key.len() >= 16);
+                if decoded.is_none() {
+                    self.problem(
+                        format!("{at}.secret"),
+                        "must be \"whsec_\" followed by the base64 of a key of at least 16 bytes",
+                    );
+                }
+                decoded.map(Secret)
+            }
+            (format, Some(_)) => {
+                self.problem(
+                    format!("{at}.secret"),
+                    format!(
+                        "only format = \"json\" signs its requests, this target is {:?}",
+                        format.as_str()
+                    ),
+                );
+                None
+            }
+            (_, None) => None,
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Target {
+            name: raw.name,
+            url: url?,
+            format: raw.format,
+            timeout: Duration::from_millis(raw.timeout_ms),
+            secret,
+        })
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        raw: RawRoute,
+        accounts: &[String],
+        targets: &[String],
+    ) -> Option<Route> {
+        let at = format!("route[{i}]");
+        let before = self.problems.len();
+        if let Some(account) = &raw.account
+            && !accounts.contains(account)
+        {
+            self.problem(
+                format!("{at}.account"),
+                format!("{account:?} is not an [[account]] name"),
+            );
+        }
+        for (key, list) in [
+            ("msg_type", &raw.msg_type),
+            ("event", &raw.event),
+            ("event_key", &raw.event_key),
+            ("content", &raw.content),
+        ] {
+            if list.as_ref().is_some_and(Vec::is_empty) {
+                self.problem(
+                    format!("{at}.{key}"),
+                    "an empty list matches nothing: leave the key out to match anything",
+                );
+            }
+        }
+        if raw.to.is_empty() {
+            self.problem(format!("{at}.to"), "must name at least one target");
+        }
+        let mut seen = Vec::new();
+        for name in &raw.to {
+            if !targets.contains(name) {
+                self.problem(
+                    format!("{at}.to"),
+                    format!("{name:?} is not a [[target]] name"),
+                );
+            }
+            if seen.contains(&name) {
+                self.problem(format!("{at}.to"), format!("{name:?} is listed twice"));
+            }
+            seen.push(name);
+        }
+        let reply = match (raw.reply, raw.reply_text) {
+            (Some(_), Some(_)) => {
+                self.problem(&at, "give reply or reply_text, not both");
+                Reply::None
+            }
+            (Some(target), None) => {
+                if !raw.to.contains(&target) {
+                    self.problem(format!("{at}.reply"), format!("{target:?} is not in to"));
+                }
+                Reply::Target(target)
+            }
+            (None, Some(text)) => {
+                if text.is_empty() {
+                    self.problem(format!("{at}.reply_text"), "must not be empty");
+                }
+                Reply::Text(text)
+            }
+            (None, None) => Reply::None,
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Route {
+            name: raw.name.unwrap_or(at),
+            account: raw.account,
+            msg_type: raw.msg_type,
+            event: raw.event,
+            ticket: raw.ticket,
+            event_key: raw.event_key,
+            content: raw.content,
+            to: raw.to,
+            reply,
+        })
+    }
+}
+
+// ---- summary -----------------------------------------------------------------------------
+
+impl fmt::Display for Config {
+    /// The effective configuration, secrets redacted (what `wechat-relay check` prints).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.server;
+        writeln!(
+            f,
+            "server: listen {}, reply deadline {} ms, max body {} bytes, timestamp skew {}, {} forwards at once",
+            s.listen,
+            s.reply_deadline.as_millis(),
+            s.max_body_bytes,
+            s.timestamp_skew
+                .map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
+            s.max_concurrent_forwards
+        )?;
+        for a in &self.accounts {
+            writeln!(
+                f,
+                "account {}: POST/GET {} app_id {} mode {} token <redacted> keys {}",
+                a.name,
+                a.path,
+                a.app_id,
+                a.mode.as_str(),
+                match a.keys.len() {
+                    0 => "none",
+                    1 => "current <redacted>",
+                    _ => "current + previous <redacted>",
+                }
+            )?;
+        }
+        for t in &self.targets {
+            writeln!(
+                f,
+                "target {}: {} {} timeout {} ms{}",
+                t.name,
+                t.format.as_str(),
+                t.url,
+                t.timeout.as_millis(),
+                if t.secret.is_some() {
+                    " secret <redacted>"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        for r in &self.routes {
+            let list = |l: &Option<Vec<String>>| l.as_ref().map(|v| v.join("|"));
+            let mut when = Vec::new();
+            if let Some(a) = &r.account {
+                when.push(format!("account={a}"));
+            }
+            if let Some(v) = list(&r.msg_type) {
+                when.push(format!("msg_type={v}"));
+            }
+            if let Some(v) = list(&r.event) {
+                when.push(format!("event={v}"));
+            }
+            if let Some(v) = r.ticket {
+                when.push(format!("ticket={v}"));
+            }
+            if let Some(v) = list(&r.event_key) {
+                when.push(format!("event_key={v}"));
+            }
+            if let Some(v) = list(&r.content) {
+                when.push(format!("content={v}"));
+            }
+            let when = if when.is_empty() {
+                "anything".to_owned()
+            } else {
+                when.join(" ")
+            };
+            let reply = match &r.reply {
+                Reply::None => "success".to_owned(),
+                Reply::Target(t) => format!("from {t}"),
+                Reply::Text(_) => "fixed text".to_owned(),
+            };
+            writeln!(
+                f,
+                "route {}: when {when} -> {} (reply {reply})",
+                r.name,
+                r.to.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! Why a request was refused or a forward failed, and the one place that maps a refusal to an
+//! HTTP status.
+
+use http::StatusCode;
+
+use crate::wechat::crypto::CryptoError;
+use crate::wechat::message::XmlError;
+
+/// A request the relay refuses: nothing is forwarded, and the log says why in one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("no account is configured at this path")]
+    UnknownPath,
+    #[error("method not allowed: WeChat sends GET (URL check) and POST (pushes)")]
+    MethodNotAllowed,
+    #[error("query parameter {0} is missing")]
+    MissingParam(&'static str),
+    #[error("signature does not match the token (-40001)")]
+    BadSignature,
+    #[error("msg_signature does not match the token and Encrypt (-40001)")]
+    BadMsgSignature,
+    #[error("timestamp is not a number")]
+    BadTimestamp,
+    #[error("timestamp is {0} s from now, beyond timestamp_skew_s")]
+    StaleTimestamp(u64),
+    #[error("body is larger than max_body_bytes")]
+    TooLarge,
+    #[error("body could not be read: {0}")]
+    BodyRead(String),
+    #[error("{0}")]
+    Xml(#[from] XmlError),
+    #[error("encrypt_type=aes but the body has no Encrypt element")]
+    MissingEncrypt,
+    #[error("unencrypted push to an account in safe mode (downgrade)")]
+    Downgrade,
+    #[error("encrypted push to an account without encoding_aes_key")]
+    NoKey,
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+}
+
+impl Rejection {
+    /// The HTTP status WeChat (or whoever sent it) gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::UnknownPath => StatusCode::NOT_FOUND,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::BadSignature
+            | Rejection::BadMsgSignature
+            | Rejection::StaleTimestamp(_)
+            | Rejection::Downgrade => StatusCode::FORBIDDEN,
+            Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::MissingParam(_)
+            | Rejection::BadTimestamp
+            | Rejection::BodyRead(_)
+            | Rejection::Xml(_)
+            | Rejection::MissingEncrypt
+            | Rejection::NoKey
+            | Rejection::Crypto(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short, stable name for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::UnknownPath => "unknown_path",
+            Rejection::MethodNotAllowed => "method",
+            Rejection::MissingParam(_) => "missing_param",
+            Rejection::BadSignature | Rejection::BadMsgSignature => "signature",
+            Rejection::BadTimestamp | Rejection::StaleTimestamp(_) => "stale",
+            Rejection::TooLarge => "too_large",
+            Rejection::BodyRead(_) => "body",
+            Rejection::Xml(_) | Rejection::MissingEncrypt => "xml",
+            Rejection::Downgrade => "downgrade",
+            Rejection::NoKey => "no_key",
+            Rejection::Crypto(CryptoError::AppId) => "app_id",
+            Rejection::Crypto(_) => "decrypt",
+        }
+    }
+}
+
+/// Why a forward got no HTTP answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Transport(String),
+    #[error("answer body larger than {0} bytes")]
+    AnswerTooLarge(usize),
+}

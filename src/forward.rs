@@ -1,0 +1,262 @@
+//! Requests to targets: one pooled HTTP/1.1 + HTTP/2 client (https through rustls with the
+//! webpki roots), and the three request shapes, `raw`, `plain` and `json` (Standard Webhooks).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+
+use crate::config::{ForwardFormat, Target};
+use crate::error::ForwardError;
+use crate::push::Push;
+
+/// Stable for a push across WeChat's retries, so a target can dedupe.
+pub const EVENT_ID_HEADER: HeaderName = HeaderName::from_static("x-wechat-relay-event-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+const XML: HeaderValue = HeaderValue::from_static("text/xml; charset=utf-8");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// The most of a target's answer the relay reads: a WeChat reply is a few KiB at most.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// A target's HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+/// The pooled client every forward goes through.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    user_agent: HeaderValue,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Forwarder {
+    pub fn new() -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(3)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https);
+        Self {
+            client,
+            user_agent: HeaderValue::from_static(concat!(
+                "wechat-relay/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        }
+    }
+
+    /// Sends `push` to `target` in the target's format and reads its answer, all within the
+    /// target's `timeout_ms`.
+    pub async fn forward(&self, target: &Target, push: &Push) -> Result<Answer, ForwardError> {
+        let request = self.request(target, push, unix_now())?;
+        tokio::time::timeout(target.timeout, self.send(request))
+            .await
+            .map_err(|_| ForwardError::Timeout)?
+    }
+
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ForwardError> {
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| ForwardError::Transport(error_chain(&e)))?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ForwardError::AnswerTooLarge(MAX_ANSWER_BYTES)
+                } else {
+                    ForwardError::Transport(e.to_string())
+                }
+            })?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+            body,
+        })
+    }
+
+    /// Builds the request for `target` (public for tests and for the outbox to come).
+    pub fn request(
+        &self,
+        target: &Target,
+        push: &Push,
+        now: u64,
+    ) -> Result<Request<Full<Bytes>>, ForwardError> {
+        let (query, content_type, body) = match target.format {
+            ForwardFormat::Raw => (
+                push.query.clone(),
+                push.content_type.clone().unwrap_or(XML),
+                push.body.clone(),
+            ),
+            ForwardFormat::Plain => (push.plain_query(), XML, push.message.xml().clone()),
+            ForwardFormat::Json => (String::new(), JSON, json_body(push)),
+        };
+        let uri = with_query(&target.url, &query)?;
+        let mut builder = Request::post(uri)
+            .header(CONTENT_TYPE, content_type)
+            .header(USER_AGENT, self.user_agent.clone())
+            .header(EVENT_ID_HEADER, push.event_id.as_str())
+            .header(X_FORWARDED_FOR, push.forwarded_for.as_str());
+        if let (ForwardFormat::Json, Some(secret)) = (target.format, &target.secret) {
+            let id = push.event_id.as_str();
+            let timestamp = now.to_string();
+            builder = builder
+                .header(WEBHOOK_ID, id)
+                .header(WEBHOOK_TIMESTAMP, timestamp.as_str())
+                .header(
+                    WEBHOOK_SIGNATURE,
+                    sign_webhook(secret.expose(), id, &timestamp, &body),
+                );
+        }
+        builder
+            .body(Full::new(body))
+            .map_err(|e| ForwardError::Transport(format!("cannot build the request: {e}")))
+    }
+}
+
+/// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`: the Standard Webhooks signature.
+pub fn sign_webhook(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
+    // HMAC takes a key of any length: new_from_slice cannot fail for it.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// The `json` body: a Standard Webhooks payload (`type`, `timestamp`, `data`).
+fn json_body(push: &Push) -> Bytes {
+    let message = &push.message;
+    let kind = match message.event() {
+        Some(event) if message.is_event() => format!("wechat.event.{event}"),
+        _ => format!("wechat.message.{}", message.msg_type().unwrap_or("unknown")),
+    };
+    let payload = serde_json::json!({
+        "type": kind,
+        "timestamp": humantime::format_rfc3339_seconds(push.received_at).to_string(),
+        "data": {
+            "event_id": push.event_id,
+            "account": push.account,
+            "encrypted": push.encrypted(),
+            "message": message.fields().to_json(),
+            "xml": String::from_utf8_lossy(message.xml()),
+        },
+    });
+    Bytes::from(payload.to_string())
+}
+
+/// `url` with `query` appended (after the URL's own query, if it has one).
+fn with_query(url: &Uri, query: &str) -> Result<Uri, ForwardError> {
+    if query.is_empty() {
+        return Ok(url.clone());
+    }
+    let path = url.path();
+    let path_and_query = match url.query() {
+        Some(own) => format!("{path}?{own}&{query}"),
+        None => format!("{path}?{query}"),
+    };
+    let mut parts = url.clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| ForwardError::Transport("query is not valid in a URL".into()))?,
+    );
+    Uri::from_parts(parts).map_err(|e| ForwardError::Transport(e.to_string()))
+}
+
+/// An error with its sources, so "client error (Connect)" says what failed to connect.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_webhooks_reference_signature() {
+        // The example from the Standard Webhooks specification's reference libraries.
+        let key = STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .expect("base64");
+        let sig = sign_webhook(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            "1614265330",
+            br#"{"test": 2432232314}"#,
+        );
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn query_is_appended() {
+        let url: Uri = "http://h:1/a/b".parse().expect("uri");
+        assert_eq!(
+            with_query(&url, "x=1&y=2").expect("uri").to_string(),
+            "http://h:1/a/b?x=1&y=2"
+        );
+        let url: Uri = "https://h/a?k=v".parse().expect("uri");
+        assert_eq!(
+            with_query(&url, "x=1").expect("uri").to_string(),
+            "https://h/a?k=v&x=1"
+        );
+        assert_eq!(
+            with_query(&url, "").expect("uri").to_string(),
+            "https://h/a?k=v"
+        );
+    }
+}

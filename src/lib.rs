@@ -1,0 +1,29 @@
+//! `wechat-relay` sits at a WeChat official account's server URL. It verifies each push,
+//! decrypts it, routes it by what it is, forwards it to the company's targets (an identity
+//! provider for QR-code logins, business servers for everything else) and answers WeChat
+//! inside its 5-second deadline.
+//!
+//! # Layout
+//! A push flows one way through these modules:
+//!
+//! - [`config`]: relay.toml, loaded and validated into a checked [`config::Config`];
+//! - [`server`]: binds, accepts, shuts down gracefully; [`stack`] builds the tower stack;
+//! - [`relay`]: the handler: verify, decrypt, route, deliver, reply;
+//! - [`wechat`]: the protocol (signatures, AES, message XML), knowing nothing of routes;
+//! - [`push`]: a verified push as every later step reads it;
+//! - [`route`]: the route table, first match wins;
+//! - [`forward`]: the HTTP client and the `raw` / `plain` / `json` request shapes;
+//! - [`error`]: refusals and forward failures, and their HTTP statuses;
+//! - [`cli`] and [`telemetry`]: the command line and logging.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod push;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod stack;
+pub mod telemetry;
+pub mod wechat;

@@ -1,0 +1,85 @@
+//! `wechat-relay`: parse the command line, start logging, load the config, hand over to the
+//! library. Exit codes: 0 done, 1 could not run, 2 invalid config.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use wechat_relay::cli::{Cli, Command};
+use wechat_relay::config::Config;
+use wechat_relay::{server, telemetry};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_INVALID_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{}: invalid config:", cli.config.display());
+            for problem in &errors.0 {
+                eprintln!("  {problem}");
+            }
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Check => {
+            println!("{}: OK", cli.config.display());
+            print!("{config}");
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        let listen = config.server.listen;
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(%listen, error = %e, "cannot listen");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let bound = listener.local_addr().map_or(listen, |a| a);
+        tracing::info!(listen = %bound, accounts = config.accounts.len(), targets = config.targets.len(),
+            routes = config.routes.len(), "wechat-relay listening");
+        server::run(config, listener, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM (systemd stop) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

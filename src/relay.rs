@@ -1,0 +1,551 @@
+//! The handler: verify -> decrypt -> route -> deliver -> reply, one function per step.
+//!
+//! A [`Relay`] is one immutable snapshot of the config with the state that goes with it (the
+//! route table, the HTTP client, the forward slots). It answers every request with a response,
+//! never an error: a dropped connection makes WeChat retry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{Account, Config, ForwardFormat, Mode, Reply, Target};
+use crate::error::{ForwardError, Rejection};
+use crate::forward::{Answer, Forwarder, unix_now};
+use crate::push::Push;
+use crate::route::{CompiledRoute, RouteTable};
+use crate::wechat::crypto::{self, CryptoError};
+use crate::wechat::message::{Envelope, Fields, Message, text_reply};
+use crate::wechat::signature::{verify_msg_signature, verify_signature};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ForwardResult = Result<Answer, ForwardError>;
+
+const SUCCESS: &str = "success";
+const TEXT_XML: HeaderValue = HeaderValue::from_static("text/xml; charset=utf-8");
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// The relay for one config.
+pub struct Relay {
+    config: Config,
+    routes: RouteTable,
+    targets: HashMap<String, Arc<Target>>,
+    forwarder: Forwarder,
+    /// Bounds the forwards in flight at once; the rest wait for a slot.
+    forward_slots: Arc<Semaphore>,
+    /// Forwards still running after their push was answered; drained at shutdown.
+    forwards: TaskTracker,
+}
+
+/// The query parameters, percent-decoded; the first of a repeated name counts.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: &str) -> Self {
+        Self(
+            form_urlencoded::parse(raw.as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &'static str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn require(&self, name: &'static str) -> Result<&str, Rejection> {
+        self.get(name).ok_or(Rejection::MissingParam(name))
+    }
+}
+
+/// How a push was answered, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyOutcome {
+    Success,
+    Text,
+    FromTarget,
+    TargetEmpty,
+    TargetStatus,
+    TargetFailed,
+    TargetNotXml,
+    Deadline,
+}
+
+impl ReplyOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReplyOutcome::Success => "success",
+            ReplyOutcome::Text => "text",
+            ReplyOutcome::FromTarget => "from_target",
+            ReplyOutcome::TargetEmpty => "target_empty",
+            ReplyOutcome::TargetStatus => "target_status",
+            ReplyOutcome::TargetFailed => "target_failed",
+            ReplyOutcome::TargetNotXml => "target_not_xml",
+            ReplyOutcome::Deadline => "deadline",
+        }
+    }
+}
+
+impl Relay {
+    pub fn new(config: Config) -> Self {
+        let routes = RouteTable::new(&config.routes);
+        let targets = config
+            .targets
+            .iter()
+            .map(|t| (t.name.clone(), Arc::new(t.clone())))
+            .collect();
+        let forward_slots = Arc::new(Semaphore::new(config.server.max_concurrent_forwards));
+        Self {
+            config,
+            routes,
+            targets,
+            forwarder: Forwarder::new(),
+            forward_slots,
+            forwards: TaskTracker::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Forwards that outlived their request; the server waits on them at shutdown.
+    pub fn forwards(&self) -> &TaskTracker {
+        &self.forwards
+    }
+
+    /// Answers one request from WeChat (or anyone else).
+    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let Some(account) = self
+            .config
+            .accounts
+            .iter()
+            .find(|a| a.path == request.uri().path())
+        else {
+            return reject(None, peer, Rejection::UnknownPath);
+        };
+        let result = match *request.method() {
+            Method::GET => self.url_check(account, &request),
+            Method::POST => self.push(account, request, peer, started).await,
+            _ => Err(Rejection::MethodNotAllowed),
+        };
+        result.unwrap_or_else(|rejection| reject(Some(account), peer, rejection))
+    }
+
+    /// `GET`: WeChat's URL check. The echostr goes back byte for byte, in every mode.
+    fn url_check<B>(
+        &self,
+        account: &Account,
+        request: &Request<B>,
+    ) -> Result<Response<Full<Bytes>>, Rejection> {
+        let query = Query::parse(request.uri().query().unwrap_or_default());
+        self.verify_signature(account, &query)?;
+        let echostr = query.require("echostr")?;
+        info!(account = %account.name, "URL check answered");
+        Ok(respond(
+            StatusCode::OK,
+            TEXT_PLAIN,
+            Bytes::copy_from_slice(echostr.as_bytes()),
+        ))
+    }
+
+    /// `POST`: a push.
+    async fn push<B>(
+        &self,
+        account: &Account,
+        request: Request<B>,
+        peer: SocketAddr,
+        started: Instant,
+    ) -> Result<Response<Full<Bytes>>, Rejection>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let raw_query = request.uri().query().unwrap_or_default().to_owned();
+        let query = Query::parse(&raw_query);
+        self.verify_signature(account, &query)?;
+        self.check_timestamp(&query)?;
+        let (parts, body) = request.into_parts();
+        let body = self.read_body(&parts.headers, body).await?;
+        let (message, key_index) = self.open(account, &query, &body)?;
+        let push = Arc::new(Push {
+            account: account.name.clone(),
+            event_id: message.dedupe_key().event_id(&account.name),
+            query: raw_query,
+            body,
+            content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+            forwarded_for: forwarded_for(&parts.headers, peer),
+            message,
+            key_index,
+            received_at: SystemTime::now(),
+        });
+        let Some(route) = self.routes.route(&account.name, &push.message) else {
+            log_push(&push, None, "unrouted", ReplyOutcome::Success, started);
+            return Ok(success());
+        };
+        let reply_answer = self.deliver(&push, route);
+        let (response, outcome) = self
+            .reply(account, &push, route, reply_answer, started)
+            .await;
+        log_push(&push, Some(route), "forwarded", outcome, started);
+        Ok(response)
+    }
+
+    /// `signature` over token, timestamp and nonce: present on every request, in every mode.
+    fn verify_signature(&self, account: &Account, query: &Query) -> Result<(), Rejection> {
+        let signature = query.require("signature")?;
+        let timestamp = query.require("timestamp")?;
+        let nonce = query.require("nonce")?;
+        if verify_signature(account.token.expose_str(), timestamp, nonce, signature) {
+            Ok(())
+        } else {
+            Err(Rejection::BadSignature)
+        }
+    }
+
+    /// Nothing in the protocol expires: refuse pushes further than `timestamp_skew_s` from now.
+    fn check_timestamp(&self, query: &Query) -> Result<(), Rejection> {
+        let Some(skew) = self.config.server.timestamp_skew else {
+            return Ok(());
+        };
+        let timestamp: u64 = query
+            .require("timestamp")?
+            .parse()
+            .map_err(|_| Rejection::BadTimestamp)?;
+        let off = unix_now().abs_diff(timestamp);
+        if off > skew.as_secs() {
+            return Err(Rejection::StaleTimestamp(off));
+        }
+        Ok(())
+    }
+
+    /// Reads the body up to `max_body_bytes`, within the reply deadline.
+    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, Rejection>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let limit = self.config.server.max_body_bytes;
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(Rejection::TooLarge);
+        }
+        let collect = Limited::new(body, limit).collect();
+        match tokio::time::timeout(self.config.server.reply_deadline, collect).await {
+            Err(_) => Err(Rejection::BodyRead(
+                "not received within the reply deadline".into(),
+            )),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::TooLarge),
+            Ok(Err(e)) => Err(Rejection::BodyRead(e.to_string())),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    /// Parses the body and, for an encrypted push, checks `msg_signature` and decrypts it.
+    /// Returns the message and the index of the key that opened it.
+    fn open(
+        &self,
+        account: &Account,
+        query: &Query,
+        body: &Bytes,
+    ) -> Result<(Message, Option<usize>), Rejection> {
+        let envelope = Envelope::parse(body)?;
+        let encrypted = query
+            .get("encrypt_type")
+            .is_some_and(|t| t.eq_ignore_ascii_case("aes"));
+        if !encrypted {
+            if account.mode == Mode::Safe {
+                return Err(Rejection::Downgrade);
+            }
+            return Ok((
+                Message::from_parts(body.clone(), envelope.into_fields()),
+                None,
+            ));
+        }
+        let encrypt = envelope.encrypt().ok_or(Rejection::MissingEncrypt)?;
+        let msg_signature = query.require("msg_signature")?;
+        let timestamp = query.require("timestamp")?;
+        let nonce = query.require("nonce")?;
+        if !verify_msg_signature(
+            account.token.expose_str(),
+            timestamp,
+            nonce,
+            encrypt,
+            msg_signature,
+        ) {
+            return Err(Rejection::BadMsgSignature);
+        }
+        let (xml, key_index) = decrypt_with_any(account, encrypt)?;
+        // In compatible mode the plaintext fields beside <Encrypt> are unauthenticated: only
+        // the decrypted message is used from here on.
+        Ok((Message::parse(Bytes::from(xml))?, Some(key_index)))
+    }
+
+    /// Starts a forward to every target of the route, concurrently, and returns the channel on
+    /// which the reply target's answer will arrive.
+    fn deliver(
+        &self,
+        push: &Arc<Push>,
+        route: &CompiledRoute,
+    ) -> Option<oneshot::Receiver<ForwardResult>> {
+        let mut reply_answer = None;
+        for name in &route.to {
+            let Some(target) = self.targets.get(name).cloned() else {
+                // Validation guarantees every name; keep serving if that ever breaks.
+                warn!(target = %name, route = %route.name, "route names an unknown target");
+                continue;
+            };
+            let sender = match &route.reply {
+                Reply::Target(reply) if reply == name => {
+                    let (sender, receiver) = oneshot::channel();
+                    reply_answer = Some(receiver);
+                    Some(sender)
+                }
+                _ => None,
+            };
+            let push = Arc::clone(push);
+            let forwarder = self.forwarder.clone();
+            let slots = Arc::clone(&self.forward_slots);
+            self.forwards.spawn(async move {
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
+                let started = Instant::now();
+                let result = forwarder.forward(&target, &push).await;
+                log_forward(&target, &push, &result, started);
+                if let Some(sender) = sender {
+                    // The request may have answered already (deadline): nobody is listening.
+                    let _ = sender.send(result);
+                }
+            });
+        }
+        reply_answer
+    }
+
+    /// What WeChat gets: a fixed text, the reply target's answer, or `success`.
+    async fn reply(
+        &self,
+        account: &Account,
+        push: &Push,
+        route: &CompiledRoute,
+        reply_answer: Option<oneshot::Receiver<ForwardResult>>,
+        started: Instant,
+    ) -> (Response<Full<Bytes>>, ReplyOutcome) {
+        match &route.reply {
+            Reply::None => (success(), ReplyOutcome::Success),
+            Reply::Text(text) => {
+                let xml = text_reply(&push.message, unix_now(), text);
+                (
+                    self.xml_reply(account, push, xml.into_bytes()),
+                    ReplyOutcome::Text,
+                )
+            }
+            Reply::Target(name) => {
+                let Some(receiver) = reply_answer else {
+                    return (success(), ReplyOutcome::TargetFailed);
+                };
+                let left = self
+                    .config
+                    .server
+                    .reply_deadline
+                    .saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, receiver).await {
+                    Err(_) => {
+                        warn!(account = %account.name, target = %name, event_id = %push.event_id,
+                            deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
+                            "reply target missed the deadline; answered success");
+                        (success(), ReplyOutcome::Deadline)
+                    }
+                    Ok(Err(_)) | Ok(Ok(Err(_))) => (success(), ReplyOutcome::TargetFailed),
+                    Ok(Ok(Ok(answer))) => match self.targets.get(name) {
+                        Some(target) => self.answer_reply(account, push, target, answer),
+                        None => (success(), ReplyOutcome::TargetFailed),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Turns the reply target's answer into WeChat's response.
+    fn answer_reply(
+        &self,
+        account: &Account,
+        push: &Push,
+        target: &Target,
+        answer: Answer,
+    ) -> (Response<Full<Bytes>>, ReplyOutcome) {
+        if !answer.status.is_success() {
+            return (success(), ReplyOutcome::TargetStatus);
+        }
+        let trimmed = answer.body.trim_ascii();
+        if trimmed.is_empty() || trimmed == SUCCESS.as_bytes() {
+            return (success(), ReplyOutcome::TargetEmpty);
+        }
+        if target.format == ForwardFormat::Raw {
+            // The target saw the push as WeChat sent it and answers as WeChat expects.
+            let content_type = answer.content_type.unwrap_or(TEXT_XML);
+            return (
+                respond(StatusCode::OK, content_type, answer.body),
+                ReplyOutcome::FromTarget,
+            );
+        }
+        let fields = match Fields::parse(&answer.body) {
+            Ok(fields) => fields,
+            Err(e) => {
+                warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
+                    error = %e, "reply is not XML; answered success (WeChat would show the user an error)");
+                return (success(), ReplyOutcome::TargetNotXml);
+            }
+        };
+        if fields.get("Encrypt").is_some() {
+            // Already sealed by the target: pass it on as it is.
+            return (
+                respond(StatusCode::OK, TEXT_XML, answer.body),
+                ReplyOutcome::FromTarget,
+            );
+        }
+        (
+            self.xml_reply(account, push, answer.body.to_vec()),
+            ReplyOutcome::FromTarget,
+        )
+    }
+
+    /// A reply message, sealed with the key that opened the push when the push was encrypted.
+    fn xml_reply(&self, account: &Account, push: &Push, xml: Vec<u8>) -> Response<Full<Bytes>> {
+        let key = push.key_index.and_then(|i| account.keys.get(i));
+        let body = match key {
+            None => Bytes::from(xml),
+            Some(key) => Bytes::from(crypto::seal_reply(
+                key,
+                &account.app_id,
+                account.token.expose_str(),
+                &xml,
+                &unix_now().to_string(),
+                &crypto::random_nonce(),
+                &crypto::random_prefix(),
+            )),
+        };
+        respond(StatusCode::OK, TEXT_XML, body)
+    }
+}
+
+/// Tries the current key, then the previous one (key rotation, PROTOCOL.md §4). The error of
+/// the current key is the one reported.
+fn decrypt_with_any(account: &Account, encrypt: &str) -> Result<(Vec<u8>, usize), Rejection> {
+    let mut first_error: Option<CryptoError> = None;
+    for (index, key) in account.keys.iter().enumerate() {
+        match crypto::decrypt(key, &account.app_id, encrypt) {
+            Ok(xml) => return Ok((xml, index)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.map_or(Rejection::NoKey, Rejection::Crypto))
+}
+
+/// The incoming `X-Forwarded-For` with the peer's address appended.
+fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> String {
+    let peer = peer.ip().to_string();
+    match headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        Some(existing) => format!("{existing}, {peer}"),
+        None => peer,
+    }
+}
+
+fn respond(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, content_type);
+    response
+}
+
+/// `success`: acknowledged, no reply, no retry. Never encrypted.
+fn success() -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::OK,
+        TEXT_PLAIN,
+        Bytes::from_static(SUCCESS.as_bytes()),
+    )
+}
+
+/// The 4xx for a refused request, with its one log line.
+fn reject(
+    account: Option<&Account>,
+    peer: SocketAddr,
+    rejection: Rejection,
+) -> Response<Full<Bytes>> {
+    let status = rejection.status();
+    warn!(account = account.map_or("-", |a| a.name.as_str()), peer = %peer.ip(),
+        status = status.as_u16(), reason = rejection.reason(), "request refused: {rejection}");
+    respond(status, TEXT_PLAIN, Bytes::from(format!("{rejection}\n")))
+}
+
+/// The one info line per push.
+fn log_push(
+    push: &Push,
+    route: Option<&CompiledRoute>,
+    outcome: &str,
+    reply: ReplyOutcome,
+    started: Instant,
+) {
+    info!(
+        account = %push.account,
+        msg_type = push.message.msg_type().unwrap_or("-"),
+        event = push.message.event().unwrap_or("-"),
+        route = route.map_or("-", |r| r.name.as_str()),
+        targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
+        outcome,
+        reply = reply.as_str(),
+        ms = started.elapsed().as_millis() as u64,
+        event_id = %push.event_id,
+        "push"
+    );
+}
+
+fn log_forward(target: &Target, push: &Push, result: &ForwardResult, started: Instant) {
+    let ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(answer) if answer.status.is_success() => {
+            debug!(target = %target.name, status = answer.status.as_u16(), ms, event_id = %push.event_id, "forwarded")
+        }
+        Ok(answer) => {
+            warn!(target = %target.name, status = answer.status.as_u16(), ms, event_id = %push.event_id, "forward failed")
+        }
+        Err(e) => {
+            warn!(target = %target.name, status = "-", ms, event_id = %push.event_id, error = %e, "forward failed")
+        }
+    }
+}
+
+/// Bounded time for the forwards still running at shutdown.
+pub async fn drain_forwards(relay: &Relay, grace: Duration) -> bool {
+    relay.forwards.close();
+    tokio::time::timeout(grace, relay.forwards.wait())
+        .await
+        .is_ok()
+}

@@ -1,0 +1,77 @@
+//! Binding, the accept loop (HTTP/1.1 and HTTP/2 through hyper-util's auto builder) and
+//! graceful shutdown: stop accepting, let requests and forwards in flight finish within the
+//! grace, return.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::relay::{Relay, drain_forwards};
+use crate::stack;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `config` on an already-bound `listener` until `shutdown` completes, then drains.
+/// Tests and `main` start the relay the same way.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let grace = config.server.shutdown_grace;
+    let relay = Arc::new(Relay::new(config));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(stack::build(Arc::clone(&relay), peer));
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    // A client that goes away mid-request is routine, not an error.
+                    if let Err(e) = connection.await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: no new connections; draining"
+    );
+    let started = Instant::now();
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("requests still in flight at the end of the grace period were cut");
+    }
+    if !drain_forwards(&relay, grace.saturating_sub(started.elapsed())).await {
+        warn!("forwards still in flight at the end of the grace period were dropped");
+    }
+    info!("stopped");
+}

@@ -1,0 +1,421 @@
+//! Push bodies as XML (PROTOCOL.md §3 and §7): the envelope WeChat posts, the message inside it,
+//! and the fields the relay routes on, always keeping the exact original bytes.
+//!
+//! Parsing is structural (quick-xml), never text matching: bodies come with or without CDATA,
+//! with newlines and indentation between elements, in any element order, and sometimes with a
+//! byte-order mark. Unknown message types and events parse like any other.
+
+use bytes::Bytes;
+use quick_xml::Reader;
+use quick_xml::events::Event;
+use sha2::{Digest, Sha256};
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Why a body is not a usable XML document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XmlError {
+    #[error("body is not well-formed XML: {0} (-40002)")]
+    Malformed(String),
+    #[error("body is not UTF-8 (-40002)")]
+    Utf8,
+    #[error("body has no root element (-40002)")]
+    NoRoot,
+    #[error("body has more than one root element (-40002)")]
+    TrailingContent,
+}
+
+/// One element's content: text (CDATA and character data joined) or child elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    Text(String),
+    Element(Vec<(String, Node)>),
+}
+
+impl Node {
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Node::Text(text) => serde_json::Value::String(text.clone()),
+            Node::Element(children) => children_to_json(children),
+        }
+    }
+}
+
+/// Children as a JSON object; a name that repeats (items of a list) becomes an array.
+fn children_to_json(children: &[(String, Node)]) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    for (name, node) in children {
+        let value = node.to_json();
+        if children.iter().filter(|(n, _)| n == name).count() > 1 {
+            let items = object
+                .entry(name.clone())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let serde_json::Value::Array(items) = items {
+                items.push(value);
+            }
+        } else {
+            object.insert(name.clone(), value);
+        }
+    }
+    serde_json::Value::Object(object)
+}
+
+/// An open element while parsing: its name, its children so far and its text so far.
+type Frame = (String, Vec<(String, Node)>, String);
+
+/// The top-level children of a document's root element, in document order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fields(Vec<(String, Node)>);
+
+impl Fields {
+    /// Parses a document and returns its root's children. A leading BOM is skipped.
+    pub fn parse(xml: &[u8]) -> Result<Self, XmlError> {
+        let xml = xml.strip_prefix(BOM).unwrap_or(xml);
+        let mut reader = Reader::from_reader(xml);
+        let mut stack: Vec<Frame> = Vec::new();
+        let mut root: Option<Vec<(String, Node)>> = None;
+        loop {
+            let event = reader
+                .read_event()
+                .map_err(|e| XmlError::Malformed(e.to_string()))?;
+            match event {
+                Event::Start(start) => {
+                    if root.is_some() {
+                        return Err(XmlError::TrailingContent);
+                    }
+                    let name = utf8(start.name().as_ref())?.to_owned();
+                    stack.push((name, Vec::new(), String::new()));
+                }
+                Event::Empty(empty) => {
+                    let name = utf8(empty.name().as_ref())?.to_owned();
+                    match stack.last_mut() {
+                        Some((_, children, _)) => children.push((name, Node::Text(String::new()))),
+                        None if root.is_none() => root = Some(Vec::new()),
+                        None => return Err(XmlError::TrailingContent),
+                    }
+                }
+                Event::End(_) => {
+                    let Some((name, children, text)) = stack.pop() else {
+                        return Err(XmlError::Malformed("unexpected end tag".into()));
+                    };
+                    let node = if children.is_empty() {
+                        Node::Text(text)
+                    } else {
+                        Node::Element(children)
+                    };
+                    match stack.last_mut() {
+                        Some((_, siblings, _)) => siblings.push((name, node)),
+                        None => {
+                            root = Some(match node {
+                                Node::Element(children) => children,
+                                Node::Text(_) => Vec::new(),
+                            })
+                        }
+                    }
+                }
+                Event::Text(text) => {
+                    let decoded = text
+                        .decode()
+                        .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                    match stack.last_mut() {
+                        Some((_, _, buf)) => buf.push_str(&decoded),
+                        None if decoded.trim().is_empty() => {}
+                        None => return Err(XmlError::Malformed("text outside the root".into())),
+                    }
+                }
+                Event::CData(cdata) => {
+                    let inner = cdata.into_inner();
+                    let text = utf8(&inner)?;
+                    match stack.last_mut() {
+                        Some((_, _, buf)) => buf.push_str(text),
+                        None => return Err(XmlError::Malformed("CDATA outside the root".into())),
+                    }
+                }
+                Event::GeneralRef(reference) => {
+                    let resolved = resolve_reference(&reference)?;
+                    match stack.last_mut() {
+                        Some((_, _, buf)) => buf.push(resolved),
+                        None => {
+                            return Err(XmlError::Malformed("reference outside the root".into()));
+                        }
+                    }
+                }
+                Event::Eof => break,
+                Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_) => {}
+            }
+        }
+        if !stack.is_empty() {
+            return Err(XmlError::Malformed("unclosed element".into()));
+        }
+        root.map(Fields).ok_or(XmlError::NoRoot)
+    }
+
+    /// The text of the first top-level element called `name` (names are case-sensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find_map(|(n, node)| match node {
+            Node::Text(text) if n == name => Some(text.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Every top-level element in document order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Node)> {
+        self.0.iter().map(|(n, node)| (n.as_str(), node))
+    }
+
+    /// The fields as a JSON object (text stays text: WeChat's XML carries no types).
+    pub fn to_json(&self) -> serde_json::Value {
+        children_to_json(&self.0)
+    }
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, XmlError> {
+    std::str::from_utf8(bytes).map_err(|_| XmlError::Utf8)
+}
+
+fn resolve_reference(reference: &quick_xml::events::BytesRef<'_>) -> Result<char, XmlError> {
+    if let Some(ch) = reference
+        .resolve_char_ref()
+        .map_err(|e| XmlError::Malformed(e.to_string()))?
+    {
+        return Ok(ch);
+    }
+    let name = utf8(reference.as_ref())?;
+    quick_xml::escape::resolve_predefined_entity(name)
+        .and_then(|s| s.chars().next())
+        .ok_or_else(|| XmlError::Malformed(format!("unknown entity &{name};")))
+}
+
+/// A push as WeChat posted it, before any decryption: the root's fields and `Encrypt`, if any.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    fields: Fields,
+}
+
+impl Envelope {
+    pub fn parse(body: &[u8]) -> Result<Self, XmlError> {
+        Ok(Self {
+            fields: Fields::parse(body)?,
+        })
+    }
+
+    /// The `Encrypt` text with surrounding ASCII whitespace trimmed (base64 never contains it),
+    /// exactly as it is to be hashed for `msg_signature`.
+    pub fn encrypt(&self) -> Option<&str> {
+        self.fields.get("Encrypt").map(str::trim_ascii)
+    }
+
+    pub fn into_fields(self) -> Fields {
+        self.fields
+    }
+}
+
+/// A message or event: its exact XML bytes (decrypted, for encrypted pushes) and its fields.
+#[derive(Debug, Clone)]
+pub struct Message {
+    xml: Bytes,
+    fields: Fields,
+}
+
+impl Message {
+    /// Parses a message document, keeping `xml` byte for byte.
+    pub fn parse(xml: Bytes) -> Result<Self, XmlError> {
+        let fields = Fields::parse(&xml)?;
+        Ok(Self { xml, fields })
+    }
+
+    /// A message whose fields were already parsed from `xml` (a plaintext push's envelope).
+    pub fn from_parts(xml: Bytes, fields: Fields) -> Self {
+        Self { xml, fields }
+    }
+
+    pub fn xml(&self) -> &Bytes {
+        &self.xml
+    }
+
+    pub fn fields(&self) -> &Fields {
+        &self.fields
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields.get(name)
+    }
+
+    pub fn msg_type(&self) -> Option<&str> {
+        self.get("MsgType")
+    }
+
+    pub fn event(&self) -> Option<&str> {
+        self.get("Event")
+    }
+
+    pub fn event_key(&self) -> Option<&str> {
+        self.get("EventKey")
+    }
+
+    pub fn ticket(&self) -> Option<&str> {
+        self.get("Ticket").filter(|t| !t.is_empty())
+    }
+
+    pub fn content(&self) -> Option<&str> {
+        self.get("Content")
+    }
+
+    pub fn to_user_name(&self) -> Option<&str> {
+        self.get("ToUserName")
+    }
+
+    pub fn from_user_name(&self) -> Option<&str> {
+        self.get("FromUserName")
+    }
+
+    /// `MsgId` of a message (`MsgID` in the job-finished events).
+    pub fn msg_id(&self) -> Option<&str> {
+        self.get("MsgId").or_else(|| self.get("MsgID"))
+    }
+
+    pub fn is_event(&self) -> bool {
+        self.msg_type() == Some("event")
+    }
+
+    /// The identity of a push across WeChat's retries (PROTOCOL.md §6): a retry may carry a new
+    /// timestamp, nonce and signatures, but the decrypted message is the same.
+    pub fn dedupe_key(&self) -> DedupeKey {
+        let part = |name: &str| self.get(name).unwrap_or_default().to_owned();
+        let mut parts = vec![part("ToUserName"), part("FromUserName")];
+        if self.is_event() {
+            parts.extend([part("CreateTime"), part("Event"), part("EventKey")]);
+        } else {
+            parts.extend([
+                self.msg_id().unwrap_or_default().to_owned(),
+                part("CreateTime"),
+            ]);
+        }
+        DedupeKey(parts)
+    }
+}
+
+/// The parts that identify a push (see [`Message::dedupe_key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DedupeKey(Vec<String>);
+
+impl DedupeKey {
+    /// A stable id for the push on `account`: the same for every retry of it. 32 hex digits of
+    /// SHA-256, so it reveals nothing of the openid it covers.
+    pub fn event_id(&self, account: &str) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(account.as_bytes());
+        for part in &self.0 {
+            // Length-prefixed so that ("ab", "c") and ("a", "bc") differ.
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        hex::encode(&hasher.finalize()[..16])
+    }
+}
+
+/// A passive text reply to `message`: `ToUserName` and `FromUserName` swapped.
+pub fn text_reply(message: &Message, create_time: u64, content: &str) -> String {
+    format!(
+        "<xml><ToUserName>{}</ToUserName><FromUserName>{}</FromUserName>\
+         <CreateTime>{create_time}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+         <Content>{}</Content></xml>",
+        cdata(message.from_user_name().unwrap_or_default()),
+        cdata(message.to_user_name().unwrap_or_default()),
+        cdata(content),
+    )
+}
+
+/// Escapes text for a CDATA section: `]]>` is split across two sections.
+pub fn cdata(text: &str) -> String {
+    format!("<![CDATA[{}]]>", text.replace("]]>", "]]]]><![CDATA[>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(xml: &str) -> Message {
+        Message::parse(Bytes::copy_from_slice(xml.as_bytes())).expect("valid xml")
+    }
+
+    #[test]
+    fn cdata_plain_text_and_references_read_alike() {
+        let m = message(
+            "\u{feff}<?xml version=\"1.0\"?>\n<xml>\n  <ToUserName><![CDATA[gh_1]]></ToUserName>\n  \
+             <MsgType>text</MsgType>\n  <Content><![CDATA[a ]]]]><![CDATA[> b]]> &amp; &#20320;</Content>\n</xml>\n",
+        );
+        assert_eq!(m.to_user_name(), Some("gh_1"));
+        assert_eq!(m.msg_type(), Some("text"));
+        assert_eq!(m.content(), Some("a ]]> b & 你"));
+    }
+
+    #[test]
+    fn nested_and_repeated_elements_become_json() {
+        let m = message(
+            "<xml><MsgType>event</MsgType><Event>pic_weixin</Event><SendPicsInfo><Count>2</Count>\
+             <PicList><item><PicMd5Sum>a</PicMd5Sum></item><item><PicMd5Sum>b</PicMd5Sum></item></PicList>\
+             </SendPicsInfo></xml>",
+        );
+        let json = m.fields().to_json();
+        assert_eq!(json["SendPicsInfo"]["Count"], "2");
+        assert_eq!(json["SendPicsInfo"]["PicList"]["item"][1]["PicMd5Sum"], "b");
+    }
+
+    #[test]
+    fn three_repeats_stay_one_array() {
+        let fields = Fields::parse(b"<xml><a>1</a><a>2</a><a>3</a></xml>").expect("xml");
+        assert_eq!(fields.to_json()["a"], serde_json::json!(["1", "2", "3"]));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        for bad in [
+            &b""[..],
+            b"not xml",
+            b"<xml><a></b></xml>",
+            b"<xml><a>",
+            b"<xml/><xml/>",
+            b"<xml></xml><xml></xml>",
+            b"<xml>&bogus;</xml>",
+            b"<xml><a>\xff</a></xml>",
+        ] {
+            assert!(
+                Fields::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn dedupe_key_ignores_everything_but_identity() {
+        let a = message(
+            "<xml><ToUserName>gh</ToUserName><FromUserName>o1</FromUserName><CreateTime>1</CreateTime><MsgType>event</MsgType><Event>SCAN</Event><EventKey>7</EventKey><Ticket>t1</Ticket></xml>",
+        );
+        let b = message(
+            "<xml><ToUserName>gh</ToUserName><FromUserName>o1</FromUserName><CreateTime>1</CreateTime><MsgType>event</MsgType><Event>SCAN</Event><EventKey>7</EventKey><Ticket>t2</Ticket></xml>",
+        );
+        let c = message(
+            "<xml><ToUserName>gh</ToUserName><FromUserName>o1</FromUserName><CreateTime>2</CreateTime><MsgType>event</MsgType><Event>SCAN</Event><EventKey>7</EventKey></xml>",
+        );
+        assert_eq!(a.dedupe_key(), b.dedupe_key());
+        assert_ne!(a.dedupe_key(), c.dedupe_key());
+        assert_eq!(
+            a.dedupe_key().event_id("main"),
+            b.dedupe_key().event_id("main")
+        );
+        assert_ne!(
+            a.dedupe_key().event_id("main"),
+            a.dedupe_key().event_id("other")
+        );
+        assert_eq!(a.dedupe_key().event_id("main").len(), 32);
+    }
+
+    #[test]
+    fn cdata_escapes_terminator() {
+        assert_eq!(cdata("a]]>b"), "<![CDATA[a]]]]><![CDATA[>b]]>");
+        let m = message(&format!("<xml><Content>{}</Content></xml>", cdata("x]]>y")));
+        assert_eq!(m.content(), Some("x]]>y"));
+    }
+}
