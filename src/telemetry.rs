@@ -1,5 +1,7 @@
 //! Logging: tracing-subscriber to stderr (journald takes it from there), level from `RUST_LOG`
-//! (default `info`).
+//! (default `info`), colours only on a terminal.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -8,6 +10,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

@@ -1,0 +1,372 @@
+//! Shared test kit: the relay on 127.0.0.1:0, fake targets on :0 that record what they get,
+//! a small HTTP client, and signed / encrypted push builders.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use wechat_relay::config::Config;
+use wechat_relay::wechat::crypto::{AesKey, encrypt};
+use wechat_relay::wechat::signature::sign;
+
+pub const TOKEN: &str = "relayToken2024";
+pub const KEY: &str = "RelayVectorsEncodingAESKey0123456789abcdefZ";
+pub const APP_ID: &str = "wxa1b2c3d4e5f60789";
+pub const GH: &str = "gh_0123456789ab";
+pub const OPENID: &str = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o";
+
+// ---- the relay -----------------------------------------------------------------------------
+
+pub struct TestRelay {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestRelay {
+    /// Writes `toml` to a temporary relay.toml, loads it like `serve` does and starts the server
+    /// on 127.0.0.1:0.
+    pub async fn start(toml: &str) -> TestRelay {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let config = Config::load_with_env(&path, &[]).expect("valid test config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(wechat_relay::server::run(config, listener, async {
+            let _ = rx.await;
+        }));
+        TestRelay {
+            addr,
+            shutdown: Some(tx),
+            done: Some(done),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// Stops accepting, drains, and waits for the server to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            tokio::time::timeout(Duration::from_secs(20), done)
+                .await
+                .expect("server stops in time")
+                .expect("server task");
+        }
+    }
+}
+
+/// `[server]` for tests: a short deadline, timestamp check as given.
+pub fn server_section(reply_deadline_ms: u64, timestamp_skew_s: u64) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nreply_deadline_ms = {reply_deadline_ms}\n\
+         timestamp_skew_s = {timestamp_skew_s}\nshutdown_grace_ms = 2000\n"
+    )
+}
+
+/// An `[[account]]` with the test token, key and app id.
+pub fn account_section(name: &str, path: &str, mode: &str) -> String {
+    let key = if mode == "plaintext" {
+        String::new()
+    } else {
+        format!("encoding_aes_key = \"{KEY}\"\n")
+    };
+    format!(
+        "[[account]]\nname = \"{name}\"\npath = \"{path}\"\napp_id = \"{APP_ID}\"\n\
+         token = \"{TOKEN}\"\n{key}mode = \"{mode}\"\n"
+    )
+}
+
+pub fn target_section(name: &str, url: &str, format: &str, extra: &str) -> String {
+    format!("[[target]]\nname = \"{name}\"\nurl = \"{url}\"\nformat = \"{format}\"\n{extra}\n")
+}
+
+// ---- fake targets --------------------------------------------------------------------------
+
+/// What a fake target received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// How a fake target answers.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub content_type: &'static str,
+    pub delay: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            status: StatusCode::OK,
+            body: Bytes::from_static(b"success"),
+            content_type: "text/plain",
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+pub struct FakeTarget {
+    pub addr: SocketAddr,
+    behaviour: Arc<Mutex<Behaviour>>,
+    received: mpsc::UnboundedReceiver<Received>,
+}
+
+impl FakeTarget {
+    pub async fn start() -> FakeTarget {
+        Self::with(Behaviour::default()).await
+    }
+
+    pub async fn with(behaviour: Behaviour) -> FakeTarget {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+        let addr = listener.local_addr().expect("addr");
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let (tx, received) = mpsc::unbounded_channel();
+        let shared = Arc::clone(&behaviour);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let tx = tx.clone();
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let tx = tx.clone();
+                        let shared = Arc::clone(&shared);
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let _ = tx.send(Received {
+                                path: parts.uri.path().to_owned(),
+                                query: parts.uri.query().map(str::to_owned),
+                                headers: parts.headers,
+                                body,
+                            });
+                            let behaviour = shared.lock().expect("lock").clone();
+                            tokio::time::sleep(behaviour.delay).await;
+                            let mut response = Response::new(Full::new(behaviour.body));
+                            *response.status_mut() = behaviour.status;
+                            response.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(behaviour.content_type),
+                            );
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeTarget {
+            addr,
+            behaviour,
+            received,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().expect("lock") = behaviour;
+    }
+
+    /// The next request this target receives, within 5 s.
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(Duration::from_secs(5), self.received.recv())
+            .await
+            .expect("the target receives a request within 5 s")
+            .expect("target channel open")
+    }
+
+    /// Asserts that nothing more arrives within `wait`.
+    pub async fn expect_none(&mut self, wait: Duration) {
+        if let Ok(Some(got)) = tokio::time::timeout(wait, self.received.recv()).await {
+            panic!("unexpected forward: {} {:?}", got.path, got.query);
+        }
+    }
+}
+
+// ---- a client ------------------------------------------------------------------------------
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(body.into())).expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(10), client().request(request))
+        .await
+        .expect("the relay answers within 10 s")
+        .expect("response");
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
+}
+
+pub async fn post(url: &str, body: impl Into<Bytes>) -> Answer {
+    send("POST", url, &[("content-type", "text/xml")], body).await
+}
+
+pub async fn get(url: &str) -> Answer {
+    send("GET", url, &[], Bytes::new()).await
+}
+
+// ---- pushes --------------------------------------------------------------------------------
+
+pub fn now() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string()
+}
+
+/// A plaintext-mode query for `timestamp` and `nonce`.
+pub fn plain_query(timestamp: &str, nonce: &str) -> String {
+    let signature = sign(&[TOKEN, timestamp, nonce]);
+    format!("signature={signature}&timestamp={timestamp}&nonce={nonce}&openid={OPENID}")
+}
+
+/// A push as WeChat sends it: `(query, body)`. Encrypted (safe mode body) unless `plaintext`.
+pub struct PushBuilder {
+    pub timestamp: String,
+    pub nonce: String,
+    pub xml: String,
+}
+
+impl PushBuilder {
+    pub fn new(xml: impl Into<String>) -> Self {
+        Self {
+            timestamp: now(),
+            nonce: "1234567890".into(),
+            xml: xml.into(),
+        }
+    }
+
+    pub fn plaintext(&self) -> (String, String) {
+        (plain_query(&self.timestamp, &self.nonce), self.xml.clone())
+    }
+
+    pub fn encrypt(&self) -> String {
+        let key = AesKey::from_encoding_aes_key(KEY).expect("key");
+        encrypt(&key, APP_ID, self.xml.as_bytes(), &[9; 16])
+    }
+
+    pub fn encrypted_query(&self, encrypt: &str) -> String {
+        let msg_signature = sign(&[TOKEN, &self.timestamp, &self.nonce, encrypt]);
+        format!(
+            "{}&encrypt_type=aes&msg_signature={msg_signature}",
+            plain_query(&self.timestamp, &self.nonce)
+        )
+    }
+
+    /// Safe mode: only ToUserName and Encrypt.
+    pub fn safe(&self) -> (String, String) {
+        let encrypt = self.encrypt();
+        let body = format!(
+            "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
+        );
+        (self.encrypted_query(&encrypt), body)
+    }
+
+    /// Compatible mode: the plaintext fields and Encrypt. `plaintext_fields` replaces the
+    /// plaintext copy (to prove the relay ignores it).
+    pub fn compatible(&self, plaintext_fields: &str) -> (String, String) {
+        let encrypt = self.encrypt();
+        let body = format!("<xml>{plaintext_fields}<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");
+        (self.encrypted_query(&encrypt), body)
+    }
+}
+
+pub fn text_xml(content: &str, msg_id: u64) -> String {
+    format!(
+        "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><FromUserName><![CDATA[{OPENID}]]></FromUserName>\
+         <CreateTime>{}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{content}]]></Content>\
+         <MsgId>{msg_id}</MsgId></xml>",
+        now()
+    )
+}
+
+pub fn event_xml(event: &str, event_key: &str, ticket: Option<&str>) -> String {
+    let ticket = ticket.map_or(String::new(), |t| format!("<Ticket><![CDATA[{t}]]></Ticket>"));
+    format!(
+        "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><FromUserName><![CDATA[{OPENID}]]></FromUserName>\
+         <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>\
+         <EventKey><![CDATA[{event_key}]]></EventKey>{ticket}</xml>",
+        now()
+    )
+}
+
+/// Opens an encrypted reply from the relay: checks its MsgSignature and returns the message.
+pub fn open_reply(body: &str) -> String {
+    let fields = wechat_relay::wechat::message::Fields::parse(body.as_bytes()).expect("reply xml");
+    let encrypt = fields.get("Encrypt").expect("Encrypt");
+    let timestamp = fields.get("TimeStamp").expect("TimeStamp");
+    let nonce = fields.get("Nonce").expect("Nonce");
+    let signature = fields.get("MsgSignature").expect("MsgSignature");
+    assert_eq!(sign(&[TOKEN, timestamp, nonce, encrypt]), signature, "reply MsgSignature");
+    let key = AesKey::from_encoding_aes_key(KEY).expect("key");
+    let xml = wechat_relay::wechat::crypto::decrypt(&key, APP_ID, encrypt).expect("reply decrypts");
+    String::from_utf8(xml).expect("utf8")
+}
+
+/// The vector files copied from the shared folder.
+pub fn vectors(name: &str) -> serde_json::Value {
+    let path = format!("{}/tests/vectors/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("vector file")).expect("json")
+}
