@@ -1,0 +1,261 @@
+//! Modes and formats end to end through the real server: what each kind of target receives.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use wechat_relay::wechat::signature::verify_signature;
+
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn config(mode: &str, targets: &[(&str, &FakeTarget, &str)], routes: &str) -> String {
+    let mut toml = server_section(4000, 300);
+    toml.push_str(&account_section("main", "/wechat", mode));
+    for (name, target, format) in targets {
+        let extra = if *format == "json" { format!("secret = \"{WHSEC}\"") } else { String::new() };
+        toml.push_str(&target_section(name, &target.url("/hook"), format, &extra));
+    }
+    toml.push_str(routes);
+    toml
+}
+
+#[tokio::test]
+async fn safe_push_reaches_raw_plain_and_json_targets() {
+    let mut raw = FakeTarget::start().await;
+    let mut plain = FakeTarget::start().await;
+    let mut json = FakeTarget::start().await;
+    let relay = TestRelay::start(&config(
+        "safe",
+        &[("raw", &raw, "raw"), ("plain", &plain, "plain"), ("json", &json, "json")],
+        "[[route]]\nto = [\"raw\", \"plain\", \"json\"]\n",
+    ))
+    .await;
+    let xml = event_xml("subscribe", "qrscene_42", Some("gQH47joAAAAAAAAAASxodHRwOi8v"));
+    let push = PushBuilder::new(&xml);
+    let (query, body) = push.safe();
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body.clone()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "success");
+
+    // raw: the original query and body, byte for byte, with the original Content-Type.
+    let got = raw.next().await;
+    assert_eq!(got.path, "/hook");
+    assert_eq!(got.query.as_deref(), Some(query.as_str()));
+    assert_eq!(got.body, body.as_bytes());
+    assert_eq!(got.header("content-type"), Some("text/xml"));
+    let event_id = got.header("x-wechat-relay-event-id").expect("event id").to_owned();
+    assert_eq!(event_id.len(), 32);
+    assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1"));
+
+    // plain: the decrypted XML, the query without encrypt_type and msg_signature; its
+    // signature still verifies with the token, as a plaintext-mode handler checks it.
+    let got = plain.next().await;
+    assert_eq!(got.body, xml.as_bytes());
+    let plain_query = got.query.clone().expect("query");
+    assert!(!plain_query.contains("encrypt_type") && !plain_query.contains("msg_signature"));
+    assert_eq!(plain_query, plain_query_of(&push));
+    let param = |name: &str| {
+        plain_query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .expect("param")
+            .to_owned()
+    };
+    assert!(verify_signature(TOKEN, &param("timestamp"), &param("nonce"), &param("signature")));
+    assert_eq!(got.header("x-wechat-relay-event-id"), Some(event_id.as_str()));
+
+    // json: Standard Webhooks headers and a signature any verifier accepts.
+    let got = json.next().await;
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    let id = got.header("webhook-id").expect("webhook-id");
+    let ts = got.header("webhook-timestamp").expect("webhook-timestamp");
+    let signature = got.header("webhook-signature").expect("webhook-signature");
+    assert_eq!(id, event_id);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(WHSEC.trim_start_matches("whsec_"))
+        .expect("key");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("hmac");
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&got.body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(signature, expected);
+    let payload: serde_json::Value = serde_json::from_slice(&got.body).expect("json body");
+    assert_eq!(payload["type"], "wechat.event.subscribe");
+    assert_eq!(payload["data"]["account"], "main");
+    assert_eq!(payload["data"]["event_id"], event_id);
+    assert_eq!(payload["data"]["encrypted"], true);
+    assert_eq!(payload["data"]["message"]["EventKey"], "qrscene_42");
+    assert_eq!(payload["data"]["message"]["FromUserName"], OPENID);
+    assert_eq!(payload["data"]["xml"], xml);
+    relay.stop().await;
+}
+
+fn plain_query_of(push: &PushBuilder) -> String {
+    plain_query(&push.timestamp, &push.nonce)
+}
+
+#[tokio::test]
+async fn compatible_mode_routes_and_forwards_the_decrypted_message_only() {
+    let mut refunds = FakeTarget::start().await;
+    let mut rest = FakeTarget::start().await;
+    let relay = TestRelay::start(&config(
+        "compatible",
+        &[("refunds", &refunds, "plain"), ("rest", &rest, "plain")],
+        "[[route]]\ncontent = [\"refund*\"]\nto = [\"refunds\"]\n[[route]]\nto = [\"rest\"]\n",
+    ))
+    .await;
+    // The encrypted message says "hello"; the unauthenticated plaintext copy beside it lies.
+    let real = text_xml("hello", 1001);
+    let push = PushBuilder::new(&real);
+    let forged = format!(
+        "<ToUserName>{GH}</ToUserName><FromUserName>attacker</FromUserName><CreateTime>1</CreateTime>\
+         <MsgType>text</MsgType><Content>refund everything</Content><MsgId>1</MsgId>"
+    );
+    let (query, body) = push.compatible(&forged);
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 200);
+    let got = rest.next().await;
+    assert_eq!(got.body, real.as_bytes());
+    refunds.expect_none(Duration::from_millis(300)).await;
+
+    // A compatible account also takes a plaintext push (the console may switch modes first).
+    let (query, body) = PushBuilder::new(text_xml("refund please", 1002)).plaintext();
+    assert_eq!(post(&relay.url(&format!("/wechat?{query}")), body.clone()).await.status, 200);
+    assert_eq!(refunds.next().await.body, body.as_bytes());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn plaintext_mode_forwards_the_body_as_is() {
+    let mut raw = FakeTarget::start().await;
+    let mut plain = FakeTarget::start().await;
+    let mut json = FakeTarget::start().await;
+    let relay = TestRelay::start(&config(
+        "plaintext",
+        &[("raw", &raw, "raw"), ("plain", &plain, "plain"), ("json", &json, "json")],
+        "[[route]]\nto = [\"raw\", \"plain\", \"json\"]\n",
+    ))
+    .await;
+    let (query, body) = PushBuilder::new(text_xml("你好 <b>&amp;", 7)).plaintext();
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body.clone()).await;
+    assert_eq!(answer.status, 200);
+    for target in [&mut raw, &mut plain] {
+        let got = target.next().await;
+        assert_eq!(got.body, body.as_bytes());
+        assert_eq!(got.query.as_deref(), Some(query.as_str()));
+    }
+    let payload: serde_json::Value = serde_json::from_slice(&json.next().await.body).expect("json");
+    assert_eq!(payload["type"], "wechat.message.text");
+    assert_eq!(payload["data"]["encrypted"], false);
+    assert_eq!(payload["data"]["message"]["Content"], "你好 <b>&amp;");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn login_events_go_to_the_identity_provider_and_the_rest_elsewhere() {
+    let mut identity = FakeTarget::start().await;
+    let mut shop = FakeTarget::start().await;
+    let routes = "[[route]]\nname = \"login\"\nmsg_type = [\"event\"]\nevent = [\"subscribe\", \"SCAN\"]\nticket = true\n\
+                  to = [\"identity\", \"shop\"]\n\
+                  [[route]]\nevent = [\"unsubscribe\"]\nto = [\"shop\"]\n";
+    let relay = TestRelay::start(&config(
+        "safe",
+        &[("identity", &identity, "raw"), ("shop", &shop, "plain")],
+        routes,
+    ))
+    .await;
+    let send_xml = |xml: String| {
+        let url = relay.url("");
+        async move {
+            let (query, body) = PushBuilder::new(xml).safe();
+            post(&format!("{url}/wechat?{query}"), body).await
+        }
+    };
+    // New follower from a QR code, and a follower scanning one: both logins.
+    for xml in [
+        event_xml("subscribe", "qrscene_1", Some("ticket1")),
+        event_xml("SCAN", "1", Some("ticket2")),
+    ] {
+        assert_eq!(send_xml(xml.clone()).await.status, 200);
+        assert_eq!(identity.next().await.header("content-type"), Some("text/xml"));
+        assert_eq!(shop.next().await.body, xml.as_bytes());
+    }
+    // A plain follow (no Ticket) is not a login, and matches no other route: success, nothing sent.
+    let answer = send_xml(event_xml("subscribe", "", None)).await;
+    assert_eq!((answer.status.as_u16(), answer.text().as_str()), (200, "success"));
+    // Unsubscribe goes to the shop only.
+    let xml = event_xml("unsubscribe", "", None);
+    assert_eq!(send_xml(xml.clone()).await.status, 200);
+    assert_eq!(shop.next().await.body, xml.as_bytes());
+    identity.expect_none(Duration::from_millis(300)).await;
+    shop.expect_none(Duration::from_millis(100)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn event_id_is_stable_across_wechat_retries() {
+    let mut target = FakeTarget::start().await;
+    let relay = TestRelay::start(&config("safe", &[("t", &target, "raw")], "[[route]]\nto = [\"t\"]\n")).await;
+    let xml = text_xml("same message", 4242);
+    let mut first = PushBuilder::new(&xml);
+    first.nonce = "111".into();
+    let mut retry = PushBuilder::new(&xml);
+    retry.nonce = "222".into();
+    let mut other = PushBuilder::new(text_xml("same message", 4243));
+    other.nonce = "333".into();
+    let mut ids = Vec::new();
+    for push in [&first, &retry, &other] {
+        let (query, body) = push.safe();
+        assert_eq!(post(&relay.url(&format!("/wechat?{query}")), body).await.status, 200);
+        ids.push(target.next().await.header("x-wechat-relay-event-id").expect("id").to_owned());
+    }
+    assert_eq!(ids[0], ids[1], "a retry with a new nonce keeps the event id");
+    assert_ne!(ids[0], ids[2], "another message has another id");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_appends_the_peer() {
+    let mut target = FakeTarget::start().await;
+    let relay = TestRelay::start(&config("safe", &[("t", &target, "raw")], "[[route]]\nto = [\"t\"]\n")).await;
+    let (query, body) = PushBuilder::new(text_xml("x", 1)).safe();
+    let answer = send(
+        "POST",
+        &relay.url(&format!("/wechat?{query}")),
+        &[("content-type", "text/xml"), ("x-forwarded-for", "203.0.113.9")],
+        body,
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(target.next().await.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn previous_key_opens_pushes_and_seals_their_replies() {
+    let target = FakeTarget::start().await;
+    // The account's current key is new; WeChat still encrypts with the one in the tests' kit.
+    let new_key = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+    let toml = format!(
+        "{}[[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n\
+         encoding_aes_key = \"{new_key}\"\nprevious_encoding_aes_key = \"{KEY}\"\n{}\
+         [[route]]\nto = [\"t\"]\nreply_text = \"rotated\"\n",
+        server_section(4000, 300),
+        target_section("t", &target.url("/"), "raw", ""),
+    );
+    let relay = TestRelay::start(&toml).await;
+    let (query, body) = PushBuilder::new(text_xml("hi", 5)).safe();
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 200);
+    // open_reply decrypts with the kit's (previous) key: the reply was sealed with it.
+    let reply = open_reply(&answer.text());
+    assert!(reply.contains("<Content><![CDATA[rotated]]></Content>"), "{reply}");
+    relay.stop().await;
+}
