@@ -500,8 +500,8 @@ fn reject(
     rejection: Rejection,
 ) -> Response<Full<Bytes>> {
     let status = rejection.status();
-    warn!(account = account.map_or("-", |a| a.name.as_str()), peer = %peer.ip(),
-        status = status.as_u16(), reason = rejection.reason(), "request refused: {rejection}");
+    warn!(account = %account.map_or("-", |a| a.name.as_str()), peer = %peer.ip(),
+        status = status.as_u16(), reason = %rejection.reason(), "request refused: {rejection}");
     respond(status, TEXT_PLAIN, Bytes::from(format!("{rejection}\n")))
 }
 
@@ -515,12 +515,12 @@ fn log_push(
 ) {
     info!(
         account = %push.account,
-        msg_type = push.message.msg_type().unwrap_or("-"),
-        event = push.message.event().unwrap_or("-"),
-        route = route.map_or("-", |r| r.name.as_str()),
+        msg_type = %push.message.msg_type().unwrap_or("-"),
+        event = %push.message.event().unwrap_or("-"),
+        route = %route.map_or("-", |r| r.name.as_str()),
         targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
-        outcome,
-        reply = reply.as_str(),
+        outcome = %outcome,
+        reply = %reply.as_str(),
         ms = started.elapsed().as_millis() as u64,
         event_id = %push.event_id,
         "push"
@@ -537,7 +537,7 @@ fn log_forward(target: &Target, push: &Push, result: &ForwardResult, started: In
             warn!(target = %target.name, status = answer.status.as_u16(), ms, event_id = %push.event_id, "forward failed")
         }
         Err(e) => {
-            warn!(target = %target.name, status = "-", ms, event_id = %push.event_id, error = %e, "forward failed")
+            warn!(target = %target.name, status = %"-", ms, event_id = %push.event_id, error = %e, "forward failed")
         }
     }
 }

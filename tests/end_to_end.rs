@@ -1,0 +1,228 @@
+//! The real binary, end to end, with pushes encrypted by an independent implementation
+//! (wechatpy, in tests/vectors): a subscribe-with-scene event reaches a raw target byte for
+//! byte and its reply comes back verbatim; a text message reaches a plain target decrypted and
+//! its reply comes back encrypted. Then SIGTERM, and the log is checked for secrets.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use serde_json::Value;
+
+struct Binary {
+    child: Child,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Binary {
+    /// Starts `wechat-relay serve` on `config` and waits for its "listening" line.
+    fn start(config: &std::path::Path) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("WECHAT_RELAY_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wechat-relay");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut binary = Binary {
+            child,
+            addr: String::new(),
+            lines,
+        };
+        let line = binary.wait_for("wechat-relay listening");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .expect("listen= in the startup line")
+            .to_owned();
+        binary.addr = addr;
+        binary
+    }
+
+    fn wait_for(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// SIGTERM, then the exit status and every remaining log line.
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = self.child.wait().expect("wait");
+        let rest = self.lines.try_iter().collect();
+        (exit, rest)
+    }
+}
+
+fn push_vector(name: &str) -> Value {
+    vectors("generated_vectors.json")["pushes"]
+        .as_array()
+        .expect("pushes")
+        .iter()
+        .find(|p| p["name"] == name)
+        .expect("vector")
+        .clone()
+}
+
+fn s(v: &Value, key: &str) -> String {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("field {key}"))
+        .to_owned()
+}
+
+const PROVIDER_REPLY: &str = "<xml><Encrypt><![CDATA[sealed-by-the-provider]]></Encrypt></xml>";
+const SHOP_REPLY: &str = "<xml><ToUserName><![CDATA[oUpF8uMuAJO_M2pxb1Q9zNjWeS6o]]></ToUserName>\
+    <FromUserName><![CDATA[gh_0123456789ab]]></FromUserName><CreateTime>1718000201</CreateTime>\
+    <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[收到: relay ok]]></Content></xml>";
+
+#[tokio::test]
+async fn independent_pushes_through_the_binary() {
+    let mut identity = FakeTarget::with(Behaviour {
+        body: Bytes::from_static(PROVIDER_REPLY.as_bytes()),
+        content_type: "text/xml",
+        ..Behaviour::default()
+    })
+    .await;
+    let mut shop = FakeTarget::with(Behaviour {
+        status: StatusCode::OK,
+        body: Bytes::from_static(SHOP_REPLY.as_bytes()),
+        content_type: "application/xml",
+        delay: Duration::ZERO,
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The token lives in a file, as an operator would keep it.
+    std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).expect("token file");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nreply_deadline_ms = 3000\n\
+         # the vectors were made in 2024\ntimestamp_skew_s = 0\n\
+         [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"{APP_ID}\"\ntoken_file = \"token\"\n\
+         encoding_aes_key = \"{KEY}\"\n\
+         [[target]]\nname = \"identity\"\nurl = \"{}\"\nformat = \"raw\"\n\
+         [[target]]\nname = \"shop\"\nurl = \"{}\"\nformat = \"plain\"\n\
+         [[route]]\nname = \"login\"\nevent = [\"subscribe\", \"SCAN\"]\nticket = true\nto = [\"identity\"]\nreply = \"identity\"\n\
+         [[route]]\nto = [\"shop\"]\nreply = \"shop\"\n",
+        identity.url("/connections/social/mp/5f1234/events"),
+        shop.url("/wechat"),
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).expect("config");
+    let relay = Binary::start(&path);
+
+    // subscribe with a scene: to the identity provider, byte for byte; its reply verbatim.
+    let v = push_vector("subscribe_qrscene");
+    let answer = post(
+        &relay.url(&format!("/wechat?{}", s(&v, "query_string"))),
+        s(&v, "post_body_safe_mode"),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), PROVIDER_REPLY);
+    let got = identity.next().await;
+    assert_eq!(got.path, "/connections/social/mp/5f1234/events");
+    assert_eq!(got.query.as_deref(), Some(s(&v, "query_string").as_str()));
+    assert_eq!(got.body, s(&v, "post_body_safe_mode").as_bytes());
+    relay.wait_for("route=login");
+
+    // A text message: to the shop, decrypted; its reply sealed for WeChat.
+    let v = push_vector("text");
+    let answer = post(
+        &relay.url(&format!("/wechat?{}", s(&v, "query_string"))),
+        s(&v, "post_body_safe_mode"),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let got = shop.next().await;
+    assert_eq!(got.body, s(&v, "plaintext_xml").as_bytes());
+    assert_eq!(open_reply(&answer.text()), SHOP_REPLY);
+    let push_line = relay.wait_for("msg_type=text");
+    for field in [
+        "account=main",
+        "event=-",
+        "route=route[1]",
+        "targets=shop",
+        "outcome=forwarded",
+        "reply=from_target",
+        "ms=",
+    ] {
+        assert!(push_line.contains(field), "{field} in {push_line}");
+    }
+
+    // A refused push: one warning line with the reason.
+    let answer = post(
+        &relay.url("/wechat?signature=0&timestamp=1&nonce=2"),
+        "<xml/>",
+    )
+    .await;
+    assert_eq!(answer.status, 403);
+    let refused = relay.wait_for("request refused");
+    assert!(
+        refused.contains("reason=signature") && refused.contains("status=403"),
+        "{refused}"
+    );
+    identity.expect_none(Duration::from_millis(200)).await;
+    shop.expect_none(Duration::from_millis(100)).await;
+
+    let (exit, rest) = relay.terminate();
+    assert!(exit.success(), "exit 0 after SIGTERM: {exit:?}");
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    // Nothing secret or private in the log: not the token, the key, Encrypt, or the content.
+    let all: Vec<String> = [push_line, refused].into_iter().chain(rest).collect();
+    for line in &all {
+        for secret in [TOKEN, KEY, "XQ1uVuIVycLr33T35Z", "relay!", "你好", OPENID] {
+            assert!(!line.contains(secret), "{secret:?} leaked into {line}");
+        }
+    }
+}
+
+#[test]
+fn serve_exits_1_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/relay.toml"))
+        .expect("shipped");
+    let config = shipped.replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!("listen = \"{}\"", taken.local_addr().expect("addr")),
+    );
+    std::fs::write(&path, config).expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot listen"));
+}
