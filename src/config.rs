@@ -259,6 +259,12 @@ impl Config {
 
     /// [`Config::load`] with the environment given as `(NAME, value)` pairs.
     pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(ConfigError(vec![format!(
+                "{}: cannot read: {e}",
+                path.display()
+            )]));
+        }
         let mut root = Figment::from(Toml::file_exact(path))
             .extract::<Dict>()
             .map_err(|e| {
@@ -297,7 +303,12 @@ fn apply_env(root: &mut Dict, env: &[(String, String)], problems: &mut Vec<Strin
 fn set_path(root: &mut Dict, path: &[String], raw: &str) -> Result<(), String> {
     let (first, rest) = path.split_first().ok_or("empty key")?;
     if rest.is_empty() {
-        let value = typed_like(root.get(first.as_str()), raw);
+        let value = typed_like(first, root.get(first.as_str()), raw);
+        // A secret set from the environment replaces the file's way of giving it, and back.
+        match first.strip_suffix("_file") {
+            Some(stem) => root.remove(stem),
+            None => root.remove(&format!("{first}_file")),
+        };
         root.insert(first.clone(), value);
         return Ok(());
     }
@@ -334,17 +345,76 @@ fn element_named(item: &Value, selector: &str) -> bool {
         .is_some_and(|n| n.to_ascii_lowercase().replace('-', "_") == selector)
 }
 
-/// A variable's value keeps the type of the value it replaces: a token of digits stays text.
-fn typed_like(existing: Option<&Value>, raw: &str) -> Value {
-    match existing {
-        Some(Value::String(..)) => Value::from(raw.to_owned()),
-        _ => raw
-            .parse::<Value>()
-            .unwrap_or_else(|_| Value::from(raw.to_owned())),
+/// Keys whose values are numbers, booleans or lists; every other key takes text.
+const TYPED_KEYS: [&str; 12] = [
+    "reply_deadline_ms",
+    "max_body_bytes",
+    "timestamp_skew_s",
+    "max_concurrent_forwards",
+    "shutdown_grace_ms",
+    "timeout_ms",
+    "ticket",
+    "msg_type",
+    "event",
+    "event_key",
+    "content",
+    "to",
+];
+
+/// A variable's value as text, or parsed (`8080`, `true`, `[a, b]`) for a key that takes a
+/// number, a boolean or a list: a token of digits stays text.
+fn typed_like(key: &str, existing: Option<&Value>, raw: &str) -> Value {
+    let typed = match existing {
+        Some(Value::String(..)) => false,
+        Some(_) => true,
+        None => TYPED_KEYS.contains(&key),
+    };
+    if typed {
+        raw.parse::<Value>()
+            .unwrap_or_else(|_| Value::from(raw.to_owned()))
+    } else {
+        Value::from(raw.to_owned())
     }
 }
 
 // ---- validation --------------------------------------------------------------------------
+
+/// A serde error without the value that caused it: the value may be a token or a key.
+fn describe(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::InvalidType(actual, expected) => {
+            let found = match actual {
+                figment::error::Actual::Bool(_) => "a boolean",
+                figment::error::Actual::Signed(_) | figment::error::Actual::Unsigned(_) => {
+                    "an integer"
+                }
+                figment::error::Actual::Float(_) => "a number",
+                figment::error::Actual::Str(_) | figment::error::Actual::Char(_) => "a string",
+                figment::error::Actual::Seq => "a list",
+                figment::error::Actual::Map => "a table",
+                _ => "another type",
+            };
+            format!("expected {expected}, found {found}")
+        }
+        Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
+        other => other.to_string(),
+    }
+}
+
+/// The `name` (or another string key) of every table in an array, parsed or not.
+fn strings_in(root: &Dict, section: &str, key: &str) -> Vec<String> {
+    match root.get(section) {
+        Some(Value::Array(_, items)) => items
+            .iter()
+            .filter_map(|item| item.as_dict()?.get(key)?.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A problem has been recorded already; nothing more to say about this value.
+struct Reported;
 
 struct Checker<'a> {
     base: &'a Path,
@@ -373,27 +443,14 @@ impl<'a> Checker<'a> {
             Some(value) => self.raw::<RawServer>("server", &value),
             None => self.raw::<RawServer>("server", &Value::from(Dict::new())),
         };
+        // Names and paths come from every entry as written, parsed or not, so that one broken
+        // target does not also show up as "not a [[target]] name" in each route that names it.
+        let account_names = strings_in(&root, "account", "name");
+        let account_paths = strings_in(&root, "account", "path");
+        let target_names = strings_in(&root, "target", "name");
         let raw_accounts: Vec<Option<RawAccount>> = self.list(&mut root, "account");
         let raw_targets: Vec<Option<RawTarget>> = self.list(&mut root, "target");
         let raw_routes: Vec<Option<RawRoute>> = self.list(&mut root, "route");
-
-        // Names and paths come from every entry that parsed, valid or not, so that one broken
-        // target does not also show up as "not a [[target]] name" in each route that names it.
-        let account_names: Vec<String> = raw_accounts
-            .iter()
-            .flatten()
-            .map(|a| a.name.clone())
-            .collect();
-        let account_paths: Vec<String> = raw_accounts
-            .iter()
-            .flatten()
-            .map(|a| a.path.clone())
-            .collect();
-        let target_names: Vec<String> = raw_targets
-            .iter()
-            .flatten()
-            .map(|t| t.name.clone())
-            .collect();
         if raw_accounts.is_empty() {
             self.problem("account", "at least one [[account]] is required");
         }
@@ -442,7 +499,7 @@ impl<'a> Checker<'a> {
                         at.push('.');
                         at.push_str(key);
                     }
-                    self.problem(at, error.kind);
+                    self.problem(at, describe(&error.kind));
                 }
                 None
             }
@@ -527,33 +584,34 @@ impl<'a> Checker<'a> {
     }
 
     /// A secret given inline or as `<key>_file` (relative to the config's folder), not both.
+    /// `Err` means a problem was already reported for it.
     fn secret(
         &mut self,
         at: &str,
         key: &str,
         inline: Option<String>,
         file: Option<PathBuf>,
-    ) -> Option<String> {
+    ) -> Result<Option<String>, Reported> {
         match (inline, file) {
             (Some(_), Some(_)) => {
                 self.problem(at, format!("give {key} or {key}_file, not both"));
-                None
+                Err(Reported)
             }
-            (Some(value), None) => Some(value),
+            (Some(value), None) => Ok(Some(value)),
             (None, Some(file)) => {
                 let path = self.base.join(&file);
                 match std::fs::read_to_string(&path) {
-                    Ok(text) => Some(text.trim().to_owned()),
+                    Ok(text) => Ok(Some(text.trim().to_owned())),
                     Err(e) => {
                         self.problem(
                             format!("{at}.{key}_file"),
                             format!("cannot read {}: {e}", path.display()),
                         );
-                        None
+                        Err(Reported)
                     }
                 }
             }
-            (None, None) => None,
+            (None, None) => Ok(None),
         }
     }
 
@@ -595,16 +653,18 @@ impl<'a> Checker<'a> {
         }
         let token = self.secret(&at, "token", raw.token, raw.token_file);
         match &token {
-            None => self.problem(format!("{at}.token"), "required (or token_file)"),
-            Some(token) => {
+            Err(Reported) => {}
+            Ok(None) => self.problem(format!("{at}.token"), "required (or token_file)"),
+            Ok(Some(token)) => {
                 let ok = (3..=32).contains(&token.len())
                     && token.bytes().all(|b| b.is_ascii_alphanumeric());
                 if !ok {
+                    let n = token.chars().count();
                     self.problem(
                         format!("{at}.token"),
                         format!(
-                            "must be 3-32 letters or digits, got {} characters",
-                            token.chars().count()
+                            "must be 3-32 letters or digits, got {n} character{}",
+                            if n == 1 { "" } else { "s" }
                         ),
                     );
                 }
@@ -622,30 +682,33 @@ impl<'a> Checker<'a> {
             raw.previous_encoding_aes_key,
             raw.previous_encoding_aes_key_file,
         );
+        // A key that was given but could not be read counts as given: its problem is reported.
+        let key_given = !matches!(key, Ok(None));
+        let previous_given = !matches!(previous, Ok(None));
         let mut keys = Vec::new();
         for (key_name, value) in [
             ("encoding_aes_key", &key),
             ("previous_encoding_aes_key", &previous),
         ] {
-            if let Some(value) = value {
+            if let Ok(Some(value)) = value {
                 match AesKey::from_encoding_aes_key(value) {
                     Ok(k) => keys.push(k),
                     Err(e) => self.problem(format!("{at}.{key_name}"), e),
                 }
             }
         }
-        if key.is_none() && previous.is_some() {
+        if !key_given && previous_given {
             self.problem(
                 format!("{at}.previous_encoding_aes_key"),
                 "needs encoding_aes_key too",
             );
         }
-        let mode = raw.mode.unwrap_or(if key.is_some() {
+        let mode = raw.mode.unwrap_or(if key_given {
             Mode::Safe
         } else {
             Mode::Plaintext
         });
-        if mode != Mode::Plaintext && key.is_none() {
+        if mode != Mode::Plaintext && !key_given {
             self.problem(
                 format!("{at}.encoding_aes_key"),
                 format!("required in {} mode", mode.as_str()),
@@ -658,7 +721,7 @@ impl<'a> Checker<'a> {
             name: raw.name,
             path: raw.path,
             app_id: raw.app_id,
-            token: Secret(token?.into_bytes()),
+            token: Secret(token.ok()??.into_bytes()),
             keys,
             mode,
         })
@@ -689,7 +752,9 @@ impl<'a> Checker<'a> {
         if raw.timeout_ms == 0 {
             self.problem(format!("{at}.timeout_ms"), "must be at least 1");
         }
-        let secret = self.secret(&at, "secret", raw.secret, raw.secret_file);
+        let Ok(secret) = self.secret(&at, "secret", raw.secret, raw.secret_file) else {
+            return None;
+        };
         let secret = match (raw.format, secret) {
             (ForwardFormat::Json, None) => {
                 self.problem(
@@ -819,6 +884,24 @@ impl<'a> Checker<'a> {
 
 // ---- summary -----------------------------------------------------------------------------
 
+/// A target URL without what may be a credential: user info and the query.
+pub fn redacted_url(url: &Uri) -> String {
+    let scheme = url.scheme_str().unwrap_or("http");
+    let host = url.host().unwrap_or_default();
+    let port = url.port_u16().map_or(String::new(), |p| format!(":{p}"));
+    let userinfo = if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        "<redacted>@"
+    } else {
+        ""
+    };
+    let query = if url.query().is_some() {
+        "?<redacted>"
+    } else {
+        ""
+    };
+    format!("{scheme}://{userinfo}{host}{port}{}{query}", url.path())
+}
+
 impl fmt::Display for Config {
     /// The effective configuration, secrets redacted (what `wechat-relay check` prints).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -854,7 +937,7 @@ impl fmt::Display for Config {
                 "target {}: {} {} timeout {} ms{}",
                 t.name,
                 t.format.as_str(),
-                t.url,
+                redacted_url(&t.url),
                 t.timeout.as_millis(),
                 if t.secret.is_some() {
                     " secret <redacted>"
@@ -902,5 +985,35 @@ impl fmt::Display for Config {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_url_hides_credentials() {
+        let url: Uri = "https://user:pw@hooks.example.com:8443/a/b?token=s3cret"
+            .parse()
+            .expect("uri");
+        assert_eq!(
+            redacted_url(&url),
+            "https://<redacted>@hooks.example.com:8443/a/b?<redacted>"
+        );
+        let url: Uri = "http://127.0.0.1:9000/wechat".parse().expect("uri");
+        assert_eq!(redacted_url(&url), "http://127.0.0.1:9000/wechat");
+    }
+
+    #[test]
+    fn env_values_keep_text_for_text_keys() {
+        assert_eq!(typed_like("token", None, "12345").as_str(), Some("12345"));
+        assert_eq!(
+            typed_like("timeout_ms", None, "12345")
+                .to_num()
+                .and_then(|n| n.to_u128()),
+            Some(12345)
+        );
+        assert_eq!(typed_like("ticket", None, "true").to_bool(), Some(true));
     }
 }

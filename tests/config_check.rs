@@ -1,0 +1,915 @@
+//! `wechat-relay check` (and `serve`) against the shipped relay.toml and broken copies of it:
+//! the real binary, run as an operator runs it, with its exit code, stdout and stderr.
+//!
+//! Broken configs are made by editing the text of the shipped file, so that these tests follow
+//! it when it changes; each edit asserts that the text it replaces is there exactly once.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wechat-relay");
+/// Exit code of an invalid config (src/main.rs).
+const INVALID: i32 = 2;
+/// How long a run that should end at once may take before the test calls it hung.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---- kit ---------------------------------------------------------------------------------
+
+fn shipped_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("relay.toml")
+}
+
+fn shipped() -> String {
+    std::fs::read_to_string(shipped_path()).expect("read the shipped relay.toml")
+}
+
+/// `text` with `from` (which must occur exactly once) replaced by `to`.
+fn edit(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(
+        text.matches(from).count(),
+        1,
+        "the shipped relay.toml should contain {from:?} exactly once"
+    );
+    text.replacen(from, to, 1)
+}
+
+/// The quoted value of the first line `key = "value"` (the shipped secrets, read from the file
+/// so that the test follows it).
+fn value_of(text: &str, key: &str) -> String {
+    let prefix = format!("{key} = \"");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("relay.toml has a line {key} = \"...\""))
+        .to_owned()
+}
+
+/// The binary with no inherited `WECHAT_RELAY_*` variable and no config file in its folder.
+fn relay() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("WECHAT_RELAY_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null());
+    command
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn both(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+fn run(command: &mut Command) -> Run {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wechat-relay");
+    finish(child)
+}
+
+/// Waits for `child` to exit (killing it and failing after [`PATIENCE`]).
+fn finish(mut child: Child) -> Run {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("poll wechat-relay").is_some() {
+            break;
+        }
+        if started.elapsed() > PATIENCE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("wechat-relay still running after {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child
+        .wait_with_output()
+        .expect("collect wechat-relay output");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `wechat-relay --config <path> check`.
+fn check(path: &Path) -> Run {
+    run(relay().arg("--config").arg(path).arg("check"))
+}
+
+/// Writes `text` as `relay.toml` in a fresh folder.
+fn write_config(text: &str) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, text).expect("write relay.toml");
+    (dir, path)
+}
+
+/// Checks `text` as a config file and returns the run.
+fn check_text(text: &str) -> (PathBuf, Run) {
+    let (dir, path) = write_config(text);
+    let run = check(&path);
+    drop(dir);
+    (path, run)
+}
+
+/// The run refused the config at `path`: exit 2, nothing on stdout, the header line, and each
+/// of `expected` as (part of) a problem line on stderr.
+fn assert_invalid(run: &Run, path: &Path, expected: &[&str]) {
+    assert_eq!(
+        run.code,
+        Some(INVALID),
+        "exit code; stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        !run.stdout.contains("OK"),
+        "an invalid config must not be reported OK:\n{}",
+        run.stdout
+    );
+    let header = format!("{}: invalid config:", path.display());
+    assert_eq!(
+        run.stderr.lines().next(),
+        Some(header.as_str()),
+        "first stderr line:\n{}",
+        run.stderr
+    );
+    let problems: Vec<&str> = run.stderr.lines().skip(1).map(str::trim).collect();
+    for want in expected {
+        assert!(
+            problems.iter().any(|line| line.starts_with(want)),
+            "expected a problem line starting with {want:?}; stderr:\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// The shipped file with one edit is refused with `expected`.
+fn assert_edit_refused(from: &str, to: &str, expected: &[&str]) {
+    let (path, run) = check_text(&edit(&shipped(), from, to));
+    assert_invalid(&run, &path, expected);
+}
+
+fn assert_ok(run: &Run, path: &Path) {
+    assert_eq!(
+        run.code,
+        Some(0),
+        "exit code; stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let header = format!("{}: OK", path.display());
+    assert_eq!(
+        run.stdout.lines().next(),
+        Some(header.as_str()),
+        "first stdout line:\n{}",
+        run.stdout
+    );
+}
+
+fn line_starting<'a>(output: &'a str, prefix: &str) -> &'a str {
+    output
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{output}"))
+}
+
+// ---- the shipped file --------------------------------------------------------------------
+
+#[test]
+fn shipped_config_is_ok_and_prints_accounts_targets_and_routes() {
+    let path = shipped_path();
+    let run = check(&path);
+    assert_ok(&run, &path);
+
+    let server = line_starting(&run.stdout, "server:");
+    assert!(server.contains("listen 127.0.0.1:8080"), "{server}");
+    assert!(server.contains("reply deadline 4500 ms"), "{server}");
+
+    let account = line_starting(&run.stdout, "account main:");
+    for part in ["/wechat", "wx1234567890abcdef", "mode safe"] {
+        assert!(account.contains(part), "{part:?} in {account:?}");
+    }
+
+    let identity = line_starting(&run.stdout, "target identity:");
+    assert!(
+        identity
+            .contains("raw https://core.authing.cn/connections/social/my-wechat-mp/5f1234/events"),
+        "{identity}"
+    );
+    let shop = line_starting(&run.stdout, "target shop:");
+    assert!(
+        shop.contains("plain http://127.0.0.1:9000/wechat"),
+        "{shop}"
+    );
+    let crm = line_starting(&run.stdout, "target crm:");
+    assert!(
+        crm.contains("json https://crm.example.com/hooks/wechat"),
+        "{crm}"
+    );
+
+    let qr = line_starting(&run.stdout, "route qr-login:");
+    for part in [
+        "event=subscribe|SCAN",
+        "ticket=true",
+        "identity, shop",
+        "reply from identity",
+    ] {
+        assert!(qr.contains(part), "{part:?} in {qr:?}");
+    }
+    let rest = line_starting(&run.stdout, "route everything-else:");
+    for part in ["anything", "shop, crm", "reply from shop"] {
+        assert!(rest.contains(part), "{part:?} in {rest:?}");
+    }
+}
+
+#[test]
+fn shipped_config_check_prints_no_secret() {
+    let text = shipped();
+    let token = value_of(&text, "token");
+    let key = value_of(&text, "encoding_aes_key");
+    let secret = value_of(&text, "secret");
+    let secret_b64 = secret.strip_prefix("whsec_").expect("a whsec_ secret");
+    let run = check(&shipped_path());
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let all = run.both();
+    for (what, value) in [
+        ("token", token.as_str()),
+        ("encoding_aes_key", key.as_str()),
+        ("secret", secret.as_str()),
+        ("secret's key", secret_b64),
+    ] {
+        assert!(!all.contains(value), "the {what} is printed:\n{all}");
+    }
+    // The secrets are there, redacted: the summary says so rather than dropping them.
+    assert!(line_starting(&run.stdout, "account main:").contains("<redacted>"));
+    assert!(line_starting(&run.stdout, "target crm:").contains("secret <redacted>"));
+}
+
+// ---- broken copies, one problem each -----------------------------------------------------
+
+#[test]
+fn a_42_character_encoding_aes_key_is_refused() {
+    let text = shipped();
+    let key = value_of(&text, "encoding_aes_key");
+    assert_edit_refused(
+        &format!("encoding_aes_key = \"{key}\""),
+        &format!("encoding_aes_key = \"{}\"", &key[..42]),
+        &["account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42"],
+    );
+}
+
+#[test]
+fn an_encoding_aes_key_with_another_character_is_refused() {
+    let text = shipped();
+    let key = value_of(&text, "encoding_aes_key");
+    assert_edit_refused(
+        &format!("encoding_aes_key = \"{key}\""),
+        &format!("encoding_aes_key = \"{}+\"", &key[..42]),
+        &["account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, found another"],
+    );
+}
+
+#[test]
+fn an_unknown_key_in_an_account_is_refused() {
+    let text = shipped();
+    let token = value_of(&text, "token");
+    let line = format!("token = \"{token}\"\n");
+    assert_edit_refused(
+        &line,
+        &format!("{line}tokn = \"x\"\n"),
+        &["account[0].tokn: unknown field"],
+    );
+}
+
+/// The account is only misspelt, not missing: route[0] (`account = "main"`) must not be told
+/// that there is no account "main".
+#[test]
+fn an_unknown_key_in_an_account_does_not_make_routes_lose_the_account() {
+    let text = shipped();
+    let token = value_of(&text, "token");
+    let line = format!("token = \"{token}\"\n");
+    let (path, run) = check_text(&edit(&text, &line, &format!("{line}tokn = \"x\"\n")));
+    assert_invalid(&run, &path, &["account[0].tokn"]);
+    assert!(
+        !run.stderr.contains("is not an [[account]] name"),
+        "a misspelt key in account[0] must not be reported as a missing account:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn an_unknown_section_is_refused() {
+    assert_edit_refused(
+        "[server]\n",
+        "[sever]\nlisten = \"127.0.0.1:8080\"\n\n[server]\n",
+        &["sever: unknown section"],
+    );
+}
+
+#[test]
+fn a_reply_not_in_to_is_refused() {
+    assert_edit_refused(
+        "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
+        "to = [\"shop\"]\nreply = \"crm\"",
+        &["route[1].reply: \"crm\" is not in to"],
+    );
+}
+
+#[test]
+fn a_route_naming_a_missing_target_is_refused() {
+    assert_edit_refused(
+        "to = [\"identity\", \"shop\"]",
+        "to = [\"identity\", \"shopp\"]",
+        &["route[0].to: \"shopp\" is not a [[target]] name"],
+    );
+}
+
+#[test]
+fn a_route_naming_a_missing_account_is_refused() {
+    assert_edit_refused(
+        "account = \"main\"",
+        "account = \"mian\"",
+        &["route[0].account: \"mian\" is not an [[account]] name"],
+    );
+}
+
+#[test]
+fn a_duplicate_target_name_is_refused() {
+    assert_edit_refused(
+        "name = \"crm\"",
+        "name = \"shop\"",
+        &["target: name \"shop\" is used twice"],
+    );
+}
+
+#[test]
+fn a_target_url_that_is_not_http_is_refused() {
+    assert_edit_refused(
+        "url = \"https://crm.example.com/hooks/wechat\"",
+        "url = \"ftp://crm.example.com/hooks/wechat\"",
+        &[
+            "target[2].url: \"ftp://crm.example.com/hooks/wechat\" must be an http:// or https:// URL with a host",
+        ],
+    );
+}
+
+#[test]
+fn a_bad_app_id_is_refused() {
+    assert_edit_refused(
+        "app_id = \"wx1234567890abcdef\"",
+        "app_id = \"wx1234567890abcdeg\"",
+        &["account[0].app_id: \"wx1234567890abcdeg\" must be wx followed by 16 hex digits"],
+    );
+}
+
+#[test]
+fn a_too_short_token_is_refused() {
+    let token = value_of(&shipped(), "token");
+    assert_edit_refused(
+        &format!("token = \"{token}\""),
+        "token = \"ab\"",
+        &["account[0].token: must be 3-32 letters or digits, got 2 characters"],
+    );
+}
+
+/// WeChat tokens are often all digits; written unquoted, the value must still not be echoed.
+#[test]
+fn a_token_of_the_wrong_type_is_refused_without_echoing_it() {
+    let token = value_of(&shipped(), "token");
+    let (path, run) = check_text(&edit(
+        &shipped(),
+        &format!("token = \"{token}\""),
+        "token = 20240101123",
+    ));
+    assert_invalid(&run, &path, &["account[0].token:"]);
+    assert!(
+        !run.both().contains("20240101123"),
+        "the token is printed in the error:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_reply_deadline_of_5000_ms_is_refused() {
+    assert_edit_refused(
+        "reply_deadline_ms = 4500",
+        "reply_deadline_ms = 5000",
+        &[
+            "server.reply_deadline_ms: must be between 1 and 4999 (WeChat gives up after 5 s), got 5000",
+        ],
+    );
+}
+
+#[test]
+fn a_json_target_without_secret_is_refused() {
+    let secret = value_of(&shipped(), "secret");
+    assert_edit_refused(
+        &format!("secret = \"{secret}\""),
+        "",
+        &["target[2].secret: required for format = \"json\""],
+    );
+}
+
+#[test]
+fn a_listen_that_is_not_an_address_is_refused() {
+    assert_edit_refused(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"nope\"",
+        &["server.listen: \"nope\" is not an address like 127.0.0.1:8080"],
+    );
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run() {
+    let text = shipped();
+    let key = value_of(&text, "encoding_aes_key");
+    let secret = value_of(&text, "secret");
+    let mut broken = text.clone();
+    for (from, to) in [
+        (
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"nope\"".to_owned(),
+        ),
+        (
+            "reply_deadline_ms = 4500",
+            "reply_deadline_ms = 5000".to_owned(),
+        ),
+        (
+            "app_id = \"wx1234567890abcdef\"",
+            "app_id = \"wx1234567890abcdeg\"".to_owned(),
+        ),
+        (
+            &format!("encoding_aes_key = \"{key}\""),
+            format!("encoding_aes_key = \"{}\"", &key[..42]),
+        ),
+        (
+            "url = \"https://crm.example.com/hooks/wechat\"",
+            "url = \"ftp://crm.example.com/hooks/wechat\"".to_owned(),
+        ),
+        (&format!("secret = \"{secret}\""), String::new()),
+        (
+            "to = [\"identity\", \"shop\"]",
+            "to = [\"identity\", \"shopp\"]".to_owned(),
+        ),
+        (
+            "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
+            "to = [\"shop\"]\nreply = \"crm\"".to_owned(),
+        ),
+    ] {
+        broken = edit(&broken, from, &to);
+    }
+    let (path, run) = check_text(&broken);
+    let expected = [
+        "server.listen: \"nope\"",
+        "server.reply_deadline_ms: must be between 1 and 4999",
+        "account[0].app_id: \"wx1234567890abcdeg\"",
+        "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+        "target[2].url: \"ftp://crm.example.com/hooks/wechat\"",
+        "target[2].secret: required for format = \"json\"",
+        "route[0].to: \"shopp\" is not a [[target]] name",
+        "route[1].reply: \"crm\" is not in to",
+    ];
+    assert_invalid(&run, &path, &expected);
+    assert!(
+        run.stderr.lines().count() > expected.len(),
+        "one line per problem after the header:\n{}",
+        run.stderr
+    );
+}
+
+// ---- serve -------------------------------------------------------------------------------
+
+/// A port this test holds: a relay that binds before validating fails with "cannot listen"
+/// (exit 1), not with the config's problems (exit 2).
+#[test]
+fn serve_refuses_an_invalid_config_with_the_same_messages_before_binding() {
+    let held = TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let addr = held.local_addr().expect("held address");
+    let text = shipped();
+    let key = value_of(&text, "encoding_aes_key");
+    let broken = edit(
+        &edit(
+            &edit(
+                &text,
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"{addr}\""),
+            ),
+            &format!("encoding_aes_key = \"{key}\""),
+            &format!("encoding_aes_key = \"{}\"", &key[..42]),
+        ),
+        "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
+        "to = [\"shop\"]\nreply = \"crm\"",
+    );
+    let (_dir, path) = write_config(&broken);
+
+    let checked = check(&path);
+    let served = run(relay()
+        .env("RUST_LOG", "info")
+        .arg("serve")
+        .arg("--config")
+        .arg(&path));
+    assert_invalid(
+        &served,
+        &path,
+        &[
+            "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+            "route[1].reply: \"crm\" is not in to",
+        ],
+    );
+    assert_eq!(
+        served.stderr, checked.stderr,
+        "serve and check report alike"
+    );
+    assert!(
+        !served.stderr.contains("listening") && !served.stderr.contains("cannot listen"),
+        "serve touched the network:\n{}",
+        served.stderr
+    );
+    drop(held);
+}
+
+/// The counterpart of the test above: on a valid config, `serve` does start and accept.
+#[test]
+fn serve_starts_on_the_shipped_config() {
+    let mut child = relay()
+        .env("WECHAT_RELAY_SERVER__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .arg("serve")
+        .arg("--config")
+        .arg(shipped_path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wechat-relay serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = String::new();
+    let bound = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains("listening")
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|field| field.strip_prefix("listen="))
+                {
+                    break Some(addr.to_owned());
+                }
+            }
+            Err(_) => break None,
+        }
+    };
+    let connected = bound
+        .as_deref()
+        .map(|addr| TcpStream::connect(addr).is_ok());
+    let _ = child.kill();
+    let _ = child.wait();
+    let bound = bound.unwrap_or_else(|| panic!("serve did not say where it listens:\n{seen}"));
+    assert_eq!(connected, Some(true), "cannot connect to {bound}");
+}
+
+// ---- the file itself ---------------------------------------------------------------------
+
+#[test]
+fn a_missing_config_file_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nowhere.toml");
+    let run = check(&path);
+    assert_invalid(&run, &path, &[&path.display().to_string()]);
+    assert!(
+        run.stderr.contains("No such file or directory"),
+        "say why:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_default_config_is_relay_toml_in_the_current_folder() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let run = run(relay().current_dir(empty.path()).arg("check"));
+    assert_invalid(&run, Path::new("relay.toml"), &["relay.toml:"]);
+
+    let (dir, _path) = write_config(&shipped());
+    let run = self::run(relay().current_dir(dir.path()).arg("check"));
+    assert_ok(&run, Path::new("relay.toml"));
+}
+
+#[test]
+fn config_option_works_after_the_subcommand() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let path = shipped_path();
+    let run = run(relay()
+        .current_dir(empty.path())
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert_ok(&run, &path);
+}
+
+#[test]
+fn wechat_relay_config_selects_the_file_when_config_is_absent() {
+    // The current folder has a relay.toml listening on 8080; the variable names another.
+    let (cwd, default_path) = write_config(&shipped());
+    let (_other_dir, other) = write_config(&edit(
+        &shipped(),
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8181\"",
+    ));
+
+    let run = self::run(
+        relay()
+            .current_dir(cwd.path())
+            .env("WECHAT_RELAY_CONFIG", &other)
+            .arg("check"),
+    );
+    assert_ok(&run, &other);
+    assert!(
+        line_starting(&run.stdout, "server:").contains("listen 127.0.0.1:8181"),
+        "{}",
+        run.stdout
+    );
+
+    // --config wins over the variable.
+    let run = self::run(
+        relay()
+            .current_dir(cwd.path())
+            .env("WECHAT_RELAY_CONFIG", &other)
+            .arg("check")
+            .arg("--config")
+            .arg(&default_path),
+    );
+    assert_ok(&run, &default_path);
+    assert!(
+        line_starting(&run.stdout, "server:").contains("listen 127.0.0.1:8080"),
+        "{}",
+        run.stdout
+    );
+}
+
+// ---- environment overrides ---------------------------------------------------------------
+
+#[test]
+fn env_overrides_the_listen_address() {
+    let run = run(relay()
+        .env("WECHAT_RELAY_SERVER__LISTEN", "0.0.0.0:9191")
+        .arg("check")
+        .arg("--config")
+        .arg(shipped_path()));
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let server = line_starting(&run.stdout, "server:");
+    assert!(server.contains("listen 0.0.0.0:9191"), "{server}");
+    assert!(!server.contains("8080"), "{server}");
+}
+
+#[test]
+fn env_listen_override_is_validated() {
+    let run = run(relay()
+        .env("WECHAT_RELAY_SERVER__LISTEN", "nope")
+        .arg("check")
+        .arg("--config")
+        .arg(shipped_path()));
+    assert_invalid(
+        &run,
+        &shipped_path(),
+        &["server.listen: \"nope\" is not an address"],
+    );
+}
+
+/// A bad token from the variable breaks the shipped file; a good one mends a broken file.
+fn assert_env_overrides_token(variable: &str) {
+    let shipped_path = shipped_path();
+    let run = run(relay()
+        .env(variable, "ab")
+        .arg("check")
+        .arg("--config")
+        .arg(&shipped_path));
+    assert_invalid(
+        &run,
+        &shipped_path,
+        &["account[0].token: must be 3-32 letters or digits, got 2 characters"],
+    );
+
+    let token = value_of(&shipped(), "token");
+    let (_dir, broken) = write_config(&edit(
+        &shipped(),
+        &format!("token = \"{token}\""),
+        "token = \"a\"",
+    ));
+    assert_invalid(&check(&broken), &broken, &["account[0].token:"]);
+    let run = self::run(
+        relay()
+            .env(variable, "GoodToken2025")
+            .arg("check")
+            .arg("--config")
+            .arg(&broken),
+    );
+    assert_ok(&run, &broken);
+    assert!(
+        !run.both().contains("GoodToken2025"),
+        "the token from the environment is printed:\n{}",
+        run.both()
+    );
+}
+
+#[test]
+fn env_overrides_the_token_of_an_account_named_by_name() {
+    assert_env_overrides_token("WECHAT_RELAY_ACCOUNT__MAIN__TOKEN");
+}
+
+#[test]
+fn env_overrides_the_token_of_an_account_named_by_index() {
+    assert_env_overrides_token("WECHAT_RELAY_ACCOUNT__0__TOKEN");
+}
+
+#[test]
+fn env_naming_a_missing_account_is_an_error() {
+    let path = shipped_path();
+    for variable in [
+        "WECHAT_RELAY_ACCOUNT__NOPE__TOKEN",
+        "WECHAT_RELAY_ACCOUNT__1__TOKEN",
+    ] {
+        let run = run(relay()
+            .env(variable, "EnvSecretToken77")
+            .arg("check")
+            .arg("--config")
+            .arg(&path));
+        assert_invalid(&run, &path, &[&format!("{variable}: there is no account")]);
+        assert!(
+            !run.both().contains("EnvSecretToken77"),
+            "the value is printed:\n{}",
+            run.both()
+        );
+    }
+}
+
+#[test]
+fn env_overrides_a_target_by_name_and_a_route_by_its_dashed_name() {
+    let run = run(relay()
+        .env(
+            "WECHAT_RELAY_TARGET__SHOP__URL",
+            "http://127.0.0.1:9100/hook",
+        )
+        .env("WECHAT_RELAY_ROUTE__QR_LOGIN__REPLY", "shop")
+        .arg("check")
+        .arg("--config")
+        .arg(shipped_path()));
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let shop = line_starting(&run.stdout, "target shop:");
+    assert!(shop.contains("http://127.0.0.1:9100/hook"), "{shop}");
+    let qr = line_starting(&run.stdout, "route qr-login:");
+    assert!(qr.contains("reply from shop"), "{qr}");
+}
+
+// ---- secrets from files ------------------------------------------------------------------
+
+/// The shipped file with token, encoding_aes_key and secret moved to `secrets/` files (each
+/// ending in a newline) next to it. Returns the folder, the config path and the three values.
+fn config_with_secret_files(
+    token: &str,
+    key: &str,
+    secret: &str,
+) -> (TempDir, PathBuf, [String; 3]) {
+    let text = shipped();
+    let shipped_token = value_of(&text, "token");
+    let shipped_key = value_of(&text, "encoding_aes_key");
+    let shipped_secret = value_of(&text, "secret");
+    let text = edit(
+        &text,
+        &format!("token = \"{shipped_token}\""),
+        "token_file = \"secrets/token\"",
+    );
+    let text = edit(
+        &text,
+        &format!("encoding_aes_key = \"{shipped_key}\""),
+        "encoding_aes_key_file = \"secrets/aes_key\"",
+    );
+    let text = edit(
+        &text,
+        &format!("secret = \"{shipped_secret}\""),
+        "secret_file = \"secrets/crm\"",
+    );
+    let (dir, path) = write_config(&text);
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).expect("secrets folder");
+    std::fs::write(secrets.join("token"), format!("{token}\n")).expect("token file");
+    std::fs::write(secrets.join("aes_key"), format!("{key}\n")).expect("key file");
+    std::fs::write(secrets.join("crm"), format!("{secret}\n")).expect("secret file");
+    (dir, path, [shipped_token, shipped_key, shipped_secret])
+}
+
+#[test]
+fn secrets_are_read_from_files_relative_to_the_config_folder() {
+    let text = shipped();
+    let (dir, path, [token, key, secret]) = config_with_secret_files(
+        &value_of(&text, "token"),
+        &value_of(&text, "encoding_aes_key"),
+        &value_of(&text, "secret"),
+    );
+    // Run from another folder: the relative paths resolve from the config's folder.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    assert_ne!(elsewhere.path(), dir.path());
+    let run = run(relay()
+        .current_dir(elsewhere.path())
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert_ok(&run, &path);
+    let account = line_starting(&run.stdout, "account main:");
+    assert!(account.contains("mode safe"), "{account}");
+    assert!(
+        account.contains("current <redacted>"),
+        "the key is loaded: {account}"
+    );
+    let crm = line_starting(&run.stdout, "target crm:");
+    assert!(
+        crm.contains("secret <redacted>"),
+        "the secret is loaded: {crm}"
+    );
+    let all = run.both();
+    for value in [&token, &key, &secret] {
+        assert!(!all.contains(value.as_str()), "a secret is printed:\n{all}");
+    }
+}
+
+#[test]
+fn secret_file_contents_are_validated_like_inline_values() {
+    let text = shipped();
+    let key = value_of(&text, "encoding_aes_key");
+    let (_dir, path, _) = config_with_secret_files("ab", &key[..42], "whsec_c2hvcnQ=");
+    let run = check(&path);
+    assert_invalid(
+        &run,
+        &path,
+        &[
+            "account[0].token: must be 3-32 letters or digits, got 2 characters",
+            "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+            "target[2].secret: must be \"whsec_\" followed by the base64",
+        ],
+    );
+}
+
+#[test]
+fn a_missing_secret_file_is_an_error_naming_the_key() {
+    let text = shipped();
+    let (dir, path, _) = config_with_secret_files(
+        &value_of(&text, "token"),
+        &value_of(&text, "encoding_aes_key"),
+        &value_of(&text, "secret"),
+    );
+    std::fs::remove_file(dir.path().join("secrets").join("token")).expect("remove token file");
+    let run = check(&path);
+    assert_invalid(&run, &path, &["account[0].token_file: cannot read"]);
+    assert!(
+        run.stderr
+            .contains(&format!("secrets{}token", std::path::MAIN_SEPARATOR)),
+        "name the file:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn token_and_token_file_together_are_an_error() {
+    let text = shipped();
+    let token = value_of(&text, "token");
+    let (dir, path) = write_config(&edit(
+        &text,
+        &format!("token = \"{token}\""),
+        &format!("token = \"{token}\"\ntoken_file = \"token\""),
+    ));
+    std::fs::write(dir.path().join("token"), format!("{token}\n")).expect("token file");
+    let run = check(&path);
+    assert_invalid(
+        &run,
+        &path,
+        &["account[0]: give token or token_file, not both"],
+    );
+}
