@@ -37,7 +37,11 @@ fn vector_query(v: &Value) -> String {
 /// Proves the server still serves after the bad requests: a valid push gets through.
 async fn still_serving(relay: &TestRelay, target: &mut FakeTarget, encrypted: bool) {
     let push = PushBuilder::new(text_xml("still here", 9));
-    let (query, body) = if encrypted { push.safe() } else { push.plaintext() };
+    let (query, body) = if encrypted {
+        push.safe()
+    } else {
+        push.plaintext()
+    };
     let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
     assert_eq!(answer.status, 200);
     assert!(target.next().await.body.starts_with(b"<xml>"));
@@ -49,7 +53,11 @@ async fn every_negative_vector_is_refused_and_nothing_is_forwarded() {
     let file = vectors("negative_vectors.json");
     for v in file["negative"].as_array().expect("negative") {
         let name = s(v, "name");
-        let answer = post(&relay.url(&format!("/wechat?{}", vector_query(v))), s(v, "post_body").to_owned()).await;
+        let answer = post(
+            &relay.url(&format!("/wechat?{}", vector_query(v))),
+            s(v, "post_body").to_owned(),
+        )
+        .await;
         // 2024 timestamps are far outside a 300 s window: refused before the body is read.
         assert_eq!(answer.status.as_u16(), 403, "{name}: {}", answer.text());
     }
@@ -59,7 +67,11 @@ async fn every_negative_vector_is_refused_and_nothing_is_forwarded() {
     let (relay, mut target) = self::relay("safe", 0).await;
     for v in file["negative"].as_array().expect("negative") {
         let name = s(v, "name");
-        let answer = post(&relay.url(&format!("/wechat?{}", vector_query(v))), s(v, "post_body").to_owned()).await;
+        let answer = post(
+            &relay.url(&format!("/wechat?{}", vector_query(v))),
+            s(v, "post_body").to_owned(),
+        )
+        .await;
         let expected: u16 = match name {
             "bad_msg_signature" | "truncated_base64_orig_sig" => 403,
             "wrong_appid"
@@ -73,7 +85,12 @@ async fn every_negative_vector_is_refused_and_nothing_is_forwarded() {
             "stale_timestamp_replay" => 200,
             other => panic!("unknown vector {other}"),
         };
-        assert_eq!(answer.status.as_u16(), expected, "{name}: {}", answer.text());
+        assert_eq!(
+            answer.status.as_u16(),
+            expected,
+            "{name}: {}",
+            answer.text()
+        );
         if expected != 200 {
             assert!(!answer.text().is_empty(), "{name}: a reason comes back");
         }
@@ -97,7 +114,10 @@ async fn every_edge_vector_is_accepted() {
         .iter()
         .find(|p| p["name"] == file["base_vector"])
         .expect("base vector");
-    for v in file["edge_should_accept_or_policy"].as_array().expect("edges") {
+    for v in file["edge_should_accept_or_policy"]
+        .as_array()
+        .expect("edges")
+    {
         let name = s(v, "name");
         let query = format!(
             "signature={}&timestamp={}&nonce={}&openid={OPENID}&encrypt_type=aes&msg_signature={}",
@@ -106,9 +126,17 @@ async fn every_edge_vector_is_accepted() {
             s(v, "nonce"),
             s(v, "msg_signature")
         );
-        let answer = post(&relay.url(&format!("/wechat?{query}")), s(v, "post_body").to_owned()).await;
+        let answer = post(
+            &relay.url(&format!("/wechat?{query}")),
+            s(v, "post_body").to_owned(),
+        )
+        .await;
         assert_eq!(answer.status.as_u16(), 200, "{name}: {}", answer.text());
-        assert_eq!(target.next().await.body, s(text, "plaintext_xml").as_bytes(), "{name}");
+        assert_eq!(
+            target.next().await.body,
+            s(text, "plaintext_xml").as_bytes(),
+            "{name}"
+        );
     }
     relay.stop().await;
 }
@@ -120,32 +148,71 @@ async fn refusals_and_their_statuses() {
     let push = PushBuilder::new(&xml);
     let (good_query, good_body) = push.safe();
     let cases: Vec<(&str, String, String, String, u16)> = vec![
-        ("unknown path", "POST".into(), format!("/other?{good_query}"), good_body.clone(), 404),
-        ("wrong method", "PUT".into(), format!("/wechat?{good_query}"), good_body.clone(), 405),
-        ("no query", "POST".into(), "/wechat".into(), good_body.clone(), 400),
+        (
+            "unknown path",
+            "POST".into(),
+            format!("/other?{good_query}"),
+            good_body.clone(),
+            404,
+        ),
+        (
+            "wrong method",
+            "PUT".into(),
+            format!("/wechat?{good_query}"),
+            good_body.clone(),
+            405,
+        ),
+        (
+            "no query",
+            "POST".into(),
+            "/wechat".into(),
+            good_body.clone(),
+            400,
+        ),
         (
             "bad signature",
             "POST".into(),
-            format!("/wechat?{}", good_query.replacen("signature=", "signature=0", 1)),
+            format!(
+                "/wechat?{}",
+                good_query.replacen("signature=", "signature=0", 1)
+            ),
             good_body.clone(),
             403,
         ),
         (
             "bad msg_signature",
             "POST".into(),
-            format!("/wechat?{}", good_query.replace("msg_signature=", "msg_signature=0")),
+            format!(
+                "/wechat?{}",
+                good_query.replace("msg_signature=", "msg_signature=0")
+            ),
             good_body.clone(),
             403,
         ),
         (
             "missing msg_signature",
             "POST".into(),
-            format!("/wechat?{}", good_query.split("&msg_signature").next().expect("query")),
+            format!(
+                "/wechat?{}",
+                good_query.split("&msg_signature").next().expect("query")
+            ),
             good_body.clone(),
             400,
         ),
-        ("bad XML", "POST".into(), format!("/wechat?{good_query}"), "<xml><Encrypt>".into(), 400),
-        ("not XML at all", "POST".into(), format!("/wechat?{good_query}"), "hello".into(), 400),
+        (
+            "bad XML",
+            "POST".into(),
+            format!("/wechat?{good_query}"),
+            "<xml><Encrypt>".into(),
+            400,
+        ),
+        (
+            "not XML at all",
+            "POST".into(),
+            format!("/wechat?{good_query}"),
+            "hello".into(),
+            400,
+        ),
         (
             "encrypt_type=aes without Encrypt",
             "POST".into(),
@@ -180,7 +247,13 @@ async fn refusals_and_their_statuses() {
         ),
     ];
     for (why, method, path, body, status) in cases {
-        let answer = send(&method, &relay.url(&path), &[("content-type", "text/xml")], body).await;
+        let answer = send(
+            &method,
+            &relay.url(&path),
+            &[("content-type", "text/xml")],
+            body,
+        )
+        .await;
         assert_eq!(answer.status.as_u16(), status, "{why}: {}", answer.text());
     }
     target.expect_none(Duration::from_millis(300)).await;
@@ -205,7 +278,13 @@ async fn stale_and_future_timestamps_are_refused() {
     let mut push = PushBuilder::new(text_xml("t", 1));
     push.timestamp = "soon".into();
     let (query, body) = push.plaintext();
-    assert_eq!(post(&relay.url(&format!("/wechat?{query}")), body).await.status.as_u16(), 400);
+    assert_eq!(
+        post(&relay.url(&format!("/wechat?{query}")), body)
+            .await
+            .status
+            .as_u16(),
+        400
+    );
     relay.stop().await;
 }
 
@@ -232,7 +311,10 @@ struct Chunks(Vec<bytes::Bytes>);
 
 impl Chunks {
     fn new(bytes: Vec<u8>) -> Self {
-        let mut chunks: Vec<bytes::Bytes> = bytes.chunks(8192).map(bytes::Bytes::copy_from_slice).collect();
+        let mut chunks: Vec<bytes::Bytes> = bytes
+            .chunks(8192)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
         chunks.reverse();
         Self(chunks)
     }
@@ -246,6 +328,10 @@ impl http_body::Body for Chunks {
         mut self: std::pin::Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.pop().map(|chunk| Ok(hyper::body::Frame::data(chunk))))
+        std::task::Poll::Ready(
+            self.0
+                .pop()
+                .map(|chunk| Ok(hyper::body::Frame::data(chunk))),
+        )
     }
 }

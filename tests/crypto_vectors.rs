@@ -10,7 +10,9 @@ use wechat_relay::wechat::message::Envelope;
 use wechat_relay::wechat::signature::{sign, verify_msg_signature, verify_signature};
 
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or_else(|| panic!("vector field {key}"))
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("vector field {key}"))
 }
 
 fn key(v: &Value) -> AesKey {
@@ -65,12 +67,22 @@ fn official_java_samples_encrypt_to_the_published_ciphertext() {
     for v in &file["vectors"].as_array().expect("list")[1..=2] {
         let id = s(v, "id");
         let plaintext = s(v, "plaintext");
-        let made = encrypt(&key(v), s(v, "appid"), plaintext.as_bytes(), &random16(v, "random16"));
+        let made = encrypt(
+            &key(v),
+            s(v, "appid"),
+            plaintext.as_bytes(),
+            &random16(v, "random16"),
+        );
         assert_eq!(made, s(v, "encrypt"), "{id}");
         let opened = decrypt(&key(v), s(v, "appid"), s(v, "encrypt")).expect(id);
         assert_eq!(opened, plaintext.as_bytes(), "{id}");
         assert_eq!(
-            sign(&[s(v, "token"), s(v, "timestamp"), s(v, "nonce"), s(v, "encrypt")]),
+            sign(&[
+                s(v, "token"),
+                s(v, "timestamp"),
+                s(v, "nonce"),
+                s(v, "encrypt")
+            ]),
             s(v, "msg_signature_derived"),
             "{id}"
         );
@@ -90,7 +102,10 @@ fn official_docs_walkthrough_aaaaa() {
         query_param(get, "nonce"),
         query_param(get, "signature")
     ));
-    assert_eq!(query_param(get, "echostr"), s(&v["get_verify"], "expected_body"));
+    assert_eq!(
+        query_param(get, "echostr"),
+        s(&v["get_verify"], "expected_body")
+    );
     // Plain POST signature.
     let plain = s(&v["plain_post"], "query");
     assert!(verify_signature(
@@ -101,7 +116,12 @@ fn official_docs_walkthrough_aaaaa() {
     ));
     // Safe POST: pad 19 proves the 32-byte block.
     let safe = &v["safe_post"];
-    assert!(verify_signature(token, s(safe, "timestamp"), s(safe, "nonce"), s(safe, "signature")));
+    assert!(verify_signature(
+        token,
+        s(safe, "timestamp"),
+        s(safe, "nonce"),
+        s(safe, "signature")
+    ));
     assert!(verify_msg_signature(
         token,
         s(safe, "timestamp"),
@@ -114,7 +134,12 @@ fn official_docs_walkthrough_aaaaa() {
     // Reply: pad 1, with the docs' random prefix, and its MsgSignature.
     let reply = &v["reply"];
     let random: [u8; 16] = s(reply, "random16").as_bytes().try_into().expect("16");
-    let made = encrypt(&key(v), s(v, "appid"), s(reply, "plaintext").as_bytes(), &random);
+    let made = encrypt(
+        &key(v),
+        s(v, "appid"),
+        s(reply, "plaintext").as_bytes(),
+        &random,
+    );
     assert_eq!(made, s(reply, "encrypt"));
     assert_eq!(
         sign(&[token, s(reply, "timestamp"), s(reply, "nonce"), &made]),
@@ -135,7 +160,12 @@ fn wechatpy_signature_fixture() {
 fn generated_url_check() {
     let file = common::vectors("generated_vectors.json");
     let v = &file["url_verification"];
-    assert!(verify_signature(s(v, "token"), s(v, "timestamp"), s(v, "nonce"), s(v, "signature")));
+    assert!(verify_signature(
+        s(v, "token"),
+        s(v, "timestamp"),
+        s(v, "nonce"),
+        s(v, "signature")
+    ));
 }
 
 #[test]
@@ -148,22 +178,51 @@ fn generated_pushes_every_padding_edge() {
         let k = key(v);
         assert_eq!(hex::encode(k.as_bytes()), s(v, "aes_key_hex"), "{name}");
         let query = s(v, "query_string");
-        assert!(verify_signature(s(v, "token"), s(v, "timestamp"), s(v, "nonce"), s(v, "signature")), "{name}");
-        assert_eq!(query_param(query, "msg_signature"), s(v, "msg_signature"), "{name}");
+        assert!(
+            verify_signature(
+                s(v, "token"),
+                s(v, "timestamp"),
+                s(v, "nonce"),
+                s(v, "signature")
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            query_param(query, "msg_signature"),
+            s(v, "msg_signature"),
+            "{name}"
+        );
         let envelope = Envelope::parse(s(v, "post_body_safe_mode").as_bytes()).expect(name);
         let encrypt_text = envelope.encrypt().expect(name);
         assert!(
-            verify_msg_signature(s(v, "token"), s(v, "timestamp"), s(v, "nonce"), encrypt_text, s(v, "msg_signature")),
+            verify_msg_signature(
+                s(v, "token"),
+                s(v, "timestamp"),
+                s(v, "nonce"),
+                encrypt_text,
+                s(v, "msg_signature")
+            ),
             "{name}"
         );
-        let xml = decrypt(&k, s(v, "appid"), encrypt_text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let xml =
+            decrypt(&k, s(v, "appid"), encrypt_text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(xml, s(v, "plaintext_xml").as_bytes(), "{name}");
-        assert_eq!(xml.len() as u64, v["msg_len"].as_u64().expect("msg_len"), "{name}");
+        assert_eq!(
+            xml.len() as u64,
+            v["msg_len"].as_u64().expect("msg_len"),
+            "{name}"
+        );
         // Our encryption with the same random prefix gives wechatpy's ciphertext.
         let made = encrypt(&k, s(v, "appid"), &xml, &random16(v, "random16"));
         assert_eq!(made, s(v, "encrypt"), "{name}");
-        let raw = base64::engine::general_purpose::STANDARD.decode(s(v, "encrypt")).expect("b64");
-        assert_eq!(raw.len() as u64, v["decrypted_buffer_len"].as_u64().expect("len"), "{name}");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(s(v, "encrypt"))
+            .expect("b64");
+        assert_eq!(
+            raw.len() as u64,
+            v["decrypted_buffer_len"].as_u64().expect("len"),
+            "{name}"
+        );
     }
 }
 
@@ -174,7 +233,13 @@ fn generated_compat_body_decrypts_to_the_encrypted_copy() {
     let common = &file["meta"]["common"];
     let envelope = Envelope::parse(s(v, "post_body_compat_mode").as_bytes()).expect("parses");
     let encrypt_text = envelope.encrypt().expect("Encrypt");
-    assert!(verify_msg_signature(s(common, "token"), s(v, "timestamp"), s(v, "nonce"), encrypt_text, s(v, "msg_signature")));
+    assert!(verify_msg_signature(
+        s(common, "token"),
+        s(v, "timestamp"),
+        s(v, "nonce"),
+        encrypt_text,
+        s(v, "msg_signature")
+    ));
     let xml = decrypt(&key(common), s(common, "appid"), encrypt_text).expect("decrypts");
     let text = file["pushes"]
         .as_array()
@@ -209,7 +274,10 @@ fn negative_vectors_are_all_refused() {
     for v in negatives {
         let name = s(v, "name");
         let (token, ts, nonce) = (s(v, "token"), s(v, "timestamp"), s(v, "nonce"));
-        assert!(verify_signature(token, ts, nonce, s(v, "signature")), "{name}: signature is valid");
+        assert!(
+            verify_signature(token, ts, nonce, s(v, "signature")),
+            "{name}: signature is valid"
+        );
         let envelope = Envelope::parse(s(v, "post_body").as_bytes()).expect(name);
         let Some(encrypt_text) = envelope.encrypt() else {
             // A plaintext body with encrypt_type=aes: nothing to verify or open.
@@ -224,7 +292,9 @@ fn negative_vectors_are_all_refused() {
                 continue;
             }
             "wrong_appid" => Some(CryptoError::AppId),
-            "corrupted_padding_zero" | "corrupted_padding_33" | "corrupted_padding_filler" => Some(CryptoError::Padding),
+            "corrupted_padding_zero" | "corrupted_padding_33" | "corrupted_padding_filler" => {
+                Some(CryptoError::Padding)
+            }
             "truncated_base64_4chars" => Some(CryptoError::BlockLength(381)),
             "truncated_base64_1char" => Some(CryptoError::Base64),
             "stale_timestamp_replay" => {
@@ -234,7 +304,10 @@ fn negative_vectors_are_all_refused() {
             }
             other => panic!("unknown negative vector {other}"),
         };
-        assert!(signed, "{name}: msg_signature is valid, the ciphertext is what is wrong");
+        assert!(
+            signed,
+            "{name}: msg_signature is valid, the ciphertext is what is wrong"
+        );
         assert_eq!(opened.err(), expected_refusal, "{name}");
     }
 }
@@ -250,12 +323,22 @@ fn edge_vectors_are_accepted() {
         .find(|p| p["name"] == *base)
         .expect("base vector")
         .clone();
-    for v in file["edge_should_accept_or_policy"].as_array().expect("edges") {
+    for v in file["edge_should_accept_or_policy"]
+        .as_array()
+        .expect("edges")
+    {
         let name = s(v, "name");
-        let envelope = Envelope::parse(s(v, "post_body").as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let envelope =
+            Envelope::parse(s(v, "post_body").as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let encrypt_text = envelope.encrypt().expect(name);
         assert!(
-            verify_msg_signature(s(&text, "token"), s(v, "timestamp"), s(v, "nonce"), encrypt_text, s(v, "msg_signature")),
+            verify_msg_signature(
+                s(&text, "token"),
+                s(v, "timestamp"),
+                s(v, "nonce"),
+                encrypt_text,
+                s(v, "msg_signature")
+            ),
             "{name}"
         );
         let xml = decrypt(&key(&text), s(&text, "appid"), encrypt_text).expect(name);

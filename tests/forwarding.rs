@@ -16,7 +16,11 @@ fn config(mode: &str, targets: &[(&str, &FakeTarget, &str)], routes: &str) -> St
     let mut toml = server_section(4000, 300);
     toml.push_str(&account_section("main", "/wechat", mode));
     for (name, target, format) in targets {
-        let extra = if *format == "json" { format!("secret = \"{WHSEC}\"") } else { String::new() };
+        let extra = if *format == "json" {
+            format!("secret = \"{WHSEC}\"")
+        } else {
+            String::new()
+        };
         toml.push_str(&target_section(name, &target.url("/hook"), format, &extra));
     }
     toml.push_str(routes);
@@ -30,11 +34,19 @@ async fn safe_push_reaches_raw_plain_and_json_targets() {
     let mut json = FakeTarget::start().await;
     let relay = TestRelay::start(&config(
         "safe",
-        &[("raw", &raw, "raw"), ("plain", &plain, "plain"), ("json", &json, "json")],
+        &[
+            ("raw", &raw, "raw"),
+            ("plain", &plain, "plain"),
+            ("json", &json, "json"),
+        ],
         "[[route]]\nto = [\"raw\", \"plain\", \"json\"]\n",
     ))
     .await;
-    let xml = event_xml("subscribe", "qrscene_42", Some("gQH47joAAAAAAAAAASxodHRwOi8v"));
+    let xml = event_xml(
+        "subscribe",
+        "qrscene_42",
+        Some("gQH47joAAAAAAAAAASxodHRwOi8v"),
+    );
     let push = PushBuilder::new(&xml);
     let (query, body) = push.safe();
     let answer = post(&relay.url(&format!("/wechat?{query}")), body.clone()).await;
@@ -47,7 +59,10 @@ async fn safe_push_reaches_raw_plain_and_json_targets() {
     assert_eq!(got.query.as_deref(), Some(query.as_str()));
     assert_eq!(got.body, body.as_bytes());
     assert_eq!(got.header("content-type"), Some("text/xml"));
-    let event_id = got.header("x-wechat-relay-event-id").expect("event id").to_owned();
+    let event_id = got
+        .header("x-wechat-relay-event-id")
+        .expect("event id")
+        .to_owned();
     assert_eq!(event_id.len(), 32);
     assert_eq!(got.header("x-forwarded-for"), Some("127.0.0.1"));
 
@@ -65,8 +80,16 @@ async fn safe_push_reaches_raw_plain_and_json_targets() {
             .expect("param")
             .to_owned()
     };
-    assert!(verify_signature(TOKEN, &param("timestamp"), &param("nonce"), &param("signature")));
-    assert_eq!(got.header("x-wechat-relay-event-id"), Some(event_id.as_str()));
+    assert!(verify_signature(
+        TOKEN,
+        &param("timestamp"),
+        &param("nonce"),
+        &param("signature")
+    ));
+    assert_eq!(
+        got.header("x-wechat-relay-event-id"),
+        Some(event_id.as_str())
+    );
 
     // json: Standard Webhooks headers and a signature any verifier accepts.
     let got = json.next().await;
@@ -127,7 +150,12 @@ async fn compatible_mode_routes_and_forwards_the_decrypted_message_only() {
 
     // A compatible account also takes a plaintext push (the console may switch modes first).
     let (query, body) = PushBuilder::new(text_xml("refund please", 1002)).plaintext();
-    assert_eq!(post(&relay.url(&format!("/wechat?{query}")), body.clone()).await.status, 200);
+    assert_eq!(
+        post(&relay.url(&format!("/wechat?{query}")), body.clone())
+            .await
+            .status,
+        200
+    );
     assert_eq!(refunds.next().await.body, body.as_bytes());
     relay.stop().await;
 }
@@ -139,7 +167,11 @@ async fn plaintext_mode_forwards_the_body_as_is() {
     let mut json = FakeTarget::start().await;
     let relay = TestRelay::start(&config(
         "plaintext",
-        &[("raw", &raw, "raw"), ("plain", &plain, "plain"), ("json", &json, "json")],
+        &[
+            ("raw", &raw, "raw"),
+            ("plain", &plain, "plain"),
+            ("json", &json, "json"),
+        ],
         "[[route]]\nto = [\"raw\", \"plain\", \"json\"]\n",
     ))
     .await;
@@ -184,12 +216,18 @@ async fn login_events_go_to_the_identity_provider_and_the_rest_elsewhere() {
         event_xml("SCAN", "1", Some("ticket2")),
     ] {
         assert_eq!(send_xml(xml.clone()).await.status, 200);
-        assert_eq!(identity.next().await.header("content-type"), Some("text/xml"));
+        assert_eq!(
+            identity.next().await.header("content-type"),
+            Some("text/xml")
+        );
         assert_eq!(shop.next().await.body, xml.as_bytes());
     }
     // A plain follow (no Ticket) is not a login, and matches no other route: success, nothing sent.
     let answer = send_xml(event_xml("subscribe", "", None)).await;
-    assert_eq!((answer.status.as_u16(), answer.text().as_str()), (200, "success"));
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "success")
+    );
     // Unsubscribe goes to the shop only.
     let xml = event_xml("unsubscribe", "", None);
     assert_eq!(send_xml(xml.clone()).await.status, 200);
@@ -202,7 +240,12 @@ async fn login_events_go_to_the_identity_provider_and_the_rest_elsewhere() {
 #[tokio::test]
 async fn event_id_is_stable_across_wechat_retries() {
     let mut target = FakeTarget::start().await;
-    let relay = TestRelay::start(&config("safe", &[("t", &target, "raw")], "[[route]]\nto = [\"t\"]\n")).await;
+    let relay = TestRelay::start(&config(
+        "safe",
+        &[("t", &target, "raw")],
+        "[[route]]\nto = [\"t\"]\n",
+    ))
+    .await;
     let xml = text_xml("same message", 4242);
     let mut first = PushBuilder::new(&xml);
     first.nonce = "111".into();
@@ -213,10 +256,25 @@ async fn event_id_is_stable_across_wechat_retries() {
     let mut ids = Vec::new();
     for push in [&first, &retry, &other] {
         let (query, body) = push.safe();
-        assert_eq!(post(&relay.url(&format!("/wechat?{query}")), body).await.status, 200);
-        ids.push(target.next().await.header("x-wechat-relay-event-id").expect("id").to_owned());
+        assert_eq!(
+            post(&relay.url(&format!("/wechat?{query}")), body)
+                .await
+                .status,
+            200
+        );
+        ids.push(
+            target
+                .next()
+                .await
+                .header("x-wechat-relay-event-id")
+                .expect("id")
+                .to_owned(),
+        );
     }
-    assert_eq!(ids[0], ids[1], "a retry with a new nonce keeps the event id");
+    assert_eq!(
+        ids[0], ids[1],
+        "a retry with a new nonce keeps the event id"
+    );
     assert_ne!(ids[0], ids[2], "another message has another id");
     relay.stop().await;
 }
@@ -224,17 +282,28 @@ async fn event_id_is_stable_across_wechat_retries() {
 #[tokio::test]
 async fn forwarded_for_appends_the_peer() {
     let mut target = FakeTarget::start().await;
-    let relay = TestRelay::start(&config("safe", &[("t", &target, "raw")], "[[route]]\nto = [\"t\"]\n")).await;
+    let relay = TestRelay::start(&config(
+        "safe",
+        &[("t", &target, "raw")],
+        "[[route]]\nto = [\"t\"]\n",
+    ))
+    .await;
     let (query, body) = PushBuilder::new(text_xml("x", 1)).safe();
     let answer = send(
         "POST",
         &relay.url(&format!("/wechat?{query}")),
-        &[("content-type", "text/xml"), ("x-forwarded-for", "203.0.113.9")],
+        &[
+            ("content-type", "text/xml"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ],
         body,
     )
     .await;
     assert_eq!(answer.status, 200);
-    assert_eq!(target.next().await.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        target.next().await.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     relay.stop().await;
 }
 
@@ -256,6 +325,9 @@ async fn previous_key_opens_pushes_and_seals_their_replies() {
     assert_eq!(answer.status, 200);
     // open_reply decrypts with the kit's (previous) key: the reply was sealed with it.
     let reply = open_reply(&answer.text());
-    assert!(reply.contains("<Content><![CDATA[rotated]]></Content>"), "{reply}");
+    assert!(
+        reply.contains("<Content><![CDATA[rotated]]></Content>"),
+        "{reply}"
+    );
     relay.stop().await;
 }

@@ -12,13 +12,26 @@ use http::StatusCode;
 const DEADLINE_MS: u64 = 800;
 
 /// One account in `mode`, a `reply` target in `format` and a second target, both in the route.
-async fn relay_with_reply(mode: &str, format: &str, reply: Behaviour) -> (TestRelay, FakeTarget, FakeTarget) {
+async fn relay_with_reply(
+    mode: &str,
+    format: &str,
+    reply: Behaviour,
+) -> (TestRelay, FakeTarget, FakeTarget) {
     let replier = FakeTarget::with(reply).await;
     let other = FakeTarget::start().await;
     let mut toml = server_section(DEADLINE_MS, 300);
     toml.push_str(&account_section("main", "/wechat", mode));
-    let extra = if format == "json" { "secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"" } else { "" };
-    toml.push_str(&target_section("replier", &replier.url("/r"), format, extra));
+    let extra = if format == "json" {
+        "secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\""
+    } else {
+        ""
+    };
+    toml.push_str(&target_section(
+        "replier",
+        &replier.url("/r"),
+        format,
+        extra,
+    ));
     toml.push_str(&target_section("other", &other.url("/o"), "plain", ""));
     toml.push_str("[[route]]\nto = [\"replier\", \"other\"]\nreply = \"replier\"\n");
     (TestRelay::start(&toml).await, replier, other)
@@ -39,18 +52,29 @@ const REPLY_XML: &str = "<xml><ToUserName><![CDATA[oUpF8uMuAJO_M2pxb1Q9zNjWeS6o]
 
 async fn push_text(relay: &TestRelay, encrypted: bool) -> Answer {
     let push = PushBuilder::new(text_xml("hello", 77));
-    let (query, body) = if encrypted { push.safe() } else { push.plaintext() };
+    let (query, body) = if encrypted {
+        push.safe()
+    } else {
+        push.plaintext()
+    };
     post(&relay.url(&format!("/wechat?{query}")), body).await
 }
 
 #[tokio::test]
 async fn plain_target_reply_is_sealed_for_an_encrypted_push() {
-    let (relay, mut replier, mut other) = relay_with_reply("safe", "plain", answering(200, REPLY_XML)).await;
+    let (relay, mut replier, mut other) =
+        relay_with_reply("safe", "plain", answering(200, REPLY_XML)).await;
     let answer = push_text(&relay, true).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.headers.get("content-type").map(|v| v.to_str().ok()), Some(Some("text/xml; charset=utf-8")));
+    assert_eq!(
+        answer.headers.get("content-type").map(|v| v.to_str().ok()),
+        Some(Some("text/xml; charset=utf-8"))
+    );
     let text = answer.text();
-    assert!(text.contains("<Encrypt>") && !text.contains("收到"), "{text}");
+    assert!(
+        text.contains("<Encrypt>") && !text.contains("收到"),
+        "{text}"
+    );
     assert_eq!(open_reply(&text), REPLY_XML);
     replier.next().await;
     other.next().await;
@@ -59,7 +83,8 @@ async fn plain_target_reply_is_sealed_for_an_encrypted_push() {
 
 #[tokio::test]
 async fn json_target_reply_is_sealed_too() {
-    let (relay, _replier, _other) = relay_with_reply("safe", "json", answering(200, REPLY_XML)).await;
+    let (relay, _replier, _other) =
+        relay_with_reply("safe", "json", answering(200, REPLY_XML)).await;
     let answer = push_text(&relay, true).await;
     assert_eq!(open_reply(&answer.text()), REPLY_XML);
     relay.stop().await;
@@ -67,7 +92,8 @@ async fn json_target_reply_is_sealed_too() {
 
 #[tokio::test]
 async fn plain_target_reply_to_a_plaintext_push_stays_plaintext() {
-    let (relay, _replier, _other) = relay_with_reply("plaintext", "plain", answering(200, REPLY_XML)).await;
+    let (relay, _replier, _other) =
+        relay_with_reply("plaintext", "plain", answering(200, REPLY_XML)).await;
     let answer = push_text(&relay, false).await;
     assert_eq!(answer.text(), REPLY_XML);
     relay.stop().await;
@@ -76,18 +102,24 @@ async fn plain_target_reply_to_a_plaintext_push_stays_plaintext() {
 #[tokio::test]
 async fn raw_target_reply_goes_back_verbatim() {
     // An identity provider answers as WeChat expects; whatever it says goes back untouched.
-    let sealed_by_provider = "<xml><Encrypt><![CDATA[provider-made]]></Encrypt><MsgSignature>x</MsgSignature></xml>";
-    let (relay, _replier, _other) = relay_with_reply("safe", "raw", answering(200, sealed_by_provider)).await;
+    let sealed_by_provider =
+        "<xml><Encrypt><![CDATA[provider-made]]></Encrypt><MsgSignature>x</MsgSignature></xml>";
+    let (relay, _replier, _other) =
+        relay_with_reply("safe", "raw", answering(200, sealed_by_provider)).await;
     let answer = push_text(&relay, true).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.text(), sealed_by_provider);
-    assert_eq!(answer.headers.get("content-type").map(|v| v.to_str().ok()), Some(Some("text/xml")));
+    assert_eq!(
+        answer.headers.get("content-type").map(|v| v.to_str().ok()),
+        Some(Some("text/xml"))
+    );
     relay.stop().await;
 }
 
 #[tokio::test]
 async fn an_already_sealed_reply_from_a_plain_target_is_not_sealed_twice() {
-    let sealed = "<xml><Encrypt><![CDATA[abc]]></Encrypt><MsgSignature><![CDATA[def]]></MsgSignature></xml>";
+    let sealed =
+        "<xml><Encrypt><![CDATA[abc]]></Encrypt><MsgSignature><![CDATA[def]]></MsgSignature></xml>";
     let (relay, _replier, _other) = relay_with_reply("safe", "plain", answering(200, sealed)).await;
     assert_eq!(push_text(&relay, true).await.text(), sealed);
     relay.stop().await;
@@ -105,7 +137,11 @@ async fn success_empty_junk_and_errors_become_success() {
     ] {
         let (relay, _replier, _other) = relay_with_reply("safe", "plain", behaviour).await;
         let answer = push_text(&relay, true).await;
-        assert_eq!((answer.status.as_u16(), answer.text().as_str()), (200, "success"), "{why}");
+        assert_eq!(
+            (answer.status.as_u16(), answer.text().as_str()),
+            (200, "success"),
+            "{why}"
+        );
         relay.stop().await;
     }
 }
@@ -113,14 +149,26 @@ async fn success_empty_junk_and_errors_become_success() {
 #[tokio::test]
 async fn a_reply_target_that_is_down_gives_success() {
     // Bind and drop a listener: its port refuses connections.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let mut toml = server_section(DEADLINE_MS, 300);
     toml.push_str(&account_section("main", "/wechat", "safe"));
-    toml.push_str(&target_section("down", &format!("http://127.0.0.1:{port}/"), "plain", ""));
+    toml.push_str(&target_section(
+        "down",
+        &format!("http://127.0.0.1:{port}/"),
+        "plain",
+        "",
+    ));
     toml.push_str("[[route]]\nto = [\"down\"]\nreply = \"down\"\n");
     let relay = TestRelay::start(&toml).await;
     let answer = push_text(&relay, true).await;
-    assert_eq!((answer.status.as_u16(), answer.text().as_str()), (200, "success"));
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "success")
+    );
     relay.stop().await;
 }
 
@@ -134,9 +182,15 @@ async fn a_slow_reply_target_is_cut_at_the_deadline_and_still_gets_the_push() {
     let started = Instant::now();
     let answer = push_text(&relay, true).await;
     let took = started.elapsed();
-    assert_eq!((answer.status.as_u16(), answer.text().as_str()), (200, "success"));
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "success")
+    );
     // Answered at the deadline, not when the target finally answered.
-    assert!(took < Duration::from_millis(DEADLINE_MS + 1000), "answered after {took:?}");
+    assert!(
+        took < Duration::from_millis(DEADLINE_MS + 1000),
+        "answered after {took:?}"
+    );
     replier.next().await;
     other.next().await;
     relay.stop().await;
@@ -153,13 +207,21 @@ async fn a_slow_other_target_does_not_delay_the_answer() {
     let mut toml = server_section(4000, 300);
     toml.push_str(&account_section("main", "/wechat", "plaintext"));
     toml.push_str(&target_section("replier", &replier.url("/"), "plain", ""));
-    toml.push_str(&target_section("slow", &slow.url("/"), "plain", "timeout_ms = 5000"));
+    toml.push_str(&target_section(
+        "slow",
+        &slow.url("/"),
+        "plain",
+        "timeout_ms = 5000",
+    ));
     toml.push_str("[[route]]\nto = [\"slow\", \"replier\"]\nreply = \"replier\"\n");
     let relay = TestRelay::start(&toml).await;
     let started = Instant::now();
     let answer = push_text(&relay, false).await;
     assert_eq!(answer.text(), REPLY_XML);
-    assert!(started.elapsed() < Duration::from_secs(2), "waited for the slow target");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited for the slow target"
+    );
     // The slow target's forward goes on after the answer.
     slow.next().await;
     relay.stop().await;
@@ -180,7 +242,10 @@ async fn reply_text_answers_at_once_sealed_when_the_push_was() {
 
     let started = Instant::now();
     let encrypted = push_text(&relay, true).await;
-    assert!(started.elapsed() < Duration::from_millis(1500), "reply_text waits for nobody");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "reply_text waits for nobody"
+    );
     let reply = open_reply(&encrypted.text());
     let fields = wechat_relay::wechat::message::Fields::parse(reply.as_bytes()).expect("reply xml");
     assert_eq!(fields.get("ToUserName"), Some(OPENID));
@@ -189,7 +254,8 @@ async fn reply_text_answers_at_once_sealed_when_the_push_was() {
     assert_eq!(fields.get("Content"), Some("Welcome ]]> aboard"));
 
     let plain = push_text(&relay, false).await;
-    let fields = wechat_relay::wechat::message::Fields::parse(&plain.body).expect("plaintext reply");
+    let fields =
+        wechat_relay::wechat::message::Fields::parse(&plain.body).expect("plaintext reply");
     assert_eq!(fields.get("Content"), Some("Welcome ]]> aboard"));
     assert_eq!(fields.get("Encrypt"), None);
     slow.next().await;

@@ -167,7 +167,11 @@ impl FakeTarget {
                         let shared = Arc::clone(&shared);
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let _ = tx.send(Received {
                                 path: parts.uri.path().to_owned(),
                                 query: parts.uri.query().map(str::to_owned),
@@ -240,7 +244,12 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
     let mut builder = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
@@ -343,7 +352,9 @@ pub fn text_xml(content: &str, msg_id: u64) -> String {
 }
 
 pub fn event_xml(event: &str, event_key: &str, ticket: Option<&str>) -> String {
-    let ticket = ticket.map_or(String::new(), |t| format!("<Ticket><![CDATA[{t}]]></Ticket>"));
+    let ticket = ticket.map_or(String::new(), |t| {
+        format!("<Ticket><![CDATA[{t}]]></Ticket>")
+    });
     format!(
         "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><FromUserName><![CDATA[{OPENID}]]></FromUserName>\
          <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>\
@@ -359,7 +370,11 @@ pub fn open_reply(body: &str) -> String {
     let timestamp = fields.get("TimeStamp").expect("TimeStamp");
     let nonce = fields.get("Nonce").expect("Nonce");
     let signature = fields.get("MsgSignature").expect("MsgSignature");
-    assert_eq!(sign(&[TOKEN, timestamp, nonce, encrypt]), signature, "reply MsgSignature");
+    assert_eq!(
+        sign(&[TOKEN, timestamp, nonce, encrypt]),
+        signature,
+        "reply MsgSignature"
+    );
     let key = AesKey::from_encoding_aes_key(KEY).expect("key");
     let xml = wechat_relay::wechat::crypto::decrypt(&key, APP_ID, encrypt).expect("reply decrypts");
     String::from_utf8(xml).expect("utf8")
