@@ -72,7 +72,7 @@ impl Binary {
     }
 
     /// SIGTERM, then the exit status and every remaining log line.
-    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    fn terminate(&mut self) -> (std::process::ExitStatus, Vec<String>) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -81,6 +81,14 @@ impl Binary {
         let exit = self.child.wait().expect("wait");
         let rest = self.lines.try_iter().collect();
         (exit, rest)
+    }
+}
+
+impl Drop for Binary {
+    /// A failed assertion must not leave the relay running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -138,7 +146,7 @@ async fn independent_pushes_through_the_binary() {
     );
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, config).expect("config");
-    let relay = Binary::start(&path);
+    let mut relay = Binary::start(&path);
 
     // subscribe with a scene: to the identity provider, byte for byte; its reply verbatim.
     let v = push_vector("subscribe_qrscene");
