@@ -10,4 +10,5 @@
 
 pub mod crypto;
 pub mod message;
+pub mod sender;
 pub mod signature;

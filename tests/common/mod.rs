@@ -17,8 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use wechat_relay::config::Config;
-use wechat_relay::wechat::crypto::{AesKey, encrypt};
-use wechat_relay::wechat::signature::sign;
+use wechat_relay::wechat::crypto::AesKey;
+use wechat_relay::wechat::sender::{Outgoing, Sender, Stamp};
 
 pub const TOKEN: &str = "relayToken2024";
 pub const KEY: &str = "RelayVectorsEncodingAESKey0123456789abcdefZ";
@@ -285,13 +285,25 @@ pub fn now() -> String {
         .to_string()
 }
 
-/// A plaintext-mode query for `timestamp` and `nonce`.
-pub fn plain_query(timestamp: &str, nonce: &str) -> String {
-    let signature = sign(&[TOKEN, timestamp, nonce]);
-    format!("signature={signature}&timestamp={timestamp}&nonce={nonce}&openid={OPENID}")
+/// The test account as WeChat knows it.
+pub fn sender() -> Sender {
+    Sender {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        key: Some(AesKey::from_encoding_aes_key(KEY).expect("key")),
+    }
 }
 
-/// A push as WeChat sends it: `(query, body)`. Encrypted (safe mode body) unless `plaintext`.
+/// A plaintext-mode query for `timestamp` and `nonce`.
+pub fn plain_query(timestamp: &str, nonce: &str) -> String {
+    sender().plain_query(&Stamp {
+        timestamp,
+        nonce,
+        openid: OPENID,
+    })
+}
+
+/// A push as WeChat sends it: `(query, body)`.
 pub struct PushBuilder {
     pub timestamp: String,
     pub nonce: String,
@@ -307,38 +319,48 @@ impl PushBuilder {
         }
     }
 
-    pub fn plaintext(&self) -> (String, String) {
-        (plain_query(&self.timestamp, &self.nonce), self.xml.clone())
+    fn stamp(&self) -> Stamp<'_> {
+        Stamp {
+            timestamp: &self.timestamp,
+            nonce: &self.nonce,
+            openid: OPENID,
+        }
     }
 
-    pub fn encrypt(&self) -> String {
-        let key = AesKey::from_encoding_aes_key(KEY).expect("key");
-        encrypt(&key, APP_ID, self.xml.as_bytes(), &[9; 16])
+    fn pair(outgoing: Outgoing) -> (String, String) {
+        (outgoing.query, outgoing.body)
+    }
+
+    pub fn plaintext(&self) -> (String, String) {
+        Self::pair(sender().plaintext(&self.xml, &self.stamp()))
     }
 
     pub fn encrypted_query(&self, encrypt: &str) -> String {
-        let msg_signature = sign(&[TOKEN, &self.timestamp, &self.nonce, encrypt]);
-        format!(
-            "{}&encrypt_type=aes&msg_signature={msg_signature}",
-            plain_query(&self.timestamp, &self.nonce)
-        )
+        sender().encrypted_query(encrypt, &self.stamp())
     }
 
     /// Safe mode: only ToUserName and Encrypt.
     pub fn safe(&self) -> (String, String) {
-        let encrypt = self.encrypt();
-        let body = format!(
-            "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
-        );
-        (self.encrypted_query(&encrypt), body)
+        Self::pair(
+            sender()
+                .encrypted(&self.xml, GH, None, &self.stamp(), &[9; 16])
+                .expect("key"),
+        )
     }
 
-    /// Compatible mode: the plaintext fields and Encrypt. `plaintext_fields` replaces the
-    /// plaintext copy (to prove the relay ignores it).
+    /// Compatible mode: `plaintext_fields` (the unencrypted copy, which may lie) and Encrypt.
     pub fn compatible(&self, plaintext_fields: &str) -> (String, String) {
-        let encrypt = self.encrypt();
-        let body = format!("<xml>{plaintext_fields}<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");
-        (self.encrypted_query(&encrypt), body)
+        Self::pair(
+            sender()
+                .encrypted(
+                    &self.xml,
+                    GH,
+                    Some(plaintext_fields),
+                    &self.stamp(),
+                    &[9; 16],
+                )
+                .expect("key"),
+        )
     }
 }
 
@@ -365,18 +387,7 @@ pub fn event_xml(event: &str, event_key: &str, ticket: Option<&str>) -> String {
 
 /// Opens an encrypted reply from the relay: checks its MsgSignature and returns the message.
 pub fn open_reply(body: &str) -> String {
-    let fields = wechat_relay::wechat::message::Fields::parse(body.as_bytes()).expect("reply xml");
-    let encrypt = fields.get("Encrypt").expect("Encrypt");
-    let timestamp = fields.get("TimeStamp").expect("TimeStamp");
-    let nonce = fields.get("Nonce").expect("Nonce");
-    let signature = fields.get("MsgSignature").expect("MsgSignature");
-    assert_eq!(
-        sign(&[TOKEN, timestamp, nonce, encrypt]),
-        signature,
-        "reply MsgSignature"
-    );
-    let key = AesKey::from_encoding_aes_key(KEY).expect("key");
-    let xml = wechat_relay::wechat::crypto::decrypt(&key, APP_ID, encrypt).expect("reply decrypts");
+    let xml = sender().open_reply(body.as_bytes()).expect("reply opens");
     String::from_utf8(xml).expect("utf8")
 }
 
