@@ -1,0 +1,243 @@
+//! The load benchmark: pushes per second the relay acknowledges, and their latency.
+//!
+//! Starts a fake target and the relay (the library's server, as `serve` runs it) on 127.0.0.1,
+//! then sends `--pushes` distinct pushes from `--concurrency` keep-alive connections, each built
+//! as WeChat builds it (signed, and encrypted in safe mode). Every push is routed to the target
+//! and must arrive there.
+//!
+//!     cargo run --release --example load -- --pushes 20000 --concurrency 64 --mode safe
+//!
+//! Options: `--mode safe|plaintext`, `--reply` (the route waits for the target's reply, which
+//! the relay seals for WeChat), `--format raw|plain|json`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use wechat_relay::config::Config;
+use wechat_relay::wechat::crypto::AesKey;
+use wechat_relay::wechat::sender::{Sender, Stamp};
+
+const TOKEN: &str = "loadToken2024";
+const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+const APP_ID: &str = "wx0123456789abcdef";
+const REPLY: &str = "<xml><ToUserName><![CDATA[o]]></ToUserName><FromUserName><![CDATA[gh]]></FromUserName>\
+    <CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[ok]]></Content></xml>";
+
+struct Options {
+    pushes: usize,
+    concurrency: usize,
+    mode: String,
+    format: String,
+    reply: bool,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        pushes: 20_000,
+        concurrency: 64,
+        mode: "safe".into(),
+        format: "plain".into(),
+        reply: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--pushes" => options.pushes = value().parse().expect("--pushes N"),
+            "--concurrency" => options.concurrency = value().parse().expect("--concurrency N"),
+            "--mode" => options.mode = value(),
+            "--format" => options.format = value(),
+            "--reply" => options.reply = true,
+            // `cargo bench` passes --bench; anything else is a mistake.
+            "--bench" => {}
+            other => panic!("unknown option {other}"),
+        }
+    }
+    options
+}
+
+/// A target that counts what it gets and answers a text reply.
+async fn start_target(received: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let received = Arc::clone(&received);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let received = Arc::clone(&received);
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            received.fetch_add(1, Ordering::Relaxed);
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                REPLY.as_bytes(),
+                            ))))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(index).copied().unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() {
+    // Log as `serve` does (one info line per push), so the figures include that cost.
+    wechat_relay::telemetry::init();
+    let options = options();
+    let received = Arc::new(AtomicUsize::new(0));
+    let target = start_target(Arc::clone(&received)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_line = if options.mode == "plaintext" {
+        String::new()
+    } else {
+        format!("encoding_aes_key = \"{KEY}\"\n")
+    };
+    let reply = if options.reply { "reply = \"t\"\n" } else { "" };
+    let secret = if options.format == "json" {
+        "secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+    } else {
+        ""
+    };
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_forwards = 1024\n\
+         [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n{key_line}mode = \"{}\"\n\
+         [[target]]\nname = \"t\"\nurl = \"http://{target}/hook\"\nformat = \"{}\"\n{secret}\
+         [[route]]\nto = [\"t\"]\n{reply}",
+        options.mode, options.format
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let config = Config::load_with_env(&path, &[]).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let relay = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wechat_relay::server::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+
+    // Build every push before the clock starts.
+    let sender = Sender {
+        token: TOKEN.into(),
+        app_id: APP_ID.into(),
+        key: AesKey::from_encoding_aes_key(KEY).ok(),
+    };
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        .to_string();
+    let pushes: Vec<(String, Bytes)> = (0..options.pushes)
+        .map(|i| {
+            let xml = format!(
+                "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[oLoad{i}]]></FromUserName>\
+                 <CreateTime>{timestamp}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+                 <Content><![CDATA[load test message number {i}]]></Content><MsgId>{i}</MsgId></xml>"
+            );
+            let nonce = i.to_string();
+            let stamp = Stamp { timestamp: &timestamp, nonce: &nonce, openid: "oLoad" };
+            let push = if options.mode == "plaintext" {
+                sender.plaintext(&xml, &stamp)
+            } else {
+                sender.encrypted(&xml, "gh_0123456789ab", None, &stamp, &[7; 16]).expect("key")
+            };
+            (format!("http://{relay}/wechat?{}", push.query), Bytes::from(push.body))
+        })
+        .collect();
+    let pushes = Arc::new(pushes);
+    let next = Arc::new(AtomicUsize::new(0));
+
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..options.concurrency {
+        let pushes = Arc::clone(&pushes);
+        let next = Arc::clone(&next);
+        workers.push(tokio::spawn(async move {
+            let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(1)
+                .build(HttpConnector::new());
+            let mut latencies = Vec::new();
+            let mut failed = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((url, body)) = pushes.get(i) else {
+                    break;
+                };
+                let request = Request::post(url.as_str())
+                    .header("content-type", "text/xml")
+                    .body(Full::new(body.clone()))
+                    .expect("request");
+                let sent = Instant::now();
+                match client.request(request).await {
+                    Ok(response) if response.status().is_success() => {
+                        let _ = response.into_body().collect().await;
+                        latencies.push(sent.elapsed());
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (latencies, failed)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(options.pushes);
+    let mut failed = 0;
+    for worker in workers {
+        let (l, f) = worker.await.expect("worker");
+        latencies.extend(l);
+        failed += f;
+    }
+    let acknowledged_in = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.load(Ordering::Relaxed) < latencies.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let delivered_in = started.elapsed();
+    let _ = stop.send(());
+    let _ = server.await;
+
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "mode={} format={} reply={} pushes={} concurrency={}",
+        options.mode, options.format, options.reply, options.pushes, options.concurrency
+    );
+    println!(
+        "acknowledged {} (failed {failed}) in {:.2} s: {:.0} pushes/s",
+        latencies.len(),
+        acknowledged_in.as_secs_f64(),
+        latencies.len() as f64 / acknowledged_in.as_secs_f64()
+    );
+    println!(
+        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.90)),
+        ms(percentile(&latencies, 0.99)),
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    println!(
+        "delivered to the target: {} in {:.2} s",
+        received.load(Ordering::Relaxed),
+        delivered_in.as_secs_f64()
+    );
+    if failed > 0 || received.load(Ordering::Relaxed) < latencies.len() {
+        std::process::exit(1);
+    }
+}
