@@ -15,6 +15,8 @@ pub enum Rejection {
     MethodNotAllowed,
     #[error("query parameter {0} is missing")]
     MissingParam(&'static str),
+    #[error("query parameter {0} is missing: the request is not signed")]
+    Unsigned(&'static str),
     #[error("signature does not match the token (-40001)")]
     BadSignature,
     #[error("msg_signature does not match the token and Encrypt (-40001)")]
@@ -45,7 +47,8 @@ impl Rejection {
         match self {
             Rejection::UnknownPath => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::BadSignature
+            Rejection::Unsigned(_)
+            | Rejection::BadSignature
             | Rejection::BadMsgSignature
             | Rejection::StaleTimestamp(_)
             | Rejection::Downgrade => StatusCode::FORBIDDEN,
@@ -66,8 +69,11 @@ impl Rejection {
             Rejection::UnknownPath => "unknown_path",
             Rejection::MethodNotAllowed => "method",
             Rejection::MissingParam(_) => "missing_param",
-            Rejection::BadSignature | Rejection::BadMsgSignature => "signature",
-            Rejection::BadTimestamp | Rejection::StaleTimestamp(_) => "stale",
+            Rejection::Unsigned(_) | Rejection::BadSignature | Rejection::BadMsgSignature => {
+                "signature"
+            }
+            Rejection::BadTimestamp => "timestamp",
+            Rejection::StaleTimestamp(_) => "stale",
             Rejection::TooLarge => "too_large",
             Rejection::BodyRead(_) => "body",
             Rejection::Xml(_) | Rejection::MissingEncrypt => "xml",

@@ -208,10 +208,12 @@ impl Relay {
     }
 
     /// `signature` over token, timestamp and nonce: present on every request, in every mode.
+    /// A request without them is unsigned: 403, like a wrong signature.
     fn verify_signature(&self, account: &Account, query: &Query) -> Result<(), Rejection> {
-        let signature = query.require("signature")?;
-        let timestamp = query.require("timestamp")?;
-        let nonce = query.require("nonce")?;
+        let signed = |name| query.get(name).ok_or(Rejection::Unsigned(name));
+        let signature = signed("signature")?;
+        let timestamp = signed("timestamp")?;
+        let nonce = signed("nonce")?;
         if verify_signature(account.token.expose_str(), timestamp, nonce, signature) {
             Ok(())
         } else {
@@ -400,14 +402,7 @@ impl Relay {
         if trimmed.is_empty() || trimmed == SUCCESS.as_bytes() {
             return (success(), ReplyOutcome::TargetEmpty);
         }
-        if target.format == ForwardFormat::Raw {
-            // The target saw the push as WeChat sent it and answers as WeChat expects.
-            let content_type = answer.content_type.unwrap_or(TEXT_XML);
-            return (
-                respond(StatusCode::OK, content_type, answer.body),
-                ReplyOutcome::FromTarget,
-            );
-        }
+        // Junk would make WeChat show the user an error: only XML goes back.
         let fields = match Fields::parse(&answer.body) {
             Ok(fields) => fields,
             Err(e) => {
@@ -416,6 +411,14 @@ impl Relay {
                 return (success(), ReplyOutcome::TargetNotXml);
             }
         };
+        if target.format == ForwardFormat::Raw {
+            // The target saw the push as WeChat sent it and answers as WeChat expects.
+            let content_type = answer.content_type.unwrap_or(TEXT_XML);
+            return (
+                respond(StatusCode::OK, content_type, answer.body),
+                ReplyOutcome::FromTarget,
+            );
+        }
         if fields.get("Encrypt").is_some() {
             // Already sealed by the target: pass it on as it is.
             return (

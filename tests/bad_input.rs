@@ -163,11 +163,11 @@ async fn refusals_and_their_statuses() {
             405,
         ),
         (
-            "no query",
+            "no query: unsigned",
             "POST".into(),
             "/wechat".into(),
             good_body.clone(),
-            400,
+            403,
         ),
         (
             "bad signature",

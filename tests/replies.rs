@@ -117,6 +117,18 @@ async fn raw_target_reply_goes_back_verbatim() {
 }
 
 #[tokio::test]
+async fn junk_from_a_raw_target_is_not_passed_to_wechat() {
+    let (relay, _replier, _other) =
+        relay_with_reply("safe", "raw", answering(200, "<html>502 Bad Gateway")).await;
+    let answer = push_text(&relay, true).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "success")
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn an_already_sealed_reply_from_a_plain_target_is_not_sealed_twice() {
     let sealed =
         "<xml><Encrypt><![CDATA[abc]]></Encrypt><MsgSignature><![CDATA[def]]></MsgSignature></xml>";

@@ -51,7 +51,7 @@ async fn docs_example_aaaaa() {
 }
 
 #[tokio::test]
-async fn bad_or_missing_signature_is_403_or_400_and_echoes_nothing() {
+async fn bad_or_missing_signature_is_403_and_echoes_nothing() {
     let relay = relay("AAAAA", "plaintext").await;
     let bad = get(&relay.url(
         "/wx/callback?signature=f464b24fc39322e44b38aa78f5edd27bd1441697&echostr=4375120948345356249&timestamp=1714036504&nonce=1514711492",
@@ -62,7 +62,10 @@ async fn bad_or_missing_signature_is_403_or_400_and_echoes_nothing() {
     let missing = get(&relay
         .url("/wx/callback?echostr=4375120948345356249&timestamp=1714036504&nonce=1514711492"))
     .await;
-    assert_eq!(missing.status, 400);
+    assert_eq!(
+        missing.status, 403,
+        "an unsigned check is refused like a wrongly signed one"
+    );
     let no_echostr = get(&relay.url(
         "/wx/callback?signature=f464b24fc39322e44b38aa78f5edd27bd1441696&timestamp=1714036504&nonce=1514711492",
     ))

@@ -15,8 +15,9 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// Why a body is not a usable XML document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum XmlError {
+    /// What went wrong, never the text around it: the body may be decrypted user content.
     #[error("body is not well-formed XML: {0} (-40002)")]
-    Malformed(String),
+    Malformed(&'static str),
     #[error("body is not UTF-8 (-40002)")]
     Utf8,
     #[error("body has no root element (-40002)")]
@@ -77,7 +78,7 @@ impl Fields {
         loop {
             let event = reader
                 .read_event()
-                .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                .map_err(|e| XmlError::Malformed(syntax_error(&e)))?;
             match event {
                 Event::Start(start) => {
                     if root.is_some() {
@@ -96,7 +97,7 @@ impl Fields {
                 }
                 Event::End(_) => {
                     let Some((name, children, text)) = stack.pop() else {
-                        return Err(XmlError::Malformed("unexpected end tag".into()));
+                        return Err(XmlError::Malformed("unexpected end tag"));
                     };
                     let node = if children.is_empty() {
                         Node::Text(text)
@@ -116,11 +117,11 @@ impl Fields {
                 Event::Text(text) => {
                     let decoded = text
                         .decode()
-                        .map_err(|e| XmlError::Malformed(e.to_string()))?;
+                        .map_err(|_| XmlError::Malformed("bad text encoding"))?;
                     match stack.last_mut() {
                         Some((_, _, buf)) => buf.push_str(&decoded),
                         None if decoded.trim().is_empty() => {}
-                        None => return Err(XmlError::Malformed("text outside the root".into())),
+                        None => return Err(XmlError::Malformed("text outside the root")),
                     }
                 }
                 Event::CData(cdata) => {
@@ -128,7 +129,7 @@ impl Fields {
                     let text = utf8(&inner)?;
                     match stack.last_mut() {
                         Some((_, _, buf)) => buf.push_str(text),
-                        None => return Err(XmlError::Malformed("CDATA outside the root".into())),
+                        None => return Err(XmlError::Malformed("CDATA outside the root")),
                     }
                 }
                 Event::GeneralRef(reference) => {
@@ -136,7 +137,7 @@ impl Fields {
                     match stack.last_mut() {
                         Some((_, _, buf)) => buf.push(resolved),
                         None => {
-                            return Err(XmlError::Malformed("reference outside the root".into()));
+                            return Err(XmlError::Malformed("reference outside the root"));
                         }
                     }
                 }
@@ -145,7 +146,7 @@ impl Fields {
             }
         }
         if !stack.is_empty() {
-            return Err(XmlError::Malformed("unclosed element".into()));
+            return Err(XmlError::Malformed("unclosed element"));
         }
         root.map(Fields).ok_or(XmlError::NoRoot)
     }
@@ -169,6 +170,17 @@ impl Fields {
     }
 }
 
+/// The kind of a quick-xml error, without the names or text it quotes.
+fn syntax_error(error: &quick_xml::Error) -> &'static str {
+    match error {
+        quick_xml::Error::Syntax(_) => "syntax error",
+        quick_xml::Error::IllFormed(_) => "ill-formed document",
+        quick_xml::Error::Encoding(_) => "bad text encoding",
+        quick_xml::Error::Escape(_) => "bad escape",
+        _ => "unreadable document",
+    }
+}
+
 fn utf8(bytes: &[u8]) -> Result<&str, XmlError> {
     std::str::from_utf8(bytes).map_err(|_| XmlError::Utf8)
 }
@@ -176,14 +188,14 @@ fn utf8(bytes: &[u8]) -> Result<&str, XmlError> {
 fn resolve_reference(reference: &quick_xml::events::BytesRef<'_>) -> Result<char, XmlError> {
     if let Some(ch) = reference
         .resolve_char_ref()
-        .map_err(|e| XmlError::Malformed(e.to_string()))?
+        .map_err(|_| XmlError::Malformed("bad character reference"))?
     {
         return Ok(ch);
     }
     let name = utf8(reference.as_ref())?;
     quick_xml::escape::resolve_predefined_entity(name)
         .and_then(|s| s.chars().next())
-        .ok_or_else(|| XmlError::Malformed(format!("unknown entity &{name};")))
+        .ok_or(XmlError::Malformed("unknown entity"))
 }
 
 /// A push as WeChat posted it, before any decryption: the root's fields and `Encrypt`, if any.
