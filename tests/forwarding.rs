@@ -27,13 +27,13 @@ fn config(mode: &str, targets: &[(&str, &FakeTarget, &str)], routes: &str) -> St
     toml
 }
 
-#[tokio::test]
-async fn safe_push_reaches_raw_plain_and_json_targets() {
-    let mut raw = FakeTarget::start().await;
-    let mut plain = FakeTarget::start().await;
-    let mut json = FakeTarget::start().await;
+/// An account in `mode` routing everything to a raw, a plain and a json target.
+async fn all_formats(mode: &str) -> (TestRelay, FakeTarget, FakeTarget, FakeTarget) {
+    let raw = FakeTarget::start().await;
+    let plain = FakeTarget::start().await;
+    let json = FakeTarget::start().await;
     let relay = TestRelay::start(&config(
-        "safe",
+        mode,
         &[
             ("raw", &raw, "raw"),
             ("plain", &plain, "plain"),
@@ -42,6 +42,12 @@ async fn safe_push_reaches_raw_plain_and_json_targets() {
         "[[route]]\nto = [\"raw\", \"plain\", \"json\"]\n",
     ))
     .await;
+    (relay, raw, plain, json)
+}
+
+#[tokio::test]
+async fn safe_push_reaches_raw_plain_and_json_targets() {
+    let (relay, mut raw, mut plain, mut json) = all_formats("safe").await;
     let xml = event_xml(
         "subscribe",
         "qrscene_42",
@@ -162,19 +168,7 @@ async fn compatible_mode_routes_and_forwards_the_decrypted_message_only() {
 
 #[tokio::test]
 async fn plaintext_mode_forwards_the_body_as_is() {
-    let mut raw = FakeTarget::start().await;
-    let mut plain = FakeTarget::start().await;
-    let mut json = FakeTarget::start().await;
-    let relay = TestRelay::start(&config(
-        "plaintext",
-        &[
-            ("raw", &raw, "raw"),
-            ("plain", &plain, "plain"),
-            ("json", &json, "json"),
-        ],
-        "[[route]]\nto = [\"raw\", \"plain\", \"json\"]\n",
-    ))
-    .await;
+    let (relay, mut raw, mut plain, mut json) = all_formats("plaintext").await;
     let (query, body) = PushBuilder::new(text_xml("你好 <b>&amp;", 7)).plaintext();
     let answer = post(&relay.url(&format!("/wechat?{query}")), body.clone()).await;
     assert_eq!(answer.status, 200);
@@ -223,11 +217,7 @@ async fn login_events_go_to_the_identity_provider_and_the_rest_elsewhere() {
         assert_eq!(shop.next().await.body, xml.as_bytes());
     }
     // A plain follow (no Ticket) is not a login, and matches no other route: success, nothing sent.
-    let answer = send_xml(event_xml("subscribe", "", None)).await;
-    assert_eq!(
-        (answer.status.as_u16(), answer.text().as_str()),
-        (200, "success")
-    );
+    assert_success(&send_xml(event_xml("subscribe", "", None)).await);
     // Unsubscribe goes to the shop only.
     let xml = event_xml("unsubscribe", "", None);
     assert_eq!(send_xml(xml.clone()).await.status, 200);

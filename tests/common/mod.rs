@@ -240,6 +240,14 @@ impl Answer {
     }
 }
 
+/// WeChat's "acknowledged, no reply": 200 with `success`.
+pub fn assert_success(answer: &Answer) {
+    assert_eq!(
+        (answer.status.as_u16(), answer.text().as_str()),
+        (200, "success")
+    );
+}
+
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
