@@ -23,6 +23,10 @@ pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
 const SECTIONS: [&str; 4] = ["server", "account", "target", "route"];
 /// WeChat cuts the connection after 5 s.
 const WECHAT_DEADLINE_MS: u64 = 5000;
+/// WeChat's pushes are a few KiB; a larger limit only helps a flood.
+const MAX_BODY_LIMIT: u64 = 1 << 20;
+/// The most of any count limit: far above need, and within what a semaphore holds.
+const MAX_PERMITS: u64 = 1 << 20;
 
 /// Every problem found in a config, one line each.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +52,10 @@ pub struct Server {
     pub timestamp_skew: Option<Duration>,
     /// Forwards in flight at once across all targets; more wait for a slot.
     pub max_concurrent_forwards: usize,
+    /// Forwards waiting for a slot or in flight; past it a forward is dropped with a warning.
+    pub max_queued_forwards: usize,
+    /// Client connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
     /// On SIGTERM, how long requests and forwards in flight may take to finish.
     pub shutdown_grace: Duration,
 }
@@ -174,6 +182,10 @@ struct RawServer {
     timestamp_skew_s: u64,
     #[serde(default = "default_max_concurrent_forwards")]
     max_concurrent_forwards: u64,
+    #[serde(default = "default_max_queued_forwards")]
+    max_queued_forwards: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: u64,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
 }
@@ -192,6 +204,12 @@ fn default_timestamp_skew_s() -> u64 {
 }
 fn default_max_concurrent_forwards() -> u64 {
     256
+}
+fn default_max_queued_forwards() -> u64 {
+    10_000
+}
+fn default_max_connections() -> u64 {
+    1024
 }
 fn default_shutdown_grace_ms() -> u64 {
     10_000
@@ -253,7 +271,10 @@ impl Config {
     /// Loads `path`, applies the `WECHAT_RELAY_*` variables of this process, reads secret files
     /// and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        // Variables that are not UTF-8 cannot be ours: skip them rather than fail.
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
         Self::load_with_env(path, &env)
     }
 
@@ -267,15 +288,24 @@ impl Config {
         }
         let mut root = Figment::from(Toml::file_exact(path))
             .extract::<Dict>()
-            .map_err(|e| {
-                let why = e.to_string().replace('\n', " ");
-                ConfigError(vec![format!("{}: {why}", path.display())])
-            })?;
+            .map_err(|e| ConfigError(vec![format!("{}: {}", path.display(), toml_error(&e))]))?;
         let mut problems = Vec::new();
         apply_env(&mut root, env, &mut problems);
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         Checker::new(base, problems).check(root)
     }
+}
+
+/// A TOML error without the source line it quotes (that line may be a secret): the position
+/// and the reason.
+fn toml_error(error: &figment::Error) -> String {
+    error
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.contains('|'))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Applies `WECHAT_RELAY_A__B__C=value` as `a.b.c = value`. An array element is named by its
@@ -448,6 +478,7 @@ impl<'a> Checker<'a> {
         let account_names = strings_in(&root, "account", "name");
         let account_paths = strings_in(&root, "account", "path");
         let target_names = strings_in(&root, "target", "name");
+        let route_names = strings_in(&root, "route", "name");
         let raw_accounts: Vec<Option<RawAccount>> = self.list(&mut root, "account");
         let raw_targets: Vec<Option<RawTarget>> = self.list(&mut root, "target");
         let raw_routes: Vec<Option<RawRoute>> = self.list(&mut root, "route");
@@ -457,6 +488,7 @@ impl<'a> Checker<'a> {
         self.unique("account", "name", &account_names);
         self.unique("account", "path", &account_paths);
         self.unique("target", "name", &target_names);
+        self.unique("route", "name", &route_names);
 
         let server = server.and_then(|s| self.server(s));
         let accounts: Vec<Option<Account>> = raw_accounts
@@ -562,14 +594,27 @@ impl<'a> Checker<'a> {
                 ),
             );
         }
-        if raw.max_body_bytes < 512 {
+        if !(512..=MAX_BODY_LIMIT).contains(&raw.max_body_bytes) {
             self.problem(
                 "server.max_body_bytes",
-                format!("must be at least 512, got {}", raw.max_body_bytes),
+                format!(
+                    "must be 512 to {MAX_BODY_LIMIT}, got {}",
+                    raw.max_body_bytes
+                ),
             );
         }
-        if raw.max_concurrent_forwards == 0 {
-            self.problem("server.max_concurrent_forwards", "must be at least 1");
+        for (key, value) in [
+            ("max_concurrent_forwards", raw.max_concurrent_forwards),
+            ("max_queued_forwards", raw.max_queued_forwards),
+            ("max_connections", raw.max_connections),
+        ] {
+            // tokio's semaphores hold at most usize::MAX >> 3 permits.
+            if value == 0 || value > MAX_PERMITS {
+                self.problem(
+                    format!("server.{key}"),
+                    format!("must be 1 to {MAX_PERMITS}, got {value}"),
+                );
+            }
         }
         Some(Server {
             listen: listen?,
@@ -577,8 +622,9 @@ impl<'a> Checker<'a> {
             max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
             timestamp_skew: (raw.timestamp_skew_s > 0)
                 .then(|| Duration::from_secs(raw.timestamp_skew_s)),
-            max_concurrent_forwards: usize::try_from(raw.max_concurrent_forwards)
-                .unwrap_or(usize::MAX),
+            max_concurrent_forwards: usize::try_from(raw.max_concurrent_forwards).unwrap_or(1),
+            max_queued_forwards: usize::try_from(raw.max_queued_forwards).unwrap_or(1),
+            max_connections: usize::try_from(raw.max_connections).unwrap_or(1),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
         })
     }
@@ -741,10 +787,7 @@ impl<'a> Checker<'a> {
             _ => {
                 self.problem(
                     format!("{at}.url"),
-                    format!(
-                        "{:?} must be an http:// or https:// URL with a host",
-                        raw.url
-                    ),
+                    "must be an http:// or https:// URL with a host (not shown: it may hold a credential)",
                 );
                 None
             }
@@ -809,6 +852,9 @@ impl<'a> Checker<'a> {
     ) -> Option<Route> {
         let at = format!("route[{i}]");
         let before = self.problems.len();
+        if let Some(name) = &raw.name {
+            self.name(&at, name);
+        }
         if let Some(account) = &raw.account
             && !accounts.contains(account)
         {

@@ -9,7 +9,8 @@
 //! - [`config`]: relay.toml, loaded and validated into a checked [`config::Config`];
 //! - [`server`]: binds, accepts, shuts down gracefully; [`stack`] builds the tower stack;
 //! - [`relay`]: the handler: verify, decrypt, route, deliver, reply;
-//! - [`wechat`]: the protocol (signatures, AES, message XML), knowing nothing of routes;
+//! - [`wechat`]: the protocol (signatures, AES, message XML), knowing nothing of routes; its
+//!   [`wechat::sender`] builds pushes the way WeChat does, for tests and benchmarks;
 //! - [`push`]: a verified push as every later step reads it;
 //! - [`route`]: the route table, first match wins;
 //! - [`forward`]: the HTTP client and the `raw` / `plain` / `json` request shapes;

@@ -43,8 +43,12 @@ impl Push {
         self.query
             .split('&')
             .filter(|pair| {
-                let key = pair.split('=').next().unwrap_or_default();
-                !pair.is_empty() && !ENCRYPTION_PARAMS.contains(&key)
+                // Decode the key as the handler read it: `encrypt%5Ftype` is `encrypt_type`.
+                let key = form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .map(|(key, _)| key.into_owned())
+                    .unwrap_or_default();
+                !pair.is_empty() && !ENCRYPTION_PARAMS.contains(&key.as_str())
             })
             .collect::<Vec<_>>()
             .join("&")

@@ -41,6 +41,8 @@ pub struct Relay {
     forwarder: Forwarder,
     /// Bounds the forwards in flight at once; the rest wait for a slot.
     forward_slots: Arc<Semaphore>,
+    /// Bounds the forwards waiting or in flight; past it they are dropped with a warning.
+    forward_queue: Arc<Semaphore>,
     /// Forwards still running after their push was answered; drained at shutdown.
     forwards: TaskTracker,
 }
@@ -106,12 +108,14 @@ impl Relay {
             .map(|t| (t.name.clone(), Arc::new(t.clone())))
             .collect();
         let forward_slots = Arc::new(Semaphore::new(config.server.max_concurrent_forwards));
+        let forward_queue = Arc::new(Semaphore::new(config.server.max_queued_forwards));
         Self {
             config,
             routes,
             targets,
             forwarder: Forwarder::new(),
             forward_slots,
+            forward_queue,
             forwards: TaskTracker::new(),
         }
     }
@@ -155,7 +159,7 @@ impl Relay {
         request: &Request<B>,
     ) -> Result<Response<Full<Bytes>>, Rejection> {
         let query = Query::parse(request.uri().query().unwrap_or_default());
-        self.verify_signature(account, &query)?;
+        self.check_signature(account, &query)?;
         let echostr = query.require("echostr")?;
         info!(account = %account.name, "URL check answered");
         Ok(respond(
@@ -179,7 +183,7 @@ impl Relay {
     {
         let raw_query = request.uri().query().unwrap_or_default().to_owned();
         let query = Query::parse(&raw_query);
-        self.verify_signature(account, &query)?;
+        self.check_signature(account, &query)?;
         self.check_timestamp(&query)?;
         let (parts, body) = request.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
@@ -209,7 +213,7 @@ impl Relay {
 
     /// `signature` over token, timestamp and nonce: present on every request, in every mode.
     /// A request without them is unsigned: 403, like a wrong signature.
-    fn verify_signature(&self, account: &Account, query: &Query) -> Result<(), Rejection> {
+    fn check_signature(&self, account: &Account, query: &Query) -> Result<(), Rejection> {
         let signed = |name| query.get(name).ok_or(Rejection::Unsigned(name));
         let signature = signed("signature")?;
         let timestamp = signed("timestamp")?;
@@ -275,7 +279,10 @@ impl Relay {
             .get("encrypt_type")
             .is_some_and(|t| t.eq_ignore_ascii_case("aes"));
         if !encrypted {
-            if account.mode == Mode::Safe {
+            // WeChat encrypts every push in safe and compatible mode; an unencrypted one is a
+            // downgrade (`signature` does not cover the body, so anyone holding one captured
+            // query could post any XML with it).
+            if account.mode != Mode::Plaintext {
                 return Err(Rejection::Downgrade);
             }
             return Ok((
@@ -324,16 +331,39 @@ impl Relay {
                 }
                 _ => None,
             };
-            let push = Arc::clone(push);
+            // The reply target's forward is one per request in flight and is what WeChat waits
+            // for: it takes no slot. The others wait for one, in a bounded queue.
+            let slots = if sender.is_some() {
+                None
+            } else {
+                match Arc::clone(&self.forward_queue).try_acquire_owned() {
+                    Ok(place) => Some((place, Arc::clone(&self.forward_slots))),
+                    Err(_) => {
+                        warn!(target = %target.name, event_id = %push.event_id,
+                            queued = self.config.server.max_queued_forwards,
+                            "forward dropped: max_queued_forwards reached");
+                        continue;
+                    }
+                }
+            };
+            let mut in_flight = InFlight {
+                target,
+                push: Arc::clone(push),
+                finished: false,
+            };
             let forwarder = self.forwarder.clone();
-            let slots = Arc::clone(&self.forward_slots);
             self.forwards.spawn(async move {
-                let Ok(_slot) = slots.acquire_owned().await else {
-                    return;
+                let _slot = match slots {
+                    Some((place, slots)) => match slots.acquire_owned().await {
+                        Ok(slot) => Some((place, slot)),
+                        Err(_) => return,
+                    },
+                    None => None,
                 };
                 let started = Instant::now();
-                let result = forwarder.forward(&target, &push).await;
-                log_forward(&target, &push, &result, started);
+                let result = forwarder.forward(&in_flight.target, &in_flight.push).await;
+                in_flight.finished = true;
+                log_forward(&in_flight.target, &in_flight.push, &result, started);
                 if let Some(sender) = sender {
                     // The request may have answered already (deadline): nobody is listening.
                     let _ = sender.send(result);
@@ -402,9 +432,14 @@ impl Relay {
         if trimmed.is_empty() || trimmed == SUCCESS.as_bytes() {
             return (success(), ReplyOutcome::TargetEmpty);
         }
-        // Junk would make WeChat show the user an error: only XML goes back.
+        // Junk would make WeChat show the user an error: only an <xml> document goes back.
         let fields = match Fields::parse(&answer.body) {
-            Ok(fields) => fields,
+            Ok(fields) if fields.root() == "xml" => fields,
+            Ok(_) => {
+                warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
+                    "reply is not a WeChat <xml> message; answered success");
+                return (success(), ReplyOutcome::TargetNotXml);
+            }
             Err(e) => {
                 warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
                     error = %e, "reply is not XML; answered success (WeChat would show the user an error)");
@@ -434,20 +469,42 @@ impl Relay {
 
     /// A reply message, sealed with the key that opened the push when the push was encrypted.
     fn xml_reply(&self, account: &Account, push: &Push, xml: Vec<u8>) -> Response<Full<Bytes>> {
-        let key = push.key_index.and_then(|i| account.keys.get(i));
-        let body = match key {
+        let body = match push.key_index {
             None => Bytes::from(xml),
-            Some(key) => Bytes::from(crypto::seal_reply(
-                key,
-                &account.app_id,
-                account.token.expose_str(),
-                &xml,
-                &unix_now().to_string(),
-                &crypto::random_nonce(),
-                &crypto::random_prefix(),
-            )),
+            // An encrypted push must never get a plaintext reply.
+            Some(index) => {
+                let Some(key) = account.keys.get(index) else {
+                    return success();
+                };
+                Bytes::from(crypto::seal_reply(
+                    key,
+                    &account.app_id,
+                    account.token.expose_str(),
+                    &xml,
+                    &unix_now().to_string(),
+                    &crypto::random_nonce(),
+                    &crypto::random_prefix(),
+                ))
+            }
         };
         respond(StatusCode::OK, TEXT_XML, body)
+    }
+}
+
+/// A forward under way. Dropped unfinished (cut at the end of the shutdown grace), it says so
+/// with the target and the event id, so that no forward disappears without a line.
+struct InFlight {
+    target: Arc<Target>,
+    push: Arc<Push>,
+    finished: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.finished {
+            warn!(target = %self.target.name, event_id = %self.push.event_id,
+                "forward dropped unfinished at shutdown");
+        }
     }
 }
 
@@ -505,7 +562,23 @@ fn reject(
     let status = rejection.status();
     warn!(account = %account.map_or("-", |a| a.name.as_str()), peer = %peer.ip(),
         status = status.as_u16(), reason = %rejection.reason(), "request refused: {rejection}");
-    respond(status, TEXT_PLAIN, Bytes::from(format!("{rejection}\n")))
+    let mut response = respond(status, TEXT_PLAIN, Bytes::from(format!("{rejection}\n")));
+    if rejection == Rejection::MethodNotAllowed {
+        response
+            .headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET, POST"));
+    }
+    response
+}
+
+/// A protocol value from the push as it goes into a log line: WeChat's types and events are
+/// short ASCII names; anything else (a forged plaintext push) is not printed.
+fn loggable(value: Option<&str>) -> &str {
+    match value {
+        None => "-",
+        Some(v) if v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()) => v,
+        Some(_) => "<unprintable>",
+    }
 }
 
 /// The one info line per push.
@@ -518,8 +591,8 @@ fn log_push(
 ) {
     info!(
         account = %push.account,
-        msg_type = %push.message.msg_type().unwrap_or("-"),
-        event = %push.message.event().unwrap_or("-"),
+        msg_type = %loggable(push.message.msg_type()),
+        event = %loggable(push.message.event()),
         route = %route.map_or("-", |r| r.name.as_str()),
         targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
         outcome = %outcome,

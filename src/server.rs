@@ -1,16 +1,20 @@
-//! Binding, the accept loop (HTTP/1.1 and HTTP/2 through hyper-util's auto builder) and
-//! graceful shutdown: stop accepting, let requests and forwards in flight finish within the
-//! grace, return.
+//! The accept loop and graceful shutdown: stop accepting, let requests and forwards in flight
+//! finish within the grace, return.
+//!
+//! HTTP/1.1 only: WeChat and the proxies in front of the relay speak it, and hyper-util's
+//! auto-detecting builder waits for a client's first bytes without a timeout. Every connection
+//! has `header_read_timeout` to send its headers, and at most `max_connections` are open.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -24,15 +28,23 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tests and `main` start the relay the same way.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let grace = config.server.shutdown_grace;
+    let connections = Arc::new(Semaphore::new(config.server.max_connections));
     let relay = Arc::new(Relay::new(config));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        // At the connection limit, stop accepting until one closes.
+        let connection_slot = tokio::select! {
+            slot = Arc::clone(&connections).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -46,9 +58,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                 };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(stack::build(Arc::clone(&relay), peer));
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
+                    let _slot = connection_slot;
                     // A client that goes away mid-request is routine, not an error.
                     if let Err(e) = connection.await {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");

@@ -239,6 +239,20 @@ async fn refusals_and_their_statuses() {
             403,
         ),
         (
+            "nested deeper than any WeChat message",
+            "POST".into(),
+            format!("/wechat?{good_query}"),
+            format!("<xml>{}{}</xml>", "<a>".repeat(5000), "</a>".repeat(5000)),
+            400,
+        ),
+        (
+            "a repeated Encrypt",
+            "POST".into(),
+            format!("/wechat?{good_query}"),
+            good_body.replace("</xml>", "<Encrypt>x</Encrypt></xml>"),
+            400,
+        ),
+        (
             "too large",
             "POST".into(),
             format!("/wechat?{good_query}"),
@@ -334,4 +348,32 @@ impl http_body::Body for Chunks {
                 .map(|chunk| Ok(hyper::body::Frame::data(chunk))),
         )
     }
+}
+
+#[tokio::test]
+async fn a_repeated_routing_field_in_a_plaintext_push_is_refused() {
+    // The relay would route on one MsgType and a target might read the other.
+    let (relay, mut target) = relay("plaintext", 300).await;
+    let xml = text_xml("x", 1).replace("</xml>", "<MsgType>event</MsgType></xml>");
+    let (query, body) = PushBuilder::new(xml).plaintext();
+    assert_eq!(
+        post(&relay.url(&format!("/wechat?{query}")), body)
+            .await
+            .status,
+        400
+    );
+    target.expect_none(Duration::from_millis(200)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn other_methods_get_405_with_allow() {
+    let (relay, _target) = relay("plaintext", 300).await;
+    let answer = send("DELETE", &relay.url("/wechat"), &[], "").await;
+    assert_eq!(answer.status, 405);
+    assert_eq!(
+        answer.headers.get("allow").map(|v| v.to_str().ok()),
+        Some(Some("GET, POST"))
+    );
+    relay.stop().await;
 }

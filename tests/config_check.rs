@@ -366,9 +366,7 @@ fn a_target_url_that_is_not_http_is_refused() {
     assert_edit_refused(
         "url = \"https://crm.example.com/hooks/wechat\"",
         "url = \"ftp://crm.example.com/hooks/wechat\"",
-        &[
-            "target[2].url: \"ftp://crm.example.com/hooks/wechat\" must be an http:// or https:// URL with a host",
-        ],
+        &["target[2].url: must be an http:// or https:// URL with a host"],
     );
 }
 
@@ -483,7 +481,7 @@ fn every_problem_is_reported_in_one_run() {
         "server.reply_deadline_ms: must be between 1 and 4999",
         "account[0].app_id: \"wx1234567890abcdeg\"",
         "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
-        "target[2].url: \"ftp://crm.example.com/hooks/wechat\"",
+        "target[2].url: must be an http",
         "target[2].secret: required for format = \"json\"",
         "route[0].to: \"shopp\" is not a [[target]] name",
         "route[1].reply: \"crm\" is not in to",
@@ -911,5 +909,62 @@ fn token_and_token_file_together_are_an_error() {
         &run,
         &path,
         &["account[0]: give token or token_file, not both"],
+    );
+}
+
+#[test]
+fn a_toml_syntax_error_does_not_quote_the_secret_on_its_line() {
+    let text = shipped();
+    let token = value_of(&text, "token");
+    // The quotes forgotten: a TOML syntax error on the token's own line.
+    let broken = edit(
+        &text,
+        &format!("token = \"{token}\""),
+        &format!("token = {token}"),
+    );
+    let (path, run) = check_text(&broken);
+    assert_invalid(&run, &path, &[&path.display().to_string()]);
+    let line = broken
+        .lines()
+        .position(|l| l.starts_with("token = "))
+        .expect("token line")
+        + 1;
+    assert!(
+        run.stderr.contains(&format!("line {line}")),
+        "say where:\n{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains(&token),
+        "the token leaked:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn limits_have_upper_bounds() {
+    assert_edit_refused(
+        "max_body_bytes = 65536",
+        "max_body_bytes = 104857600",
+        &["server.max_body_bytes: must be 512 to 1048576, got 104857600"],
+    );
+    assert_edit_refused(
+        "max_concurrent_forwards = 256",
+        "max_concurrent_forwards = 0",
+        &["server.max_concurrent_forwards: must be 1 to"],
+    );
+}
+
+#[test]
+fn route_names_are_checked_and_unique() {
+    assert_edit_refused(
+        "name = \"everything-else\"",
+        "name = \"qr-login\"",
+        &["route: name \"qr-login\" is used twice"],
+    );
+    assert_edit_refused(
+        "name = \"everything-else\"",
+        "name = \"everything else\"",
+        &["route[1].name: \"everything else\" must be 1-64 of A-Z a-z 0-9 - _"],
     );
 }

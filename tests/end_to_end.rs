@@ -234,3 +234,43 @@ fn serve_exits_1_when_the_port_is_taken() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot listen"));
 }
+
+#[tokio::test]
+async fn sigterm_drains_and_names_every_forward_it_had_to_cut() {
+    // A target slower than the shutdown grace: its forward is cut, and the log says which.
+    let mut stuck = FakeTarget::with(Behaviour {
+        delay: Duration::from_secs(30),
+        ..Behaviour::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 500\n\
+         [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\nmode = \"plaintext\"\n\
+         [[target]]\nname = \"stuck\"\nurl = \"{}\"\nformat = \"plain\"\ntimeout_ms = 60000\n\
+         [[route]]\nto = [\"stuck\"]\n",
+        stuck.url("/"),
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).expect("config");
+    let mut relay = Binary::start(&path);
+    let (query, body) = PushBuilder::new(text_xml("cut", 1)).plaintext();
+    assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
+    stuck.next().await;
+    let push_line = relay.wait_for("outcome=forwarded");
+    let event_id = push_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("event_id="))
+        .expect("event_id")
+        .to_owned();
+    let (exit, rest) = relay.terminate();
+    assert!(exit.success(), "{exit:?}");
+    let cut = rest
+        .iter()
+        .find(|l| l.contains("forward dropped unfinished at shutdown"))
+        .unwrap_or_else(|| panic!("no line for the cut forward: {rest:?}"));
+    assert!(
+        cut.contains("target=stuck") && cut.contains(&event_id),
+        "{cut}"
+    );
+}

@@ -154,15 +154,22 @@ async fn compatible_mode_routes_and_forwards_the_decrypted_message_only() {
     assert_eq!(got.body, real.as_bytes());
     refunds.expect_none(Duration::from_millis(300)).await;
 
-    // A compatible account also takes a plaintext push (the console may switch modes first).
+    // Dropping encrypt_type and msg_signature from the query to make the relay read the
+    // plaintext copy is a downgrade: refused, nothing forwarded.
+    let (query, body) = push.compatible(&forged);
+    let stripped = query.split("&encrypt_type").next().expect("query");
+    let answer = post(&relay.url(&format!("/wechat?{stripped}")), body).await;
+    assert_eq!(answer.status, 403, "{}", answer.text());
+    // So is a plain body without Encrypt.
     let (query, body) = PushBuilder::new(text_xml("refund please", 1002)).plaintext();
     assert_eq!(
-        post(&relay.url(&format!("/wechat?{query}")), body.clone())
+        post(&relay.url(&format!("/wechat?{query}")), body)
             .await
             .status,
-        200
+        403
     );
-    assert_eq!(refunds.next().await.body, body.as_bytes());
+    refunds.expect_none(Duration::from_millis(300)).await;
+    rest.expect_none(Duration::from_millis(100)).await;
     relay.stop().await;
 }
 

@@ -238,7 +238,11 @@ async fn reply_text_answers_at_once_sealed_when_the_push_was() {
     })
     .await;
     let mut toml = server_section(4000, 300);
-    toml.push_str(&account_section("main", "/wechat", "compatible"));
+    // Plaintext mode with a key: takes encrypted and unencrypted pushes alike.
+    toml.push_str(
+        &account_section("main", "/wechat", "safe")
+            .replace("mode = \"safe\"", "mode = \"plaintext\""),
+    );
     toml.push_str(&target_section("t", &slow.url("/"), "plain", ""));
     toml.push_str("[[route]]\nto = [\"t\"]\nreply_text = \"Welcome ]]> aboard\"\n");
     let relay = TestRelay::start(&toml).await;

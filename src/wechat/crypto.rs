@@ -124,7 +124,8 @@ pub fn encrypt(key: &AesKey, app_id: &str, message: &[u8], random: &[u8; 16]) ->
     let pad = PAD_BLOCK - unpadded % PAD_BLOCK;
     let mut buf = Vec::with_capacity(unpadded + pad);
     buf.extend_from_slice(random);
-    // A WeChat message is far below 4 GiB; the relay's body limit keeps it there.
+    // Messages are pushes (max_body_bytes, at most 1 MiB) and replies (at most 1 MiB read from a
+    // target, or a configured text): far below the 4 GiB the length field holds.
     buf.extend_from_slice(&(message.len() as u32).to_be_bytes());
     buf.extend_from_slice(message);
     buf.extend_from_slice(app_id.as_bytes());

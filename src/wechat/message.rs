@@ -11,6 +11,22 @@ use quick_xml::events::Event;
 use sha2::{Digest, Sha256};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+/// WeChat's deepest messages (SendPicsInfo > PicList > item > PicMd5Sum) nest 5 levels.
+pub const MAX_DEPTH: usize = 16;
+/// Fields that must appear at most once at the top level.
+const SINGLE_FIELDS: [&str; 11] = [
+    "ToUserName",
+    "FromUserName",
+    "CreateTime",
+    "MsgType",
+    "Event",
+    "EventKey",
+    "Ticket",
+    "Content",
+    "MsgId",
+    "MsgID",
+    "Encrypt",
+];
 
 /// Why a body is not a usable XML document.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +40,12 @@ pub enum XmlError {
     NoRoot,
     #[error("body has more than one root element (-40002)")]
     TrailingContent,
+    #[error("body nests elements deeper than {MAX_DEPTH} (-40002)")]
+    TooDeep,
+    /// Two readers could take different values from it: the relay routes on one, a target
+    /// might read the other.
+    #[error("body has more than one {0} element (-40002)")]
+    Repeated(&'static str),
 }
 
 /// One element's content: text (CDATA and character data joined) or child elements.
@@ -44,10 +66,14 @@ impl Node {
 
 /// Children as a JSON object; a name that repeats (items of a list) becomes an array.
 fn children_to_json(children: &[(String, Node)]) -> serde_json::Value {
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (name, _) in children {
+        *counts.entry(name.as_str()).or_default() += 1;
+    }
     let mut object = serde_json::Map::new();
     for (name, node) in children {
         let value = node.to_json();
-        if children.iter().filter(|(n, _)| n == name).count() > 1 {
+        if counts.get(name.as_str()).is_some_and(|&n| n > 1) {
             let items = object
                 .entry(name.clone())
                 .or_insert_with(|| serde_json::Value::Array(Vec::new()));
@@ -64,9 +90,12 @@ fn children_to_json(children: &[(String, Node)]) -> serde_json::Value {
 /// An open element while parsing: its name, its children so far and its text so far.
 type Frame = (String, Vec<(String, Node)>, String);
 
-/// The top-level children of a document's root element, in document order.
+/// The root element's name and its children, in document order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Fields(Vec<(String, Node)>);
+pub struct Fields {
+    root: String,
+    children: Vec<(String, Node)>,
+}
 
 impl Fields {
     /// Parses a document and returns its root's children. A leading BOM is skipped.
@@ -75,6 +104,7 @@ impl Fields {
         let mut reader = Reader::from_reader(xml);
         let mut stack: Vec<Frame> = Vec::new();
         let mut root: Option<Vec<(String, Node)>> = None;
+        let mut root_name = String::new();
         loop {
             let event = reader
                 .read_event()
@@ -84,14 +114,23 @@ impl Fields {
                     if root.is_some() {
                         return Err(XmlError::TrailingContent);
                     }
+                    if stack.len() >= MAX_DEPTH {
+                        return Err(XmlError::TooDeep);
+                    }
                     let name = utf8(start.name().as_ref())?.to_owned();
+                    if stack.is_empty() {
+                        root_name.clone_from(&name);
+                    }
                     stack.push((name, Vec::new(), String::new()));
                 }
                 Event::Empty(empty) => {
                     let name = utf8(empty.name().as_ref())?.to_owned();
                     match stack.last_mut() {
                         Some((_, children, _)) => children.push((name, Node::Text(String::new()))),
-                        None if root.is_none() => root = Some(Vec::new()),
+                        None if root.is_none() => {
+                            root_name = name;
+                            root = Some(Vec::new());
+                        }
                         None => return Err(XmlError::TrailingContent),
                     }
                 }
@@ -148,12 +187,26 @@ impl Fields {
         if !stack.is_empty() {
             return Err(XmlError::Malformed("unclosed element"));
         }
-        root.map(Fields).ok_or(XmlError::NoRoot)
+        let children = root.ok_or(XmlError::NoRoot)?;
+        for field in SINGLE_FIELDS {
+            if children.iter().filter(|(n, _)| n == field).count() > 1 {
+                return Err(XmlError::Repeated(field));
+            }
+        }
+        Ok(Fields {
+            root: root_name,
+            children,
+        })
+    }
+
+    /// The root element's name (`xml` for everything WeChat sends and accepts).
+    pub fn root(&self) -> &str {
+        &self.root
     }
 
     /// The text of the first top-level element called `name` (names are case-sensitive).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find_map(|(n, node)| match node {
+        self.children.iter().find_map(|(n, node)| match node {
             Node::Text(text) if n == name => Some(text.as_str()),
             _ => None,
         })
@@ -161,12 +214,12 @@ impl Fields {
 
     /// Every top-level element in document order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Node)> {
-        self.0.iter().map(|(n, node)| (n.as_str(), node))
+        self.children.iter().map(|(n, node)| (n.as_str(), node))
     }
 
     /// The fields as a JSON object (text stays text: WeChat's XML carries no types).
     pub fn to_json(&self) -> serde_json::Value {
-        children_to_json(&self.0)
+        children_to_json(&self.children)
     }
 }
 
@@ -391,6 +444,8 @@ mod tests {
             b"<xml></xml><xml></xml>",
             b"<xml>&bogus;</xml>",
             b"<xml><a>\xff</a></xml>",
+            b"<xml><MsgType>text</MsgType><MsgType>event</MsgType></xml>",
+            b"<xml><Encrypt>a</Encrypt><Encrypt>b</Encrypt></xml>",
         ] {
             assert!(
                 Fields::parse(bad).is_err(),
@@ -398,6 +453,26 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let ok = format!("{}{}", "<a>".repeat(MAX_DEPTH), "</a>".repeat(MAX_DEPTH));
+        assert!(Fields::parse(ok.as_bytes()).is_ok());
+        let deep = format!("{}{}", "<a>".repeat(10_000), "</a>".repeat(10_000));
+        assert_eq!(Fields::parse(deep.as_bytes()), Err(XmlError::TooDeep));
+    }
+
+    #[test]
+    fn root_name_is_kept() {
+        assert_eq!(
+            Fields::parse(b"<xml><a>1</a></xml>").map(|f| f.root().to_owned()),
+            Ok("xml".into())
+        );
+        assert_eq!(
+            Fields::parse(b"<html/>").map(|f| f.root().to_owned()),
+            Ok("html".into())
+        );
     }
 
     #[test]

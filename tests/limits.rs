@@ -1,0 +1,77 @@
+//! The bounds that keep a flood or a dead target from taking the relay down: connections,
+//! queued forwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn at_max_connections_new_clients_wait_for_a_free_one() {
+    let mut target = FakeTarget::start().await;
+    let mut toml = server_section(2000, 300).replace(
+        "shutdown_grace_ms = 2000\n",
+        "shutdown_grace_ms = 2000\nmax_connections = 1\n",
+    );
+    toml.push_str(&account_section("main", "/wechat", "plaintext"));
+    toml.push_str(&target_section("t", &target.url("/"), "plain", ""));
+    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    let relay = TestRelay::start(&toml).await;
+
+    // An idle client holds the only connection.
+    let idle = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (query, body) = PushBuilder::new(text_xml("waiting", 1)).plaintext();
+    let url = relay.url(&format!("/wechat?{query}"));
+    let pending = tokio::spawn(async move { post(&url, body).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !pending.is_finished(),
+        "a second connection was served past max_connections = 1"
+    );
+    target.expect_none(Duration::from_millis(10)).await;
+
+    // The idle client leaves: the waiting push is served.
+    drop(idle);
+    let answer = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("served once a connection is free")
+        .expect("task");
+    assert_eq!(answer.status, 200);
+    target.next().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn past_max_queued_forwards_a_forward_is_dropped_not_queued() {
+    let mut slow = FakeTarget::with(Behaviour {
+        delay: Duration::from_secs(2),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut toml = server_section(2000, 300).replace(
+        "shutdown_grace_ms = 2000\n",
+        "shutdown_grace_ms = 3000\nmax_concurrent_forwards = 1\nmax_queued_forwards = 1\n",
+    );
+    toml.push_str(&account_section("main", "/wechat", "plaintext"));
+    toml.push_str(&target_section(
+        "slow",
+        &slow.url("/"),
+        "plain",
+        "timeout_ms = 5000",
+    ));
+    toml.push_str("[[route]]\nto = [\"slow\"]\n");
+    let relay = TestRelay::start(&toml).await;
+    for i in 0..3 {
+        let (query, body) = PushBuilder::new(text_xml("queued?", i)).plaintext();
+        // Acknowledged at once: the forward runs (or is dropped) after the answer.
+        assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
+    }
+    // The first holds the one place; the other two found the queue full.
+    slow.next().await;
+    slow.expect_none(Duration::from_millis(2500)).await;
+    relay.stop().await;
+}
