@@ -234,15 +234,21 @@ async fn login_events_go_to_the_identity_provider_and_the_rest_elsewhere() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn event_id_is_stable_across_wechat_retries() {
-    let mut target = FakeTarget::start().await;
+/// A safe-mode account routing everything to one raw target.
+async fn one_raw_target() -> (TestRelay, FakeTarget) {
+    let target = FakeTarget::start().await;
     let relay = TestRelay::start(&config(
         "safe",
         &[("t", &target, "raw")],
         "[[route]]\nto = [\"t\"]\n",
     ))
     .await;
+    (relay, target)
+}
+
+#[tokio::test]
+async fn event_id_is_stable_across_wechat_retries() {
+    let (relay, mut target) = one_raw_target().await;
     let xml = text_xml("same message", 4242);
     let mut first = PushBuilder::new(&xml);
     first.nonce = "111".into();
@@ -278,13 +284,7 @@ async fn event_id_is_stable_across_wechat_retries() {
 
 #[tokio::test]
 async fn forwarded_for_appends_the_peer() {
-    let mut target = FakeTarget::start().await;
-    let relay = TestRelay::start(&config(
-        "safe",
-        &[("t", &target, "raw")],
-        "[[route]]\nto = [\"t\"]\n",
-    ))
-    .await;
+    let (relay, mut target) = one_raw_target().await;
     let (query, body) = PushBuilder::new(text_xml("x", 1)).safe();
     let answer = send(
         "POST",
