@@ -20,11 +20,15 @@ use crate::wechat::crypto::AesKey;
 
 /// Prefix of the environment variables that override relay.toml; `__` separates key parts.
 pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
+/// Stands for a variable of ours whose value is not UTF-8 (a NUL cannot be in a real value).
+const NOT_UTF8: &str = "\0not-utf-8";
 const SECTIONS: [&str; 4] = ["server", "account", "target", "route"];
 /// WeChat cuts the connection after 5 s.
 const WECHAT_DEADLINE_MS: u64 = 5000;
 /// WeChat's pushes are a few KiB; a larger limit only helps a flood.
 const MAX_BODY_LIMIT: u64 = 1 << 20;
+/// A forward that takes longer than this is not coming back.
+const MAX_TIMEOUT_MS: u64 = 300_000;
 /// The most of any count limit: far above need, and within what a semaphore holds.
 const MAX_PERMITS: u64 = 1 << 20;
 
@@ -271,10 +275,18 @@ impl Config {
     /// Loads `path`, applies the `WECHAT_RELAY_*` variables of this process, reads secret files
     /// and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        // Variables that are not UTF-8 cannot be ours: skip them rather than fail.
-        let env: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect();
+        // A variable that is not UTF-8 is skipped, or reported when it is one of ours (its value
+        // is never shown).
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            match (name.into_string(), value.into_string()) {
+                (Ok(name), Ok(value)) => env.push((name, value)),
+                (Ok(name), Err(_)) if name.starts_with(ENV_PREFIX) => {
+                    env.push((name, NOT_UTF8.to_owned()));
+                }
+                _ => {}
+            }
+        }
         Self::load_with_env(path, &env)
     }
 
@@ -299,13 +311,18 @@ impl Config {
 /// A TOML error without the source line it quotes (that line may be a secret): the position
 /// and the reason.
 fn toml_error(error: &figment::Error) -> String {
-    error
+    let reason = error
         .to_string()
         .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.contains('|'))
         .collect::<Vec<_>>()
-        .join(": ")
+        .join(": ");
+    if reason.is_empty() {
+        "not valid TOML".to_owned()
+    } else {
+        reason
+    }
 }
 
 /// Applies `WECHAT_RELAY_A__B__C=value` as `a.b.c = value`. An array element is named by its
@@ -317,6 +334,10 @@ fn apply_env(root: &mut Dict, env: &[(String, String)], problems: &mut Vec<Strin
         };
         // WECHAT_RELAY_CONFIG names the file itself.
         if rest.eq_ignore_ascii_case("config") {
+            continue;
+        }
+        if raw == NOT_UTF8 {
+            problems.push(format!("{name}: the value is not UTF-8"));
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
@@ -376,11 +397,13 @@ fn element_named(item: &Value, selector: &str) -> bool {
 }
 
 /// Keys whose values are numbers, booleans or lists; every other key takes text.
-const TYPED_KEYS: [&str; 12] = [
+const TYPED_KEYS: [&str; 14] = [
     "reply_deadline_ms",
     "max_body_bytes",
     "timestamp_skew_s",
     "max_concurrent_forwards",
+    "max_queued_forwards",
+    "max_connections",
     "shutdown_grace_ms",
     "timeout_ms",
     "ticket",
@@ -792,8 +815,11 @@ impl<'a> Checker<'a> {
                 None
             }
         };
-        if raw.timeout_ms == 0 {
-            self.problem(format!("{at}.timeout_ms"), "must be at least 1");
+        if !(1..=MAX_TIMEOUT_MS).contains(&raw.timeout_ms) {
+            self.problem(
+                format!("{at}.timeout_ms"),
+                format!("must be 1 to {MAX_TIMEOUT_MS}, got {}", raw.timeout_ms),
+            );
         }
         let Ok(secret) = self.secret(&at, "secret", raw.secret, raw.secret_file) else {
             return None;
@@ -954,13 +980,15 @@ impl fmt::Display for Config {
         let s = &self.server;
         writeln!(
             f,
-            "server: listen {}, reply deadline {} ms, max body {} bytes, timestamp skew {}, {} forwards at once",
+            "server: listen {}, reply deadline {} ms, max body {} bytes, timestamp skew {}, {} forwards at once, {} queued, {} connections",
             s.listen,
             s.reply_deadline.as_millis(),
             s.max_body_bytes,
             s.timestamp_skew
                 .map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
-            s.max_concurrent_forwards
+            s.max_concurrent_forwards,
+            s.max_queued_forwards,
+            s.max_connections
         )?;
         for a in &self.accounts {
             writeln!(

@@ -33,7 +33,7 @@ pub enum Rejection {
     Xml(#[from] XmlError),
     #[error("encrypt_type=aes but the body has no Encrypt element")]
     MissingEncrypt,
-    #[error("unencrypted push to an account in safe mode (downgrade)")]
+    #[error("unencrypted push to an account in safe or compatible mode (downgrade)")]
     Downgrade,
     #[error("encrypted push to an account without encoding_aes_key")]
     NoKey,

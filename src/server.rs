@@ -3,7 +3,9 @@
 //!
 //! HTTP/1.1 only: WeChat and the proxies in front of the relay speak it, and hyper-util's
 //! auto-detecting builder waits for a client's first bytes without a timeout. Every connection
-//! has `header_read_timeout` to send its headers, and at most `max_connections` are open.
+//! has `header_read_timeout` to send its headers, a write that makes no progress for
+//! `WRITE_STALL_TIMEOUT` closes it, and at most `max_connections` are open. Per-client limits
+//! belong in the proxy in front.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +25,9 @@ use crate::stack;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write to a client may make no progress: a client that stops reading (a zero TCP
+/// window) would otherwise hold its connection, and a `max_connections` slot, for ever.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `config` on an already-bound `listener` until `shutdown` completes, then drains.
 /// Tests and `main` start the relay the same way.
@@ -52,13 +57,18 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
                         warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                            () = &mut shutdown => break,
+                        }
                     }
                 };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(stack::build(Arc::clone(&relay), peer));
-                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+                stream.set_write_timeout(Some(WRITE_STALL_TIMEOUT));
+                let io = TokioIo::new(Box::pin(stream));
+                let connection = graceful.watch(builder.serve_connection(io, service));
                 tokio::spawn(async move {
                     let _slot = connection_slot;
                     // A client that goes away mid-request is routine, not an error.

@@ -968,3 +968,28 @@ fn route_names_are_checked_and_unique() {
         &["route[1].name: \"everything else\" must be 1-64 of A-Z a-z 0-9 - _"],
     );
 }
+
+#[test]
+fn env_sets_a_numeric_key_the_file_leaves_out() {
+    // The shipped file sets max_connections; a minimal file may not. The variable's value is
+    // then read as the number the key takes.
+    let text = edit(&shipped(), "max_connections = 1024\n", "");
+    let (dir, path) = write_config(&text);
+    let run = run(relay()
+        .env("WECHAT_RELAY_SERVER__MAX_CONNECTIONS", "2048")
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    drop(dir);
+    assert_ok(&run, &path);
+    assert!(run.stdout.contains("2048 connections"), "{}", run.stdout);
+}
+
+#[test]
+fn a_target_timeout_has_an_upper_bound() {
+    assert_edit_refused(
+        "timeout_ms = 3000",
+        "timeout_ms = 3600000",
+        &["target[0].timeout_ms: must be 1 to 300000, got 3600000"],
+    );
+}

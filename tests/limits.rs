@@ -75,3 +75,46 @@ async fn past_max_queued_forwards_a_forward_is_dropped_not_queued() {
     slow.expect_none(Duration::from_millis(2500)).await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    let mut target = FakeTarget::start().await;
+    let mut toml = server_section(2000, 300).replace(
+        "shutdown_grace_ms = 2000\n",
+        "shutdown_grace_ms = 2000\nmax_connections = 1\n",
+    );
+    toml.push_str(&account_section("main", "/wechat", "plaintext"));
+    toml.push_str(&target_section("t", &target.url("/"), "plain", ""));
+    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    let relay = TestRelay::start(&toml).await;
+
+    // Pipeline requests and never read the answers: once the socket buffers are full the
+    // relay's writes make no progress.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stalled = socket.connect(relay.addr).await.expect("connect");
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let request = b"GET /nope HTTP/1.1\r\nhost: relay\r\n\r\n".repeat(1000);
+        for _ in 0..500 {
+            if stalled.write_all(&request).await.is_err() {
+                break;
+            }
+        }
+        stalled
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The only connection slot is taken; the stall timeout frees it.
+    let (query, body) = PushBuilder::new(text_xml("after the stall", 1)).plaintext();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        post(&relay.url(&format!("/wechat?{query}")), body),
+    )
+    .await
+    .expect("the stalled client's connection was closed, freeing the slot");
+    assert_eq!(answer.status, 200);
+    target.next().await;
+    writer.abort();
+    relay.stop().await;
+}

@@ -46,6 +46,8 @@ pub enum XmlError {
     /// might read the other.
     #[error("body has more than one {0} element (-40002)")]
     Repeated(&'static str),
+    #[error("body's {0} element holds elements, not text (-40002)")]
+    NotText(&'static str),
 }
 
 /// One element's content: text (CDATA and character data joined) or child elements.
@@ -189,8 +191,14 @@ impl Fields {
         }
         let children = root.ok_or(XmlError::NoRoot)?;
         for field in SINGLE_FIELDS {
-            if children.iter().filter(|(n, _)| n == field).count() > 1 {
+            let mut found = children.iter().filter(|(n, _)| n == field);
+            let first = found.next();
+            if found.next().is_some() {
                 return Err(XmlError::Repeated(field));
+            }
+            // Text only: a reader that flattens child elements would see another value.
+            if let Some((_, Node::Element(_))) = first {
+                return Err(XmlError::NotText(field));
             }
         }
         Ok(Fields {
@@ -446,6 +454,7 @@ mod tests {
             b"<xml><a>\xff</a></xml>",
             b"<xml><MsgType>text</MsgType><MsgType>event</MsgType></xml>",
             b"<xml><Encrypt>a</Encrypt><Encrypt>b</Encrypt></xml>",
+            b"<xml><MsgType><b>text</b></MsgType></xml>",
         ] {
             assert!(
                 Fields::parse(bad).is_err(),

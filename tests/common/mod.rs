@@ -263,9 +263,9 @@ pub async fn send(
         builder = builder.header(*name, *value);
     }
     let request = builder.body(Full::new(body.into())).expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(10), client().request(request))
+    let response = tokio::time::timeout(Duration::from_secs(30), client().request(request))
         .await
-        .expect("the relay answers within 10 s")
+        .expect("the relay answers within 30 s")
         .expect("response");
     let (parts, body) = response.into_parts();
     Answer {
