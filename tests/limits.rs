@@ -7,17 +7,30 @@ use std::time::Duration;
 
 use common::*;
 
+/// A plaintext account routing everything to `target`, with `server_keys` in place of the kit's
+/// `shutdown_grace_ms` line.
+fn plaintext_config(server_keys: &str, target: &FakeTarget, target_extra: &str) -> String {
+    let mut toml = server_section(2000, 300).replace("shutdown_grace_ms = 2000\n", server_keys);
+    toml.push_str(&account_section("main", "/wechat", "plaintext"));
+    toml.push_str(&target_section(
+        "t",
+        &target.url("/"),
+        "plain",
+        target_extra,
+    ));
+    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    toml
+}
+
 #[tokio::test]
 async fn at_max_connections_new_clients_wait_for_a_free_one() {
     let mut target = FakeTarget::start().await;
-    let mut toml = server_section(2000, 300).replace(
-        "shutdown_grace_ms = 2000\n",
+    let relay = TestRelay::start(&plaintext_config(
         "shutdown_grace_ms = 2000\nmax_connections = 1\n",
-    );
-    toml.push_str(&account_section("main", "/wechat", "plaintext"));
-    toml.push_str(&target_section("t", &target.url("/"), "plain", ""));
-    toml.push_str("[[route]]\nto = [\"t\"]\n");
-    let relay = TestRelay::start(&toml).await;
+        &target,
+        "",
+    ))
+    .await;
 
     // An idle client holds the only connection.
     let idle = tokio::net::TcpStream::connect(relay.addr)
@@ -52,19 +65,12 @@ async fn past_max_queued_forwards_a_forward_is_dropped_not_queued() {
         ..Behaviour::default()
     })
     .await;
-    let mut toml = server_section(2000, 300).replace(
-        "shutdown_grace_ms = 2000\n",
+    let relay = TestRelay::start(&plaintext_config(
         "shutdown_grace_ms = 3000\nmax_concurrent_forwards = 1\nmax_queued_forwards = 1\n",
-    );
-    toml.push_str(&account_section("main", "/wechat", "plaintext"));
-    toml.push_str(&target_section(
-        "slow",
-        &slow.url("/"),
-        "plain",
+        &slow,
         "timeout_ms = 5000",
-    ));
-    toml.push_str("[[route]]\nto = [\"slow\"]\n");
-    let relay = TestRelay::start(&toml).await;
+    ))
+    .await;
     for i in 0..3 {
         let (query, body) = PushBuilder::new(text_xml("queued?", i)).plaintext();
         // Acknowledged at once: the forward runs (or is dropped) after the answer.
@@ -79,14 +85,12 @@ async fn past_max_queued_forwards_a_forward_is_dropped_not_queued() {
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_connection() {
     let mut target = FakeTarget::start().await;
-    let mut toml = server_section(2000, 300).replace(
-        "shutdown_grace_ms = 2000\n",
+    let relay = TestRelay::start(&plaintext_config(
         "shutdown_grace_ms = 2000\nmax_connections = 1\n",
-    );
-    toml.push_str(&account_section("main", "/wechat", "plaintext"));
-    toml.push_str(&target_section("t", &target.url("/"), "plain", ""));
-    toml.push_str("[[route]]\nto = [\"t\"]\n");
-    let relay = TestRelay::start(&toml).await;
+        &target,
+        "",
+    ))
+    .await;
 
     // Pipeline requests and never read the answers: once the socket buffers are full the
     // relay's writes make no progress.
