@@ -22,15 +22,21 @@ fn plaintext_config(server_keys: &str, target: &FakeTarget, target_extra: &str) 
     toml
 }
 
-#[tokio::test]
-async fn at_max_connections_new_clients_wait_for_a_free_one() {
-    let mut target = FakeTarget::start().await;
+/// A relay that serves one client connection at a time.
+async fn one_connection_relay() -> (TestRelay, FakeTarget) {
+    let target = FakeTarget::start().await;
     let relay = TestRelay::start(&plaintext_config(
         "shutdown_grace_ms = 2000\nmax_connections = 1\n",
         &target,
         "",
     ))
     .await;
+    (relay, target)
+}
+
+#[tokio::test]
+async fn at_max_connections_new_clients_wait_for_a_free_one() {
+    let (relay, mut target) = one_connection_relay().await;
 
     // An idle client holds the only connection.
     let idle = tokio::net::TcpStream::connect(relay.addr)
@@ -84,13 +90,7 @@ async fn past_max_queued_forwards_a_forward_is_dropped_not_queued() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_connection() {
-    let mut target = FakeTarget::start().await;
-    let relay = TestRelay::start(&plaintext_config(
-        "shutdown_grace_ms = 2000\nmax_connections = 1\n",
-        &target,
-        "",
-    ))
-    .await;
+    let (relay, mut target) = one_connection_relay().await;
 
     // Pipeline requests and never read the answers: once the socket buffers are full the
     // relay's writes make no progress.
