@@ -8,7 +8,9 @@
 //!     cargo run --release --example load -- --pushes 20000 --concurrency 64 --mode safe
 //!
 //! Options: `--mode safe|plaintext`, `--reply` (the route waits for the target's reply, which
-//! the relay seals for WeChat), `--format raw|plain|json`.
+//! the relay seals for WeChat), `--format raw|plain|json`, `--store sqlite|memory` (sqlite,
+//! the default, is the durable path: every acknowledged push was fsynced first; memory is the
+//! same path with the store off).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,6 +40,7 @@ struct Options {
     mode: String,
     format: String,
     reply: bool,
+    store: String,
 }
 
 fn options() -> Options {
@@ -47,6 +50,7 @@ fn options() -> Options {
         mode: "safe".into(),
         format: "plain".into(),
         reply: false,
+        store: "sqlite".into(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -57,6 +61,7 @@ fn options() -> Options {
             "--mode" => options.mode = value(),
             "--format" => options.format = value(),
             "--reply" => options.reply = true,
+            "--store" => options.store = value(),
             // `cargo bench` passes --bench; anything else is a mistake.
             "--bench" => {}
             other => panic!("unknown option {other}"),
@@ -117,10 +122,15 @@ async fn main() {
     } else {
         ""
     };
+    let store = match options.store.as_str() {
+        "sqlite" => "[store]\npath = \"data\"\n",
+        "memory" => "",
+        other => panic!("--store sqlite|memory, not {other}"),
+    };
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmax_concurrent_forwards = 1024\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n{store}\
          [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\n{key_line}mode = \"{}\"\n\
-         [[target]]\nname = \"t\"\nurl = \"http://{target}/hook\"\nformat = \"{}\"\n{secret}\
+         [[target]]\nname = \"t\"\nurl = \"http://{target}/hook\"\nformat = \"{}\"\nconcurrency = 64\n{secret}\
          [[route]]\nto = [\"t\"]\n{reply}",
         options.mode, options.format
     );
@@ -130,7 +140,10 @@ async fn main() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
     let relay = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wechat_relay::server::run(config, listener, async {
+    let outbox = wechat_relay::outbox::Outbox::start(&config)
+        .await
+        .expect("store");
+    let server = tokio::spawn(wechat_relay::server::run(config, outbox, listener, async {
         let _ = stopped.await;
     }));
 

@@ -22,7 +22,7 @@ use crate::wechat::crypto::AesKey;
 pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
 /// Stands for a variable of ours whose value is not UTF-8 (a NUL cannot be in a real value).
 const NOT_UTF8: &str = "\0not-utf-8";
-const SECTIONS: [&str; 4] = ["server", "account", "target", "route"];
+const SECTIONS: [&str; 5] = ["server", "store", "account", "target", "route"];
 /// WeChat cuts the connection after 5 s.
 const WECHAT_DEADLINE_MS: u64 = 5000;
 /// WeChat's pushes are a few KiB; a larger limit only helps a flood.
@@ -31,6 +31,14 @@ const MAX_BODY_LIMIT: u64 = 1 << 20;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// The most of any count limit: far above need, and within what a semaphore holds.
 const MAX_PERMITS: u64 = 1 << 20;
+/// PROTOCOL.md §6: keep dedupe keys for at least 60 s (WeChat retries for about 15 s).
+const MIN_DEDUPE_TTL_S: u64 = 60;
+/// A week: the store holds a key (and its answer) per push for this long.
+const MAX_DEDUPE_TTL_S: u64 = 7 * 86_400;
+/// Deliveries at once to one target.
+const MAX_CONCURRENCY: u64 = 1024;
+/// A year: the most a delivery may be retried for.
+const MAX_AGE_S: u64 = 365 * 86_400;
 
 /// Every problem found in a config, one line each.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +49,7 @@ pub struct ConfigError(pub Vec<String>);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: Server,
+    pub store: Store,
     pub accounts: Vec<Account>,
     pub targets: Vec<Target>,
     pub routes: Vec<Route>,
@@ -54,14 +63,20 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// `None` turns the freshness check off.
     pub timestamp_skew: Option<Duration>,
-    /// Forwards in flight at once across all targets; more wait for a slot.
-    pub max_concurrent_forwards: usize,
-    /// Forwards waiting for a slot or in flight; past it a forward is dropped with a warning.
-    pub max_queued_forwards: usize,
     /// Client connections open at once; more wait in the kernel's backlog.
     pub max_connections: usize,
     /// On SIGTERM, how long requests and forwards in flight may take to finish.
     pub shutdown_grace: Duration,
+}
+
+/// `[store]`: where deliveries, dead letters and dedupe keys live.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// The store's folder (relative paths are resolved against the config file's folder).
+    /// `None` (no `[store]` section): kept in memory, lost on restart.
+    pub path: Option<PathBuf>,
+    /// How long a push's dedupe key (and the answer WeChat got) is kept.
+    pub dedupe_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -124,6 +139,15 @@ pub struct Target {
     pub timeout: Duration,
     /// The HMAC key decoded from `whsec_...` (json targets only).
     pub secret: Option<Secret>,
+    /// Deliveries in flight at once to this target.
+    pub concurrency: usize,
+    /// The first retry's delay; each later one doubles it, up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Attempts before a delivery becomes a dead letter.
+    pub max_attempts: u32,
+    /// Age (from the push's arrival, or from its replay) past which a delivery is dead.
+    pub max_age: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,10 +208,6 @@ struct RawServer {
     max_body_bytes: u64,
     #[serde(default = "default_timestamp_skew_s")]
     timestamp_skew_s: u64,
-    #[serde(default = "default_max_concurrent_forwards")]
-    max_concurrent_forwards: u64,
-    #[serde(default = "default_max_queued_forwards")]
-    max_queued_forwards: u64,
     #[serde(default = "default_max_connections")]
     max_connections: u64,
     #[serde(default = "default_shutdown_grace_ms")]
@@ -206,12 +226,6 @@ fn default_max_body_bytes() -> u64 {
 fn default_timestamp_skew_s() -> u64 {
     300
 }
-fn default_max_concurrent_forwards() -> u64 {
-    256
-}
-fn default_max_queued_forwards() -> u64 {
-    10_000
-}
 fn default_max_connections() -> u64 {
     1024
 }
@@ -220,6 +234,32 @@ fn default_shutdown_grace_ms() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     3000
+}
+fn default_concurrency() -> u64 {
+    16
+}
+fn default_retry_initial_ms() -> u64 {
+    1000
+}
+fn default_retry_max_ms() -> u64 {
+    300_000
+}
+fn default_max_attempts() -> u64 {
+    20
+}
+fn default_max_age_s() -> u64 {
+    86_400
+}
+fn default_dedupe_ttl_s() -> u64 {
+    300
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<PathBuf>,
+    #[serde(default = "default_dedupe_ttl_s")]
+    dedupe_ttl_s: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +288,16 @@ struct RawTarget {
     timeout_ms: u64,
     secret: Option<String>,
     secret_file: Option<PathBuf>,
+    #[serde(default = "default_concurrency")]
+    concurrency: u64,
+    #[serde(default = "default_retry_initial_ms")]
+    retry_initial_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    retry_max_ms: u64,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u64,
+    #[serde(default = "default_max_age_s")]
+    max_age_s: u64,
 }
 
 fn default_format() -> ForwardFormat {
@@ -397,15 +447,19 @@ fn element_named(item: &Value, selector: &str) -> bool {
 }
 
 /// Keys whose values are numbers, booleans or lists; every other key takes text.
-const TYPED_KEYS: [&str; 14] = [
+const TYPED_KEYS: &[&str] = &[
     "reply_deadline_ms",
     "max_body_bytes",
     "timestamp_skew_s",
-    "max_concurrent_forwards",
-    "max_queued_forwards",
     "max_connections",
     "shutdown_grace_ms",
+    "dedupe_ttl_s",
     "timeout_ms",
+    "concurrency",
+    "retry_initial_ms",
+    "retry_max_ms",
+    "max_attempts",
+    "max_age_s",
     "ticket",
     "msg_type",
     "event",
@@ -496,6 +550,13 @@ impl<'a> Checker<'a> {
             Some(value) => self.raw::<RawServer>("server", &value),
             None => self.raw::<RawServer>("server", &Value::from(Dict::new())),
         };
+        let store = match root.remove("store") {
+            Some(value) => self.raw::<RawStore>("store", &value),
+            None => Some(RawStore {
+                path: None,
+                dedupe_ttl_s: default_dedupe_ttl_s(),
+            }),
+        };
         // Names and paths come from every entry as written, parsed or not, so that one broken
         // target does not also show up as "not a [[target]] name" in each route that names it.
         let account_names = strings_in(&root, "account", "name");
@@ -514,6 +575,7 @@ impl<'a> Checker<'a> {
         self.unique("route", "name", &route_names);
 
         let server = server.and_then(|s| self.server(s));
+        let store = store.and_then(|s| self.store(s));
         let accounts: Vec<Option<Account>> = raw_accounts
             .into_iter()
             .enumerate()
@@ -533,14 +595,15 @@ impl<'a> Checker<'a> {
         if !self.problems.is_empty() {
             return Err(ConfigError(self.problems));
         }
-        match server {
-            Some(server) => Ok(Config {
+        match (server, store) {
+            (Some(server), Some(store)) => Ok(Config {
                 server,
+                store,
                 accounts: accounts.into_iter().flatten().collect(),
                 targets: targets.into_iter().flatten().collect(),
                 routes: routes.into_iter().flatten().collect(),
             }),
-            None => Err(ConfigError(vec!["server: invalid".into()])),
+            _ => Err(ConfigError(vec!["server or store: invalid".into()])),
         }
     }
 
@@ -626,29 +689,51 @@ impl<'a> Checker<'a> {
                 ),
             );
         }
-        for (key, value) in [
-            ("max_concurrent_forwards", raw.max_concurrent_forwards),
-            ("max_queued_forwards", raw.max_queued_forwards),
-            ("max_connections", raw.max_connections),
-        ] {
-            // tokio's semaphores hold at most usize::MAX >> 3 permits.
-            if value == 0 || value > MAX_PERMITS {
-                self.problem(
-                    format!("server.{key}"),
-                    format!("must be 1 to {MAX_PERMITS}, got {value}"),
-                );
-            }
-        }
+        // tokio's semaphores hold at most usize::MAX >> 3 permits.
+        self.range(
+            "server.max_connections",
+            raw.max_connections,
+            1,
+            MAX_PERMITS,
+        );
         Some(Server {
             listen: listen?,
             reply_deadline: Duration::from_millis(raw.reply_deadline_ms),
             max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
             timestamp_skew: (raw.timestamp_skew_s > 0)
                 .then(|| Duration::from_secs(raw.timestamp_skew_s)),
-            max_concurrent_forwards: usize::try_from(raw.max_concurrent_forwards).unwrap_or(1),
-            max_queued_forwards: usize::try_from(raw.max_queued_forwards).unwrap_or(1),
             max_connections: usize::try_from(raw.max_connections).unwrap_or(1),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+        })
+    }
+
+    /// Reports `value` outside `min..=max`.
+    fn range(&mut self, at: &str, value: u64, min: u64, max: u64) {
+        if !(min..=max).contains(&value) {
+            self.problem(at, format!("must be {min} to {max}, got {value}"));
+        }
+    }
+
+    fn store(&mut self, raw: RawStore) -> Option<Store> {
+        let before = self.problems.len();
+        self.range(
+            "store.dedupe_ttl_s",
+            raw.dedupe_ttl_s,
+            MIN_DEDUPE_TTL_S,
+            MAX_DEDUPE_TTL_S,
+        );
+        if raw.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            self.problem(
+                "store.path",
+                "must name a folder (leave it out to keep deliveries in memory)",
+            );
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Store {
+            path: raw.path.map(|p| self.base.join(p)),
+            dedupe_ttl: Duration::from_secs(raw.dedupe_ttl_s),
         })
     }
 
@@ -815,12 +900,37 @@ impl<'a> Checker<'a> {
                 None
             }
         };
-        if !(1..=MAX_TIMEOUT_MS).contains(&raw.timeout_ms) {
-            self.problem(
-                format!("{at}.timeout_ms"),
-                format!("must be 1 to {MAX_TIMEOUT_MS}, got {}", raw.timeout_ms),
-            );
-        }
+        self.range(
+            &format!("{at}.timeout_ms"),
+            raw.timeout_ms,
+            1,
+            MAX_TIMEOUT_MS,
+        );
+        self.range(
+            &format!("{at}.concurrency"),
+            raw.concurrency,
+            1,
+            MAX_CONCURRENCY,
+        );
+        self.range(
+            &format!("{at}.retry_initial_ms"),
+            raw.retry_initial_ms,
+            1,
+            MAX_AGE_S * 1000,
+        );
+        self.range(
+            &format!("{at}.retry_max_ms"),
+            raw.retry_max_ms,
+            raw.retry_initial_ms,
+            MAX_AGE_S * 1000,
+        );
+        self.range(
+            &format!("{at}.max_attempts"),
+            raw.max_attempts,
+            1,
+            u64::from(u32::MAX),
+        );
+        self.range(&format!("{at}.max_age_s"), raw.max_age_s, 1, MAX_AGE_S);
         let Ok(secret) = self.secret(&at, "secret", raw.secret, raw.secret_file) else {
             return None;
         };
@@ -866,6 +976,11 @@ impl<'a> Checker<'a> {
             format: raw.format,
             timeout: Duration::from_millis(raw.timeout_ms),
             secret,
+            concurrency: usize::try_from(raw.concurrency).unwrap_or(1),
+            retry_initial: Duration::from_millis(raw.retry_initial_ms),
+            retry_max: Duration::from_millis(raw.retry_max_ms),
+            max_attempts: u32::try_from(raw.max_attempts).unwrap_or(u32::MAX),
+            max_age: Duration::from_secs(raw.max_age_s),
         })
     }
 
@@ -980,16 +1095,27 @@ impl fmt::Display for Config {
         let s = &self.server;
         writeln!(
             f,
-            "server: listen {}, reply deadline {} ms, max body {} bytes, timestamp skew {}, {} forwards at once, {} queued, {} connections",
+            "server: listen {}, reply deadline {} ms, max body {} bytes, timestamp skew {}, {} connections",
             s.listen,
             s.reply_deadline.as_millis(),
             s.max_body_bytes,
             s.timestamp_skew
                 .map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
-            s.max_concurrent_forwards,
-            s.max_queued_forwards,
             s.max_connections
         )?;
+        match &self.store.path {
+            Some(path) => writeln!(
+                f,
+                "store: {} (SQLite, fsync on commit), dedupe window {} s",
+                path.display(),
+                self.store.dedupe_ttl.as_secs()
+            )?,
+            None => writeln!(
+                f,
+                "store: none, in memory: pending deliveries are lost on restart (set [store] path), dedupe window {} s",
+                self.store.dedupe_ttl.as_secs()
+            )?,
+        }
         for a in &self.accounts {
             writeln!(
                 f,
@@ -1008,11 +1134,16 @@ impl fmt::Display for Config {
         for t in &self.targets {
             writeln!(
                 f,
-                "target {}: {} {} timeout {} ms{}",
+                "target {}: {} {} timeout {} ms, {} at once, retry {}-{} ms, {} attempts, {} s max age{}",
                 t.name,
                 t.format.as_str(),
                 redacted_url(&t.url),
                 t.timeout.as_millis(),
+                t.concurrency,
+                t.retry_initial.as_millis(),
+                t.retry_max.as_millis(),
+                t.max_attempts,
+                t.max_age.as_secs(),
                 if t.secret.is_some() {
                     " secret <redacted>"
                 } else {

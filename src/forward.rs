@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -22,6 +22,8 @@ use crate::push::Push;
 
 /// Stable for a push across WeChat's retries, so a target can dedupe.
 pub const EVENT_ID_HEADER: HeaderName = HeaderName::from_static("x-wechat-relay-event-id");
+/// 1 for the first attempt to deliver a push to a target, 2 for the first retry, and so on.
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-wechat-relay-attempt");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
@@ -37,6 +39,8 @@ pub struct Answer {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
+    /// `Retry-After`, in seconds or as a date.
+    pub retry_after: Option<Duration>,
 }
 
 /// The pooled client every forward goes through.
@@ -77,9 +81,14 @@ impl Forwarder {
     }
 
     /// Sends `push` to `target` in the target's format and reads its answer, all within the
-    /// target's `timeout_ms`.
-    pub async fn forward(&self, target: &Target, push: &Push) -> Result<Answer, ForwardError> {
-        let request = self.request(target, push, unix_now())?;
+    /// target's `timeout_ms`. `attempt` counts from 1.
+    pub async fn forward(
+        &self,
+        target: &Target,
+        push: &Push,
+        attempt: u32,
+    ) -> Result<Answer, ForwardError> {
+        let request = self.request(target, push, unix_now(), attempt)?;
         tokio::time::timeout(target.timeout, self.send(request))
             .await
             .map_err(|_| ForwardError::Timeout)?
@@ -107,15 +116,21 @@ impl Forwarder {
             status: parts.status,
             content_type: parts.headers.get(CONTENT_TYPE).cloned(),
             body,
+            retry_after: parts
+                .headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, SystemTime::now())),
         })
     }
 
-    /// Builds the request for `target` (public for tests and for the outbox to come).
+    /// Builds attempt number `attempt` of the request for `target`.
     pub fn request(
         &self,
         target: &Target,
         push: &Push,
         now: u64,
+        attempt: u32,
     ) -> Result<Request<Full<Bytes>>, ForwardError> {
         let (query, content_type, body) = match target.format {
             ForwardFormat::Raw => (
@@ -131,6 +146,7 @@ impl Forwarder {
             .header(CONTENT_TYPE, content_type)
             .header(USER_AGENT, self.user_agent.clone())
             .header(EVENT_ID_HEADER, push.event_id.as_str())
+            .header(ATTEMPT_HEADER, attempt)
             .header(X_FORWARDED_FOR, push.forwarded_for.as_str());
         if let (ForwardFormat::Json, Some(secret)) = (target.format, &target.secret) {
             let id = push.event_id.as_str();
@@ -147,6 +163,16 @@ impl Forwarder {
             .body(Full::new(body))
             .map_err(|e| ForwardError::Transport(format!("cannot build the request: {e}")))
     }
+}
+
+/// `Retry-After` as a delay from `now`: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`: the Standard Webhooks signature.
@@ -240,6 +266,21 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:30:00 GMT", now),
+            Some(Duration::from_secs(1_445_412_600 - 1_445_412_480))
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
     }
 
     #[test]

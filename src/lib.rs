@@ -8,19 +8,22 @@
 //!
 //! - [`config`]: relay.toml, loaded and validated into a checked [`config::Config`];
 //! - [`server`]: binds, accepts, shuts down gracefully; [`stack`] builds the tower stack;
-//! - [`relay`]: the handler: verify, decrypt, route, deliver, reply;
+//! - [`relay`]: the handler: verify, decrypt, route, dedupe, reply, commit;
+//! - [`outbox`]: the durable store of deliveries, its workers (retries, dead letters) and the
+//!   WeChat-retry dedupe;
 //! - [`wechat`]: the protocol (signatures, AES, message XML), knowing nothing of routes; its
 //!   [`wechat::sender`] builds pushes the way WeChat does, for tests and benchmarks;
 //! - [`push`]: a verified push as every later step reads it;
 //! - [`route`]: the route table, first match wins;
 //! - [`forward`]: the HTTP client and the `raw` / `plain` / `json` request shapes;
 //! - [`error`]: refusals and forward failures, and their HTTP statuses;
-//! - [`cli`] and [`telemetry`]: the command line and logging.
+//! - [`cli`] and [`telemetry`]: the command line (with the `outbox` commands) and logging.
 
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod outbox;
 pub mod push;
 pub mod relay;
 pub mod route;

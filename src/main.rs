@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use wechat_relay::cli::{Cli, Command};
+use wechat_relay::cli::{Cli, Command, OutboxCommand};
 use wechat_relay::config::Config;
+use wechat_relay::outbox::Outbox;
 use wechat_relay::{server, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
@@ -31,6 +32,30 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config),
+        Command::Outbox { command } => outbox(&config, &command),
+    }
+}
+
+fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(wechat_relay::outbox::command::run(config, command)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outbox: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 
@@ -46,6 +71,17 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // The store first: the first push the relay accepts is already durable.
+        let outbox = match Outbox::start(&config).await {
+            Ok(outbox) => outbox,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the store");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        if config.store.path.is_none() {
+            tracing::warn!("no [store] path: deliveries are kept in memory and lost on restart");
+        }
         let listen = config.server.listen;
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(listener) => listener,
@@ -57,7 +93,7 @@ fn serve(config: Config) -> ExitCode {
         let bound = listener.local_addr().map_or(listen, |a| a);
         tracing::info!(listen = %bound, accounts = config.accounts.len(), targets = config.targets.len(),
             routes = config.routes.len(), "wechat-relay listening");
-        server::run(config, listener, shutdown_signal()).await;
+        server::run(config, outbox, listener, shutdown_signal()).await;
         ExitCode::SUCCESS
     })
 }

@@ -1,8 +1,11 @@
-//! The handler: verify -> decrypt -> route -> deliver -> reply, one function per step.
+//! The handler: verify -> decrypt -> route -> dedupe -> reply -> commit, one function per step.
 //!
 //! A [`Relay`] is one immutable snapshot of the config with the state that goes with it (the
-//! route table, the HTTP client, the forward slots). It answers every request with a response,
-//! never an error: a dropped connection makes WeChat retry.
+//! route table, the HTTP client, the outbox). It answers every request with a response, never
+//! an error: a dropped connection makes WeChat retry.
+//!
+//! A routed push is answered only once it is committed to the outbox (its dedupe record, its
+//! answer and a delivery per target that still needs one); the outbox's workers deliver it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,13 +16,15 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use tokio::sync::{Semaphore, oneshot};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Account, Config, ForwardFormat, Mode, Reply, Target};
 use crate::error::{ForwardError, Rejection};
 use crate::forward::{Answer, Forwarder, unix_now};
+use crate::outbox::store::{CachedAnswer, Commit, NewDelivery};
+use crate::outbox::worker::{Verdict, classify, decide};
+use crate::outbox::{Claim, Outbox, now_ms};
 use crate::push::Push;
 use crate::route::{CompiledRoute, RouteTable};
 use crate::wechat::crypto::{self, CryptoError};
@@ -30,8 +35,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ForwardResult = Result<Answer, ForwardError>;
 
 const SUCCESS: &str = "success";
-const TEXT_XML: HeaderValue = HeaderValue::from_static("text/xml; charset=utf-8");
-const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+const TEXT_XML: &str = "text/xml; charset=utf-8";
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 
 /// The relay for one config.
 pub struct Relay {
@@ -39,12 +44,10 @@ pub struct Relay {
     routes: RouteTable,
     targets: HashMap<String, Arc<Target>>,
     forwarder: Forwarder,
-    /// Bounds the forwards in flight at once; the rest wait for a slot.
-    forward_slots: Arc<Semaphore>,
-    /// Bounds the forwards waiting or in flight; past it they are dropped with a warning.
-    forward_queue: Arc<Semaphore>,
-    /// Forwards still running after their push was answered; drained at shutdown.
-    forwards: TaskTracker,
+    outbox: Arc<Outbox>,
+    /// Pushes being handled: each runs in a task of its own so that WeChat cutting the
+    /// connection never cuts a commit. Drained at shutdown.
+    pushes: TaskTracker,
 }
 
 /// The query parameters, percent-decoded; the first of a repeated name counts.
@@ -82,6 +85,8 @@ enum ReplyOutcome {
     TargetFailed,
     TargetNotXml,
     Deadline,
+    /// A WeChat retry: the answer the first one got.
+    Cached,
 }
 
 impl ReplyOutcome {
@@ -95,28 +100,26 @@ impl ReplyOutcome {
             ReplyOutcome::TargetFailed => "target_failed",
             ReplyOutcome::TargetNotXml => "target_not_xml",
             ReplyOutcome::Deadline => "deadline",
+            ReplyOutcome::Cached => "cached",
         }
     }
 }
 
 impl Relay {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, outbox: Arc<Outbox>) -> Self {
         let routes = RouteTable::new(&config.routes);
         let targets = config
             .targets
             .iter()
             .map(|t| (t.name.clone(), Arc::new(t.clone())))
             .collect();
-        let forward_slots = Arc::new(Semaphore::new(config.server.max_concurrent_forwards));
-        let forward_queue = Arc::new(Semaphore::new(config.server.max_queued_forwards));
         Self {
             config,
             routes,
             targets,
-            forwarder: Forwarder::new(),
-            forward_slots,
-            forward_queue,
-            forwards: TaskTracker::new(),
+            forwarder: outbox.forwarder().clone(),
+            outbox,
+            pushes: TaskTracker::new(),
         }
     }
 
@@ -124,29 +127,33 @@ impl Relay {
         &self.config
     }
 
-    /// Forwards that outlived their request; the server waits on them at shutdown.
-    pub fn forwards(&self) -> &TaskTracker {
-        &self.forwards
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
     }
 
     /// Answers one request from WeChat (or anyone else).
-    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>>
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let Some(account) = self
+        let Some(index) = self
             .config
             .accounts
             .iter()
-            .find(|a| a.path == request.uri().path())
+            .position(|a| a.path == request.uri().path())
         else {
             return reject(None, peer, Rejection::UnknownPath);
         };
+        let account = &self.config.accounts[index];
         let result = match *request.method() {
             Method::GET => self.url_check(account, &request),
-            Method::POST => self.push(account, request, peer, started).await,
+            Method::POST => self.push(index, request, peer, started).await,
             _ => Err(Rejection::MethodNotAllowed),
         };
         result.unwrap_or_else(|rejection| reject(Some(account), peer, rejection))
@@ -162,17 +169,17 @@ impl Relay {
         self.check_signature(account, &query)?;
         let echostr = query.require("echostr")?;
         info!(account = %account.name, "URL check answered");
-        Ok(respond(
+        Ok(response(&respond(
             StatusCode::OK,
             TEXT_PLAIN,
             Bytes::copy_from_slice(echostr.as_bytes()),
-        ))
+        )))
     }
 
-    /// `POST`: a push.
+    /// `POST`: a push. Verified and opened here; the rest runs in a task of its own.
     async fn push<B>(
-        &self,
-        account: &Account,
+        self: &Arc<Self>,
+        account_index: usize,
         request: Request<B>,
         peer: SocketAddr,
         started: Instant,
@@ -181,6 +188,7 @@ impl Relay {
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
+        let account = &self.config.accounts[account_index];
         let raw_query = request.uri().query().unwrap_or_default().to_owned();
         let query = Query::parse(&raw_query);
         self.check_signature(account, &query)?;
@@ -199,16 +207,95 @@ impl Relay {
             key_index,
             received_at: SystemTime::now(),
         });
+        let relay = Arc::clone(self);
+        let handled = self
+            .pushes
+            .spawn(async move { relay.handle_push(account_index, push, started).await });
+        Ok(match handled.await {
+            Ok(answer) => response(&answer),
+            Err(e) => {
+                error!(error = %e, "push handler failed; answered 500");
+                let mut failed = Response::new(Full::new(Bytes::from_static(b"internal error\n")));
+                *failed.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                failed
+            }
+        })
+    }
+
+    /// Route -> dedupe -> reply -> commit, for a verified push.
+    async fn handle_push(
+        &self,
+        account_index: usize,
+        push: Arc<Push>,
+        started: Instant,
+    ) -> Arc<CachedAnswer> {
+        let account = &self.config.accounts[account_index];
         let Some(route) = self.routes.route(&account.name, &push.message) else {
             log_push(&push, None, "unrouted", ReplyOutcome::Success, started);
-            return Ok(success());
+            return Arc::new(success());
         };
-        let reply_answer = self.deliver(&push, route);
-        let (response, outcome) = self
-            .reply(account, &push, route, reply_answer, started)
-            .await;
+        let guard = match self.outbox.claim(&push.event_id) {
+            Claim::First(guard) => guard,
+            Claim::Wait(waiter) => {
+                // A WeChat retry while the first is handled: the first one's answer.
+                let answer = waiter.answer().await.unwrap_or_else(|| {
+                    Arc::new(CachedAnswer::from(crate::outbox::store::StoreError::Closed))
+                });
+                log_push(
+                    &push,
+                    Some(route),
+                    "duplicate",
+                    ReplyOutcome::Cached,
+                    started,
+                );
+                return answer;
+            }
+        };
+        match self.outbox.answer(&push.event_id).await {
+            Ok(None) => {}
+            Ok(Some(answer)) => {
+                // A retry of a push committed before: the answer it got then.
+                let answer = Arc::new(answer);
+                log_push(
+                    &push,
+                    Some(route),
+                    "duplicate",
+                    ReplyOutcome::Cached,
+                    started,
+                );
+                guard.finish(Arc::clone(&answer));
+                return answer;
+            }
+            Err(e) => return self.store_failed(&push, guard, e),
+        }
+        let (answer, outcome, deliveries) = self.reply(account, &push, route, started).await;
+        let answer = Arc::new(answer);
+        let commit = Commit {
+            push: Arc::clone(&push),
+            answer: (*answer).clone(),
+            deliveries,
+            now_ms: now_ms(),
+        };
+        if let Err(e) = self.outbox.commit(commit).await {
+            return self.store_failed(&push, guard, e);
+        }
         log_push(&push, Some(route), "forwarded", outcome, started);
-        Ok(response)
+        guard.finish(Arc::clone(&answer));
+        answer
+    }
+
+    /// The store could not take the push: 503, so that WeChat tries again; the key is released.
+    fn store_failed(
+        &self,
+        push: &Push,
+        guard: crate::outbox::ClaimGuard,
+        e: crate::outbox::store::StoreError,
+    ) -> Arc<CachedAnswer> {
+        error!(account = %push.account, event_id = %push.event_id, error = %e,
+            "cannot commit the push: answered 503 (WeChat will retry)");
+        let answer = Arc::new(CachedAnswer::from(e));
+        guard.finish(Arc::clone(&answer));
+        answer
     }
 
     /// `signature` over token, timestamp and nonce: present on every request, in every mode.
@@ -309,80 +396,29 @@ impl Relay {
         Ok((Message::parse(Bytes::from(xml))?, Some(key_index)))
     }
 
-    /// Starts a forward to every target of the route, concurrently, and returns the channel on
-    /// which the reply target's answer will arrive.
-    fn deliver(
-        &self,
-        push: &Arc<Push>,
-        route: &CompiledRoute,
-    ) -> Option<oneshot::Receiver<ForwardResult>> {
-        let mut reply_answer = None;
-        for name in &route.to {
-            let Some(target) = self.targets.get(name).cloned() else {
-                // Validation guarantees every name; keep serving if that ever breaks.
-                warn!(target = %name, route = %route.name, "route names an unknown target");
-                continue;
-            };
-            let sender = match &route.reply {
-                Reply::Target(reply) if reply == name => {
-                    let (sender, receiver) = oneshot::channel();
-                    reply_answer = Some(receiver);
-                    Some(sender)
-                }
-                _ => None,
-            };
-            // The reply target's forward is one per request in flight and is what WeChat waits
-            // for: it takes no slot. The others wait for one, in a bounded queue.
-            let slots = if sender.is_some() {
-                None
-            } else {
-                match Arc::clone(&self.forward_queue).try_acquire_owned() {
-                    Ok(place) => Some((place, Arc::clone(&self.forward_slots))),
-                    Err(_) => {
-                        warn!(target = %target.name, event_id = %push.event_id,
-                            queued = self.config.server.max_queued_forwards,
-                            "forward dropped: max_queued_forwards reached");
-                        continue;
-                    }
-                }
-            };
-            let mut in_flight = InFlight {
-                target,
-                push: Arc::clone(push),
-                finished: false,
-            };
-            let forwarder = self.forwarder.clone();
-            self.forwards.spawn(async move {
-                let _slot = match slots {
-                    Some((place, slots)) => match slots.acquire_owned().await {
-                        Ok(slot) => Some((place, slot)),
-                        Err(_) => return,
-                    },
-                    None => None,
-                };
-                let started = Instant::now();
-                let result = forwarder.forward(&in_flight.target, &in_flight.push).await;
-                in_flight.finished = true;
-                log_forward(&in_flight.target, &in_flight.push, &result, started);
-                if let Some(sender) = sender {
-                    // The request may have answered already (deadline): nobody is listening.
-                    let _ = sender.send(result);
-                }
-            });
-        }
-        reply_answer
-    }
-
-    /// What WeChat gets: a fixed text, the reply target's answer, or `success`.
+    /// What WeChat gets (a fixed text, the reply target's answer, or `success`), and the
+    /// deliveries to commit: one per target of the route, in route order, except the reply
+    /// target when its synchronous attempt was delivered.
     async fn reply(
         &self,
         account: &Account,
-        push: &Push,
+        push: &Arc<Push>,
         route: &CompiledRoute,
-        reply_answer: Option<oneshot::Receiver<ForwardResult>>,
         started: Instant,
-    ) -> (Response<Full<Bytes>>, ReplyOutcome) {
-        match &route.reply {
+    ) -> (CachedAnswer, ReplyOutcome, Vec<NewDelivery>) {
+        let now = now_ms();
+        let mut deliveries: Vec<NewDelivery> = route
+            .to
+            .iter()
+            .map(|target| NewDelivery {
+                target: target.clone(),
+                attempts: 0,
+                last_error: None,
+                at_ms: now,
+                dead: false,
+            })
+            .collect();
+        let (answer, outcome) = match &route.reply {
             Reply::None => (success(), ReplyOutcome::Success),
             Reply::Text(text) => {
                 let xml = text_reply(&push.message, unix_now(), text);
@@ -391,30 +427,73 @@ impl Relay {
                     ReplyOutcome::Text,
                 )
             }
-            Reply::Target(name) => {
-                let Some(receiver) = reply_answer else {
-                    return (success(), ReplyOutcome::TargetFailed);
-                };
-                let left = self
-                    .config
-                    .server
-                    .reply_deadline
-                    .saturating_sub(started.elapsed());
-                match tokio::time::timeout(left, receiver).await {
-                    Err(_) => {
-                        warn!(account = %account.name, target = %name, event_id = %push.event_id,
-                            deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
-                            "reply target missed the deadline; answered success");
-                        (success(), ReplyOutcome::Deadline)
+            Reply::Target(name) => match self.targets.get(name) {
+                None => (success(), ReplyOutcome::TargetFailed),
+                Some(target) => {
+                    let (answer, outcome, verdict) =
+                        self.ask_reply_target(account, push, target, started).await;
+                    // The synchronous attempt was attempt 1 of the reply target's delivery.
+                    if let Some(at) = deliveries.iter().position(|d| d.target == *name) {
+                        let enqueued = deliveries[at].at_ms;
+                        match decide(target, enqueued, 1, verdict, now_ms()) {
+                            crate::outbox::store::Settle::Delivered => {
+                                deliveries.remove(at);
+                            }
+                            crate::outbox::store::Settle::Retry {
+                                attempts,
+                                at_ms,
+                                error,
+                            } => {
+                                let d = &mut deliveries[at];
+                                (d.attempts, d.at_ms, d.last_error) =
+                                    (attempts, at_ms, Some(error));
+                            }
+                            crate::outbox::store::Settle::Dead { attempts, error } => {
+                                let d = &mut deliveries[at];
+                                (d.attempts, d.last_error, d.dead) = (attempts, Some(error), true);
+                            }
+                        }
                     }
-                    Ok(Err(_)) | Ok(Ok(Err(_))) => (success(), ReplyOutcome::TargetFailed),
-                    Ok(Ok(Ok(answer))) => match self.targets.get(name) {
-                        Some(target) => self.answer_reply(account, push, target, answer),
-                        None => (success(), ReplyOutcome::TargetFailed),
-                    },
+                    (answer, outcome)
                 }
-            }
-        }
+            },
+        };
+        (answer, outcome, deliveries)
+    }
+
+    /// Attempt 1 to the reply target, within what is left of the reply deadline (cut at the
+    /// deadline: its delivery is then retried by the outbox).
+    async fn ask_reply_target(
+        &self,
+        account: &Account,
+        push: &Push,
+        target: &Target,
+        started: Instant,
+    ) -> (CachedAnswer, ReplyOutcome, Verdict) {
+        let left = self
+            .config
+            .server
+            .reply_deadline
+            .saturating_sub(started.elapsed());
+        let attempt_started = Instant::now();
+        let result = tokio::time::timeout(left, self.forwarder.forward(target, push, 1)).await;
+        let Ok(result) = result else {
+            warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
+                deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
+                "reply target missed the deadline; answered success, delivery queued");
+            let verdict = Verdict::Retry {
+                error: "no answer within the reply deadline".into(),
+                after: None,
+            };
+            return (success(), ReplyOutcome::Deadline, verdict);
+        };
+        log_forward(target, push, &result, attempt_started);
+        let verdict = classify(&result);
+        let (answer, outcome) = match result {
+            Err(_) => (success(), ReplyOutcome::TargetFailed),
+            Ok(answer) => self.answer_reply(account, push, target, answer),
+        };
+        (answer, outcome, verdict)
     }
 
     /// Turns the reply target's answer into WeChat's response.
@@ -424,7 +503,7 @@ impl Relay {
         push: &Push,
         target: &Target,
         answer: Answer,
-    ) -> (Response<Full<Bytes>>, ReplyOutcome) {
+    ) -> (CachedAnswer, ReplyOutcome) {
         if !answer.status.is_success() {
             return (success(), ReplyOutcome::TargetStatus);
         }
@@ -448,7 +527,11 @@ impl Relay {
         };
         if target.format == ForwardFormat::Raw {
             // The target saw the push as WeChat sent it and answers as WeChat expects.
-            let content_type = answer.content_type.unwrap_or(TEXT_XML);
+            let content_type = answer
+                .content_type
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(TEXT_XML);
             return (
                 respond(StatusCode::OK, content_type, answer.body),
                 ReplyOutcome::FromTarget,
@@ -468,7 +551,7 @@ impl Relay {
     }
 
     /// A reply message, sealed with the key that opened the push when the push was encrypted.
-    fn xml_reply(&self, account: &Account, push: &Push, xml: Vec<u8>) -> Response<Full<Bytes>> {
+    fn xml_reply(&self, account: &Account, push: &Push, xml: Vec<u8>) -> CachedAnswer {
         let body = match push.key_index {
             None => Bytes::from(xml),
             // An encrypted push must never get a plaintext reply.
@@ -488,23 +571,6 @@ impl Relay {
             }
         };
         respond(StatusCode::OK, TEXT_XML, body)
-    }
-}
-
-/// A forward under way. Dropped unfinished (cut at the end of the shutdown grace), it says so
-/// with the target and the event id, so that no forward disappears without a line.
-struct InFlight {
-    target: Arc<Target>,
-    push: Arc<Push>,
-    finished: bool,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if !self.finished {
-            warn!(target = %self.target.name, event_id = %self.push.event_id,
-                "forward dropped unfinished at shutdown");
-        }
     }
 }
 
@@ -537,15 +603,27 @@ fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> String {
     }
 }
 
-fn respond(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
+fn respond(status: StatusCode, content_type: &str, body: Bytes) -> CachedAnswer {
+    CachedAnswer {
+        status: status.as_u16(),
+        content_type: content_type.to_owned(),
+        body,
+    }
+}
+
+/// The HTTP response for an answer (the same bytes for a push and its retries).
+fn response(answer: &CachedAnswer) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(answer.body.clone()));
+    *response.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type =
+        HeaderValue::from_str(&answer.content_type).unwrap_or(HeaderValue::from_static(TEXT_PLAIN));
     response.headers_mut().insert(CONTENT_TYPE, content_type);
     response
 }
 
 /// `success`: acknowledged, no reply, no retry. Never encrypted.
-fn success() -> Response<Full<Bytes>> {
+fn success() -> CachedAnswer {
     respond(
         StatusCode::OK,
         TEXT_PLAIN,
@@ -562,7 +640,11 @@ fn reject(
     let status = rejection.status();
     warn!(account = %account.map_or("-", |a| a.name.as_str()), peer = %peer.ip(),
         status = status.as_u16(), reason = %rejection.reason(), "request refused: {rejection}");
-    let mut response = respond(status, TEXT_PLAIN, Bytes::from(format!("{rejection}\n")));
+    let mut response = response(&respond(
+        status,
+        TEXT_PLAIN,
+        Bytes::from(format!("{rejection}\n")),
+    ));
     if rejection == Rejection::MethodNotAllowed {
         response
             .headers_mut()
@@ -618,10 +700,10 @@ fn log_forward(target: &Target, push: &Push, result: &ForwardResult, started: In
     }
 }
 
-/// Bounded time for the forwards still running at shutdown.
-pub async fn drain_forwards(relay: &Relay, grace: Duration) -> bool {
-    relay.forwards.close();
-    tokio::time::timeout(grace, relay.forwards.wait())
+/// Waits (up to `grace`) for the pushes being handled to be committed and answered.
+pub async fn drain_pushes(relay: &Relay, grace: Duration) -> bool {
+    relay.pushes.close();
+    tokio::time::timeout(grace, relay.pushes.wait())
         .await
         .is_ok()
 }

@@ -1,5 +1,6 @@
-//! The accept loop and graceful shutdown: stop accepting, let requests and forwards in flight
-//! finish within the grace, return.
+//! The accept loop and graceful shutdown: stop accepting, let requests in flight finish and
+//! commit within the grace, stop the delivery workers (what is pending stays in the store),
+//! return.
 //!
 //! HTTP/1.1 only: WeChat and the proxies in front of the relay speak it, and hyper-util's
 //! auto-detecting builder waits for a client's first bytes without a timeout. Every connection
@@ -20,7 +21,8 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::relay::{Relay, drain_forwards};
+use crate::outbox::Outbox;
+use crate::relay::{Relay, drain_pushes};
 use crate::stack;
 
 /// How long a client may take to send its request headers.
@@ -29,12 +31,18 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// window) would otherwise hold its connection, and a `max_connections` slot, for ever.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `config` on an already-bound `listener` until `shutdown` completes, then drains.
-/// Tests and `main` start the relay the same way.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+/// Serves `config` on an already-bound `listener`, with the `outbox` opened (and its pending
+/// deliveries picked up) before the bind, until `shutdown` completes; then drains. Tests and
+/// `main` start the relay the same way.
+pub async fn run(
+    config: Config,
+    outbox: Outbox,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
     let grace = config.server.shutdown_grace;
     let connections = Arc::new(Semaphore::new(config.server.max_connections));
-    let relay = Arc::new(Relay::new(config));
+    let relay = Arc::new(Relay::new(config, Arc::new(outbox)));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -92,8 +100,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     {
         warn!("requests still in flight at the end of the grace period were cut");
     }
-    if !drain_forwards(&relay, grace.saturating_sub(started.elapsed())).await {
-        warn!("forwards still in flight at the end of the grace period were dropped");
+    if !drain_pushes(&relay, grace.saturating_sub(started.elapsed())).await {
+        warn!("pushes still being handled at the end of the grace period were cut");
+    }
+    if !relay
+        .outbox()
+        .shutdown(grace.saturating_sub(started.elapsed()))
+        .await
+    {
+        warn!(
+            "deliveries in flight at the end of the grace period were cut: they stay pending and are sent again on the next start"
+        );
     }
     info!("stopped");
 }

@@ -114,9 +114,14 @@ async fn every_edge_vector_is_accepted() {
         .iter()
         .find(|p| p["name"] == file["base_vector"])
         .expect("base vector");
-    for v in file["edge_should_accept_or_policy"]
+    // Every edge vector carries the same message: the first is forwarded, the others are its
+    // WeChat retries (same dedupe key) and get its answer. A 200 comes only after the push was
+    // verified and decrypted.
+    for (i, v) in file["edge_should_accept_or_policy"]
         .as_array()
         .expect("edges")
+        .iter()
+        .enumerate()
     {
         let name = s(v, "name");
         let query = format!(
@@ -132,12 +137,15 @@ async fn every_edge_vector_is_accepted() {
         )
         .await;
         assert_eq!(answer.status.as_u16(), 200, "{name}: {}", answer.text());
-        assert_eq!(
-            target.next().await.body,
-            s(text, "plaintext_xml").as_bytes(),
-            "{name}"
-        );
+        if i == 0 {
+            assert_eq!(
+                target.next().await.body,
+                s(text, "plaintext_xml").as_bytes(),
+                "{name}"
+            );
+        }
     }
+    target.expect_none(Duration::from_millis(300)).await;
     relay.stop().await;
 }
 

@@ -949,9 +949,76 @@ fn limits_have_upper_bounds() {
         &["server.max_body_bytes: must be 512 to 1048576, got 104857600"],
     );
     assert_edit_refused(
-        "max_concurrent_forwards = 256",
-        "max_concurrent_forwards = 0",
-        &["server.max_concurrent_forwards: must be 1 to"],
+        "max_connections = 1024",
+        "max_connections = 0",
+        &["server.max_connections: must be 1 to"],
+    );
+}
+
+#[test]
+fn outbox_keys_are_checked() {
+    assert_edit_refused(
+        "dedupe_ttl_s = 300",
+        "dedupe_ttl_s = 10",
+        &["store.dedupe_ttl_s: must be 60 to 604800, got 10"],
+    );
+    assert_edit_refused(
+        "concurrency = 16",
+        "concurrency = 0",
+        &["target[0].concurrency: must be 1 to 1024, got 0"],
+    );
+    assert_edit_refused(
+        "retry_max_ms = 300000",
+        "retry_max_ms = 10",
+        &["target[0].retry_max_ms: must be 1000 to"],
+    );
+    assert_edit_refused(
+        "max_attempts = 20",
+        "max_attempts = 0",
+        &["target[0].max_attempts: must be 1 to"],
+    );
+    assert_edit_refused(
+        "max_age_s = 300",
+        "max_age_s = 0",
+        &["target[0].max_age_s: must be 1 to"],
+    );
+    assert_edit_refused(
+        "[store]\n",
+        "[store]\nsize = 1\n",
+        &["store.size: unknown field"],
+    );
+}
+
+#[test]
+fn the_store_path_is_relative_to_the_config_folder_and_shown() {
+    let (dir, path) = write_config(&shipped());
+    let durable = run(relay().arg("check").arg("--config").arg(&path));
+    assert_ok(&durable, &path);
+    let expected = dir.path().join("./data");
+    assert!(
+        durable
+            .stdout
+            .contains(&format!("store: {} (SQLite", expected.display())),
+        "{}",
+        durable.stdout
+    );
+    assert!(
+        durable.stdout.contains("dedupe window 300 s"),
+        "{}",
+        durable.stdout
+    );
+    // Without [store]: in memory, and check says so.
+    let start = shipped().find("\n[store]\n").expect("[store]");
+    let end = shipped().find("\n[[account]]\n").expect("[[account]]");
+    let mut text = shipped();
+    text.replace_range(start..end, "");
+    let (_dir, path) = write_config(&text);
+    let memory = run(relay().arg("check").arg("--config").arg(&path));
+    assert_ok(&memory, &path);
+    assert!(
+        memory.stdout.contains("store: none, in memory"),
+        "{}",
+        memory.stdout
     );
 }
 

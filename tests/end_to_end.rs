@@ -236,8 +236,9 @@ fn serve_exits_1_when_the_port_is_taken() {
 }
 
 #[tokio::test]
-async fn sigterm_drains_and_names_every_forward_it_had_to_cut() {
-    // A target slower than the shutdown grace: its forward is cut, and the log says which.
+async fn sigterm_names_every_delivery_it_had_to_cut_and_the_next_start_sends_it() {
+    // A target slower than the shutdown grace: its delivery is cut, the log says which, and it
+    // stays in the store for the next start.
     let mut stuck = FakeTarget::with(Behaviour {
         delay: Duration::from_secs(30),
         ..Behaviour::default()
@@ -245,7 +246,7 @@ async fn sigterm_drains_and_names_every_forward_it_had_to_cut() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 500\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 500\n[store]\npath = \"data\"\n\
          [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"{APP_ID}\"\ntoken = \"{TOKEN}\"\nmode = \"plaintext\"\n\
          [[target]]\nname = \"stuck\"\nurl = \"{}\"\nformat = \"plain\"\ntimeout_ms = 60000\n\
          [[route]]\nto = [\"stuck\"]\n",
@@ -256,7 +257,7 @@ async fn sigterm_drains_and_names_every_forward_it_had_to_cut() {
     let mut relay = Binary::start(&path);
     let (query, body) = PushBuilder::new(text_xml("cut", 1)).plaintext();
     assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
-    stuck.next().await;
+    let first = stuck.next().await;
     let push_line = relay.wait_for("outcome=forwarded");
     let event_id = push_line
         .split_whitespace()
@@ -267,10 +268,23 @@ async fn sigterm_drains_and_names_every_forward_it_had_to_cut() {
     assert!(exit.success(), "{exit:?}");
     let cut = rest
         .iter()
-        .find(|l| l.contains("forward dropped unfinished at shutdown"))
-        .unwrap_or_else(|| panic!("no line for the cut forward: {rest:?}"));
+        .find(|l| l.contains("delivery cut at shutdown"))
+        .unwrap_or_else(|| panic!("no line for the cut delivery: {rest:?}"));
     assert!(
         cut.contains("target=stuck") && cut.contains(&event_id),
         "{cut}"
     );
+
+    // The target is fast now: the next start delivers the cut push, once.
+    stuck.set(Behaviour::default());
+    let mut relay = Binary::start(&path);
+    let again = stuck.next().await;
+    assert_eq!(again.body, first.body);
+    assert_eq!(
+        again.header("x-wechat-relay-event-id"),
+        Some(event_id.as_str())
+    );
+    stuck.expect_none(Duration::from_millis(1500)).await;
+    let (exit, _) = relay.terminate();
+    assert!(exit.success(), "{exit:?}");
 }

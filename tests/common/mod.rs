@@ -43,10 +43,13 @@ impl TestRelay {
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, toml).expect("write config");
         let config = Config::load_with_env(&path, &[]).expect("valid test config");
+        let outbox = wechat_relay::outbox::Outbox::start(&config)
+            .await
+            .expect("store opens");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(wechat_relay::server::run(config, listener, async {
+        let done = tokio::spawn(wechat_relay::server::run(config, outbox, listener, async {
             let _ = rx.await;
         }));
         TestRelay {

@@ -1,0 +1,296 @@
+//! The outbox: what makes `success` a promise. A routed push is committed (its dedupe record,
+//! the answer WeChat gets, and a delivery per target that still needs it) before WeChat is
+//! answered; delivery workers then send each delivery until its target takes it, retrying with
+//! backoff, and make a dead letter of what cannot be delivered.
+//!
+//! - [`store`]: the trait every backend implements, and its types;
+//! - [`sqlite`]: the durable backend (`[store] path`); [`memory`]: the one without `[store]`;
+//! - [`worker`]: per-target dispatchers, attempts, backoff;
+//! - [`command`]: the `wechat-relay outbox` commands.
+//!
+//! Dedupe: a push's key ([`crate::push::Push::event_id`], PROTOCOL.md §6) is claimed in memory
+//! while the push is handled, so a WeChat retry arriving meanwhile waits for the first and gets
+//! its answer; once committed, the store answers retries for `dedupe_ttl_s`, across restarts.
+
+pub mod command;
+pub mod memory;
+pub mod sqlite;
+pub mod store;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::forward::Forwarder;
+use store::{CachedAnswer, Commit, Store, StoreError, StoreResult};
+use worker::TargetWorker;
+
+/// How often expired dedupe records are deleted.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+
+pub fn now_ms() -> u64 {
+    sqlite::unix_ms(SystemTime::now())
+}
+
+/// Opens the store `config` names: SQLite in `[store] path`, or memory without one.
+pub fn open_store(config: &Config, role: sqlite::Role) -> StoreResult<Arc<dyn Store>> {
+    match &config.store.path {
+        Some(path) => Ok(Arc::new(sqlite::SqliteStore::open(path, role)?)),
+        None => Ok(Arc::new(memory::MemoryStore::new())),
+    }
+}
+
+/// The store with its workers and the in-memory claims.
+pub struct Outbox {
+    store: Arc<dyn Store>,
+    dedupe_ttl: Duration,
+    claims: Claims,
+    wakers: HashMap<String, Arc<Notify>>,
+    forwarder: Forwarder,
+    stop: CancellationToken,
+    /// Dispatchers and the expiry task.
+    tasks: TaskTracker,
+    /// Attempts in flight.
+    attempts: TaskTracker,
+}
+
+impl Outbox {
+    /// Opens the store and starts a worker per target: deliveries left pending by the last run
+    /// are picked up at once. Call inside the runtime, before binding the listener.
+    pub async fn start(config: &Config) -> StoreResult<Outbox> {
+        let store = open_store(config, sqlite::Role::Server)?;
+        let outbox = Outbox::with_store(config, store);
+        outbox.report_leftovers(config).await?;
+        Ok(outbox)
+    }
+
+    /// [`Outbox::start`] on a store already open.
+    pub fn with_store(config: &Config, store: Arc<dyn Store>) -> Outbox {
+        let forwarder = Forwarder::new();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let attempts = TaskTracker::new();
+        let mut wakers = HashMap::new();
+        for target in &config.targets {
+            let wake = Arc::new(Notify::new());
+            wakers.insert(target.name.clone(), Arc::clone(&wake));
+            let worker = Arc::new(TargetWorker::new(
+                Arc::new(target.clone()),
+                Arc::clone(&store),
+                forwarder.clone(),
+                wake,
+            ));
+            tasks.spawn(worker.run(stop.clone(), attempts.clone()));
+        }
+        let dedupe_ttl = config.store.dedupe_ttl;
+        tasks.spawn(expire_dedupe(Arc::clone(&store), dedupe_ttl, stop.clone()));
+        Outbox {
+            store,
+            dedupe_ttl,
+            claims: Claims::default(),
+            wakers,
+            forwarder,
+            stop,
+            tasks,
+            attempts,
+        }
+    }
+
+    /// Says what the store holds at startup, and names pending deliveries whose target is no
+    /// longer configured (they wait there until the target is back, or are purged).
+    async fn report_leftovers(&self, config: &Config) -> StoreResult<()> {
+        let stats = self.store.stats().await?;
+        for t in &stats.targets {
+            let known = config.targets.iter().any(|c| c.name == t.target);
+            if !known && t.pending > 0 {
+                warn!(target = %t.target, pending = t.pending,
+                    "pending deliveries for a target that is not configured: they wait until it is");
+            } else if t.pending > 0 || t.dead > 0 {
+                info!(target = %t.target, pending = t.pending, dead = t.dead, "outbox");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// Claims a push's key: the first claimant handles the push, the others wait for its answer.
+    pub fn claim(&self, event_id: &str) -> Claim {
+        self.claims.claim(event_id)
+    }
+
+    /// The answer committed for `event_id` within the dedupe window, if any.
+    pub async fn answer(&self, event_id: &str) -> StoreResult<Option<CachedAnswer>> {
+        let since = now_ms().saturating_sub(self.dedupe_ttl.as_millis() as u64);
+        self.store.answer(event_id, since).await
+    }
+
+    /// Commits a push durably, then wakes the workers of its targets.
+    pub async fn commit(&self, commit: Commit) -> StoreResult<()> {
+        let targets: Vec<String> = commit.deliveries.iter().map(|d| d.target.clone()).collect();
+        self.store.commit(commit).await?;
+        for target in targets {
+            if let Some(wake) = self.wakers.get(&target) {
+                wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops taking deliveries, lets attempts in flight finish within `grace`, and returns
+    /// whether they did. Whatever is not delivered stays in the store for the next start.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.attempts.close();
+        tokio::time::timeout(grace, self.attempts.wait())
+            .await
+            .is_ok()
+    }
+}
+
+async fn expire_dedupe(store: Arc<dyn Store>, ttl: Duration, stop: CancellationToken) {
+    loop {
+        let before = now_ms().saturating_sub(ttl.as_millis() as u64);
+        if let Err(e) = store.expire_dedupe(before).await {
+            warn!(error = %e, "cannot expire dedupe records");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(EXPIRE_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+// ---- claims ------------------------------------------------------------------------------
+
+type AnswerSlot = watch::Receiver<Option<Arc<CachedAnswer>>>;
+
+/// Keys of the pushes being handled now.
+#[derive(Default, Clone)]
+struct Claims(Arc<Mutex<HashMap<String, AnswerSlot>>>);
+
+pub enum Claim {
+    /// This request handles the push; the guard gives its answer to those who wait.
+    First(ClaimGuard),
+    /// The same push is being handled: wait for its answer.
+    Wait(Waiter),
+}
+
+impl Claims {
+    fn claim(&self, event_id: &str) -> Claim {
+        let Ok(mut claims) = self.0.lock() else {
+            // Poisoned only by a panic while holding it: handle the push unclaimed.
+            let (sender, _) = watch::channel(None);
+            return Claim::First(ClaimGuard {
+                claims: self.clone(),
+                event_id: event_id.to_owned(),
+                sender,
+            });
+        };
+        if let Some(slot) = claims.get(event_id) {
+            return Claim::Wait(Waiter(slot.clone()));
+        }
+        let (sender, slot) = watch::channel(None);
+        claims.insert(event_id.to_owned(), slot);
+        Claim::First(ClaimGuard {
+            claims: self.clone(),
+            event_id: event_id.to_owned(),
+            sender,
+        })
+    }
+}
+
+/// Held while a push is handled. Dropping it releases the key: a retry after that is handled
+/// afresh (or answered from the store, if the push was committed).
+pub struct ClaimGuard {
+    claims: Claims,
+    event_id: String,
+    sender: watch::Sender<Option<Arc<CachedAnswer>>>,
+}
+
+impl ClaimGuard {
+    /// Gives `answer` to every request waiting on this push, and releases the key.
+    pub fn finish(self, answer: Arc<CachedAnswer>) {
+        self.sender.send_replace(Some(answer));
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Ok(mut claims) = self.claims.0.lock() {
+            claims.remove(&self.event_id);
+        }
+    }
+}
+
+/// A request waiting for the answer to the same push.
+pub struct Waiter(AnswerSlot);
+
+impl Waiter {
+    /// The first request's answer; `None` if it ended without one.
+    pub async fn answer(mut self) -> Option<Arc<CachedAnswer>> {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(answer) => answer.clone(),
+            Err(_) => None,
+        }
+    }
+}
+
+impl From<StoreError> for CachedAnswer {
+    /// The answer when the store fails: 503, so WeChat tries again.
+    fn from(e: StoreError) -> Self {
+        CachedAnswer {
+            status: 503,
+            content_type: "text/plain; charset=utf-8".into(),
+            body: bytes::Bytes::from(format!("store unavailable: {e}\n")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_claim_waits_for_the_first_answer() {
+        let claims = Claims::default();
+        let Claim::First(guard) = claims.claim("e1") else {
+            panic!("first claim");
+        };
+        let Claim::Wait(waiter) = claims.claim("e1") else {
+            panic!("second claim waits");
+        };
+        assert!(matches!(claims.claim("e2"), Claim::First(_)));
+        let answer = Arc::new(CachedAnswer::from(StoreError::Closed));
+        guard.finish(Arc::clone(&answer));
+        assert_eq!(waiter.answer().await, Some(answer));
+        // Released: the next claim is a first one again.
+        assert!(matches!(claims.claim("e1"), Claim::First(_)));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_claim_releases_its_waiters() {
+        let claims = Claims::default();
+        let guard = claims.claim("e1");
+        let Claim::Wait(waiter) = claims.claim("e1") else {
+            panic!("second claim waits");
+        };
+        drop(guard);
+        assert_eq!(waiter.answer().await, None);
+    }
+}

@@ -1,0 +1,689 @@
+//! The durable store: SQLite (bundled) in WAL mode with `synchronous = FULL`, in
+//! `<store.path>/relay.db`.
+//!
+//! Every write goes through one writer thread that owns the write connection and applies what
+//! is waiting in one transaction (group commit): concurrent pushes share one fsync. Each write
+//! runs in a savepoint of its own, so one failing write does not fail the others; a failed
+//! commit fails them all. Reads use a small pool of read connections on tokio's blocking
+//! threads; WAL lets them run beside the writer.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::store::{
+    BoxFuture, CachedAnswer, Commit, Delivery, DeliveryId, DeliveryInfo, Filter, Selection, Settle,
+    Stats, Store, StoreError, StoreResult, TargetStats,
+};
+use crate::push::Push;
+use crate::wechat::message::Message;
+
+/// The database file in the store's folder.
+pub const DB_FILE: &str = "relay.db";
+/// Held by the running server so that two relays never deliver from one store.
+const LOCK_FILE: &str = "relay.lock";
+const SCHEMA_VERSION: i64 = 1;
+/// The most writes one transaction takes.
+const MAX_BATCH: usize = 1024;
+/// How long a connection waits for another process's lock (an `outbox` command) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    target TEXT NOT NULL,
+    account TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    query TEXT NOT NULL,
+    body BLOB NOT NULL,
+    content_type BLOB,
+    forwarded_for TEXT NOT NULL,
+    xml BLOB,
+    key_index INTEGER,
+    received_ms INTEGER NOT NULL,
+    enqueued_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX deliveries_due ON deliveries (target, at_ms);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    account TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    query TEXT NOT NULL,
+    body BLOB NOT NULL,
+    content_type BLOB,
+    forwarded_for TEXT NOT NULL,
+    xml BLOB,
+    key_index INTEGER,
+    received_ms INTEGER NOT NULL,
+    enqueued_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX dead_letters_target ON dead_letters (target, at_ms);
+CREATE TABLE dedupe (
+    event_id TEXT PRIMARY KEY,
+    committed_ms INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX dedupe_committed ON dedupe (committed_ms);
+";
+
+/// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
+const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
+    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts";
+const INFO_COLUMNS: &str =
+    "id, target, account, event_id, attempts, last_error, enqueued_ms, at_ms";
+
+/// Who opens the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: creates the folder and database if missing, and locks the store.
+    Server,
+    /// `outbox` commands: the store must exist; the server may be running.
+    Tool,
+}
+
+enum Op {
+    Commit(Commit),
+    Settle(DeliveryId, Settle, u64),
+    ExpireDedupe(u64),
+    Replay(Selection, u64),
+    PurgeDead(Option<u64>, Option<String>),
+}
+
+type Job = (Op, oneshot::Sender<StoreResult<u64>>);
+
+pub struct SqliteStore {
+    writer: Mutex<Option<std_mpsc::Sender<Job>>>,
+    readers: Arc<Readers>,
+    /// Held open for the server's lifetime: the lock goes with it.
+    _lock: Option<File>,
+}
+
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (or, for the server, creates) the store in `dir`, checks it and starts the writer.
+    pub fn open(dir: &Path, role: Role) -> StoreResult<SqliteStore> {
+        let shown = dir.display();
+        match role {
+            Role::Server => create_private_dir(dir)
+                .map_err(|e| StoreError::Open(format!("cannot create {shown}: {e}")))?,
+            Role::Tool if !dir.join(DB_FILE).exists() => {
+                return Err(StoreError::Open(format!(
+                    "no store at {shown} (the relay creates it when it first starts)"
+                )));
+            }
+            Role::Tool => {}
+        }
+        let lock = match role {
+            Role::Server => Some(lock_store(dir)?),
+            Role::Tool => None,
+        };
+        let path = dir.join(DB_FILE);
+        let open_error =
+            |e: rusqlite::Error| StoreError::Open(format!("{}: {}", path.display(), describe(&e)));
+        let mut conn = open_connection(&path, role == Role::Server).map_err(open_error)?;
+        migrate(&mut conn).map_err(|e| match e {
+            Migration::Sql(e) => open_error(e),
+            Migration::Newer(v) => StoreError::Open(format!(
+                "{}: schema version {v} is newer than this relay understands ({SCHEMA_VERSION})",
+                path.display()
+            )),
+        })?;
+        // Prove it is writable now rather than at the first push.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(open_error)?;
+        let (sender, receiver) = std_mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(conn, receiver))
+            .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(Some(sender)),
+            readers: Arc::new(Readers {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+            _lock: lock,
+        })
+    }
+
+    fn write(&self, op: Op) -> BoxFuture<'_, StoreResult<u64>> {
+        let (done, result) = oneshot::channel();
+        let sent = self
+            .writer
+            .lock()
+            .ok()
+            .and_then(|w| w.as_ref().map(|w| w.send((op, done)).is_ok()))
+            .unwrap_or(false);
+        Box::pin(async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            result.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> BoxFuture<'_, StoreResult<T>> {
+        let readers = Arc::clone(&self.readers);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || readers.with(read))
+                .await
+                .map_err(|e| StoreError::Io(format!("store reader: {e}")))?
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    /// Closing the channel ends the writer once it has applied what it holds.
+    fn drop(&mut self) {
+        if let Ok(mut writer) = self.writer.lock() {
+            writer.take();
+        }
+    }
+}
+
+impl Readers {
+    fn with<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> StoreResult<T> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_connection(&self.path, false).map_err(io_error)?,
+        };
+        let result = read(&conn).map_err(io_error);
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>> {
+        let write = self.write(Op::Commit(commit));
+        Box::pin(async move { write.await.map(|_| ()) })
+    }
+
+    fn answer(
+        &self,
+        event_id: &str,
+        since_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
+        let event_id = event_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT status, content_type, body FROM dedupe \
+                 WHERE event_id = ?1 AND committed_ms >= ?2",
+            )?
+            .query_row(params![event_id, ms(since_ms)], |row| {
+                Ok(CachedAnswer {
+                    status: row.get(0)?,
+                    content_type: row.get(1)?,
+                    body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+                })
+            })
+            .optional()
+        })
+    }
+
+    fn due(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: Vec<DeliveryId>,
+    ) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
+        let target = target.to_owned();
+        self.read(move |conn| {
+            let wanted = limit + skip.len();
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries \
+                 WHERE target = ?1 AND at_ms <= ?2 ORDER BY at_ms, id LIMIT ?3"
+            ))?;
+            let rows = statement.query_map(
+                params![target, ms(now_ms), wanted as i64],
+                delivery_from_row,
+            )?;
+            let mut due = Vec::new();
+            for row in rows {
+                let delivery = row?;
+                if !skip.contains(&delivery.id) && due.len() < limit {
+                    due.push(delivery);
+                }
+            }
+            Ok(due)
+        })
+    }
+
+    fn next_due(&self, target: &str, now_ms: u64) -> BoxFuture<'_, StoreResult<Option<u64>>> {
+        let target = target.to_owned();
+        self.read(move |conn| {
+            let next: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT MIN(at_ms) FROM deliveries WHERE target = ?1 AND at_ms > ?2",
+                )?
+                .query_row(params![target, ms(now_ms)], |row| row.get(0))?;
+            Ok(next.map(unsigned))
+        })
+    }
+
+    fn settle(
+        &self,
+        id: DeliveryId,
+        settle: Settle,
+        now_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<()>> {
+        let write = self.write(Op::Settle(id, settle, now_ms));
+        Box::pin(async move { write.await.map(|_| ()) })
+    }
+
+    fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
+        self.write(Op::ExpireDedupe(before_ms))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
+        self.read(|conn| {
+            let mut targets: Vec<TargetStats> = Vec::new();
+            let mut pending = conn.prepare(
+                "SELECT target, COUNT(*), MIN(enqueued_ms) FROM deliveries GROUP BY target",
+            )?;
+            for row in pending.query_map([], |row| {
+                Ok(TargetStats {
+                    target: row.get(0)?,
+                    pending: unsigned(row.get(1)?),
+                    dead: 0,
+                    oldest_pending_ms: row.get::<_, Option<i64>>(2)?.map(unsigned),
+                })
+            })? {
+                targets.push(row?);
+            }
+            let mut dead =
+                conn.prepare("SELECT target, COUNT(*) FROM dead_letters GROUP BY target")?;
+            for row in dead.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, unsigned(row.get(1)?)))
+            })? {
+                let (target, count) = row?;
+                match targets.iter_mut().find(|t| t.target == target) {
+                    Some(t) => t.dead = count,
+                    None => targets.push(TargetStats {
+                        target,
+                        dead: count,
+                        ..TargetStats::default()
+                    }),
+                }
+            }
+            targets.sort_by(|a, b| a.target.cmp(&b.target));
+            let dedupe_keys: i64 =
+                conn.query_row("SELECT COUNT(*) FROM dedupe", [], |r| r.get(0))?;
+            Ok(Stats {
+                targets,
+                dedupe_keys: unsigned(dedupe_keys),
+            })
+        })
+    }
+
+    fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>> {
+        self.read(move |conn| {
+            let table = if filter.dead {
+                "dead_letters"
+            } else {
+                "deliveries"
+            };
+            let mut statement = conn.prepare(&format!(
+                "SELECT {INFO_COLUMNS} FROM {table} WHERE ?1 IS NULL OR target = ?1 ORDER BY id"
+            ))?;
+            let rows = statement.query_map(params![filter.target], |row| {
+                Ok(DeliveryInfo {
+                    id: row.get(0)?,
+                    target: row.get(1)?,
+                    account: row.get(2)?,
+                    event_id: row.get(3)?,
+                    attempts: row.get(4)?,
+                    last_error: row.get(5)?,
+                    enqueued_ms: unsigned(row.get(6)?),
+                    at_ms: unsigned(row.get(7)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
+        self.write(Op::Replay(selection, now_ms))
+    }
+
+    fn purge_dead(
+        &self,
+        before_ms: Option<u64>,
+        target: Option<String>,
+    ) -> BoxFuture<'_, StoreResult<u64>> {
+        self.write(Op::PurgeDead(before_ms, target))
+    }
+}
+
+// ---- the writer ----------------------------------------------------------------------------
+
+/// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each.
+fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = apply_batch(&mut conn, batch.iter().map(|(op, _)| op));
+        for ((_, done), result) in batch.into_iter().zip(results) {
+            let _ = done.send(result);
+        }
+    }
+    // Every handle is gone: fold the WAL back into the database before closing.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+fn apply_batch<'a>(
+    conn: &mut Connection,
+    ops: impl ExactSizeIterator<Item = &'a Op>,
+) -> Vec<StoreResult<u64>> {
+    let count = ops.len();
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return vec![Err(io_error(e)); count],
+    };
+    let mut results = Vec::with_capacity(count);
+    for op in ops {
+        // A savepoint per write: a failing one is rolled back alone.
+        let result = tx.savepoint().and_then(|savepoint| {
+            let n = apply(&savepoint, op)?;
+            savepoint.commit()?;
+            Ok(n)
+        });
+        results.push(result.map_err(io_error));
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => vec![Err(io_error(e)); count],
+    }
+}
+
+fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
+    match op {
+        Op::Commit(commit) => {
+            let push = &commit.push;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO dedupe (event_id, committed_ms, status, content_type, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                push.event_id,
+                ms(commit.now_ms),
+                commit.answer.status,
+                commit.answer.content_type,
+                commit.answer.body.as_ref(),
+            ])?;
+            for delivery in &commit.deliveries {
+                let xml = push.encrypted().then(|| push.message.xml().as_ref());
+                tx.prepare_cached(
+                    "INSERT INTO deliveries (target, account, event_id, query, body, content_type, \
+                     forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, \
+                     last_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )?
+                .execute(params![
+                    delivery.target,
+                    push.account,
+                    push.event_id,
+                    push.query,
+                    push.body.as_ref(),
+                    push.content_type.as_ref().map(HeaderValue::as_bytes),
+                    push.forwarded_for,
+                    xml,
+                    push.key_index.map(|i| i as i64),
+                    ms(unix_ms(push.received_at)),
+                    ms(commit.now_ms),
+                    delivery.attempts,
+                    ms(delivery.at_ms),
+                    delivery.last_error,
+                ])?;
+                if delivery.dead {
+                    bury(tx, tx.last_insert_rowid(), commit.now_ms)?;
+                }
+            }
+            Ok(commit.deliveries.len() as u64)
+        }
+        Op::Settle(id, settle, now_ms) => match settle {
+            Settle::Delivered => tx
+                .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
+                .execute(params![id])
+                .map(|n| n as u64),
+            Settle::Retry {
+                attempts,
+                at_ms,
+                error,
+            } => tx
+                .prepare_cached(
+                    "UPDATE deliveries SET attempts = ?2, at_ms = ?3, last_error = ?4 WHERE id = ?1",
+                )?
+                .execute(params![id, attempts, ms(*at_ms), error])
+                .map(|n| n as u64),
+            Settle::Dead { attempts, error } => {
+                tx.prepare_cached(
+                    "UPDATE deliveries SET attempts = ?2, last_error = ?3 WHERE id = ?1",
+                )?
+                .execute(params![id, attempts, error])?;
+                bury(tx, *id, *now_ms)
+            }
+        },
+        Op::ExpireDedupe(before_ms) => tx
+            .prepare_cached("DELETE FROM dedupe WHERE committed_ms < ?1")?
+            .execute(params![ms(*before_ms)])
+            .map(|n| n as u64),
+        Op::Replay(selection, now_ms) => {
+            let (condition, id, target) = match selection {
+                Selection::Id(id) => ("id = ?1", Some(*id), None),
+                Selection::Dead { target } => ("?2 IS NULL OR target = ?2", None, target.clone()),
+            };
+            // Back in line, due now, with a fresh attempt count and age.
+            let fresh = format!(
+                "SET attempts = 0, enqueued_ms = ?3, at_ms = ?3, last_error = NULL WHERE {condition}"
+            );
+            let args = params![id, target, ms(*now_ms)];
+            let pending = match selection {
+                Selection::Id(_) => tx.execute(&format!("UPDATE deliveries {fresh}"), args)?,
+                Selection::Dead { .. } => 0,
+            };
+            tx.execute(&format!("UPDATE dead_letters {fresh}"), args)?;
+            let revived = tx.execute(
+                &format!("INSERT INTO deliveries SELECT * FROM dead_letters WHERE {condition}"),
+                params![id, target],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM dead_letters WHERE {condition}"),
+                params![id, target],
+            )?;
+            Ok((pending + revived) as u64)
+        }
+        Op::PurgeDead(before_ms, target) => tx
+            .execute(
+                "DELETE FROM dead_letters WHERE (?1 IS NULL OR at_ms < ?1) \
+                 AND (?2 IS NULL OR target = ?2)",
+                params![before_ms.map(ms), target],
+            )
+            .map(|n| n as u64),
+    }
+}
+
+/// Moves a delivery to the dead letters, stamped with when it died.
+fn bury(tx: &Connection, id: DeliveryId, now_ms: u64) -> rusqlite::Result<u64> {
+    tx.prepare_cached("INSERT INTO dead_letters SELECT * FROM deliveries WHERE id = ?1")?
+        .execute(params![id])?;
+    tx.prepare_cached("UPDATE dead_letters SET at_ms = ?2 WHERE id = ?1")?
+        .execute(params![id, ms(now_ms)])?;
+    tx.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
+        .execute(params![id])
+        .map(|n| n as u64)
+}
+
+// ---- opening ---------------------------------------------------------------------------
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+fn lock_store(dir: &Path) -> StoreResult<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Open(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Open(format!(
+            "{} is in use by another wechat-relay: two relays must not deliver from one store",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn open_connection(path: &Path, create: bool) -> rusqlite::Result<Connection> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL: readers beside the writer; FULL: every commit is fsynced before it returns.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!("cannot use WAL journal mode (got {mode})")),
+        ));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL;")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+enum Migration {
+    Sql(rusqlite::Error),
+    Newer(i64),
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), Migration> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(Migration::Sql)?;
+    match version {
+        0 => {
+            let tx = conn.transaction().map_err(Migration::Sql)?;
+            tx.execute_batch(SCHEMA).map_err(Migration::Sql)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
+                .map_err(Migration::Sql)?;
+            tx.commit().map_err(Migration::Sql)
+        }
+        SCHEMA_VERSION => Ok(()),
+        newer => Err(Migration::Newer(newer)),
+    }
+}
+
+// ---- rows --------------------------------------------------------------------------------
+
+fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
+    let body = Bytes::from(row.get::<_, Vec<u8>>(5)?);
+    let xml = row.get::<_, Option<Vec<u8>>>(8)?.map(Bytes::from);
+    let content_type = row
+        .get::<_, Option<Vec<u8>>>(6)?
+        .and_then(|v| HeaderValue::from_bytes(&v).ok());
+    let key_index = row
+        .get::<_, Option<i64>>(9)?
+        .and_then(|i| usize::try_from(i).ok());
+    let received_at = UNIX_EPOCH + Duration::from_millis(unsigned(row.get(10)?));
+    let (account, event_id, query, forwarded_for) =
+        (row.get(2)?, row.get(3)?, row.get(4)?, row.get(7)?);
+    let push = Message::parse(xml.unwrap_or_else(|| body.clone()))
+        .map(|message| {
+            Arc::new(Push {
+                account,
+                event_id,
+                query,
+                body,
+                content_type,
+                forwarded_for,
+                message,
+                key_index,
+                received_at,
+            })
+        })
+        .map_err(|e| format!("the stored message no longer parses: {e}"));
+    Ok(Delivery {
+        id: row.get(0)?,
+        target: row.get(1)?,
+        push,
+        attempts: row.get(12)?,
+        enqueued_ms: unsigned(row.get(11)?),
+    })
+}
+
+/// Milliseconds as SQLite's integer (far beyond any clock).
+fn ms(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
+}
+
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+fn io_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Io(describe(&e))
+}
+
+/// SQLite's message, with the usual causes named.
+fn describe(e: &rusqlite::Error) -> String {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => format!("the disk is full ({e})"),
+        Some(ErrorCode::ReadOnly) => format!("the store is read-only ({e})"),
+        Some(ErrorCode::NotADatabase) => format!("not a wechat-relay store, or corrupt ({e})"),
+        Some(ErrorCode::DatabaseCorrupt) => format!("the store is corrupt ({e})"),
+        Some(ErrorCode::CannotOpen) => format!("cannot open the database file ({e})"),
+        _ => e.to_string(),
+    }
+}

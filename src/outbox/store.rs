@@ -1,0 +1,190 @@
+//! The store behind the outbox, as a small trait: the server and the `outbox` commands use only
+//! this, so that a networked backend can be added beside [`super::sqlite`] and
+//! [`super::memory`] without touching either.
+//!
+//! Three things are kept: pending deliveries (one per push and target), dead letters (the
+//! deliveries given up on), and recent push ids with the answer WeChat got (dedupe). Times are
+//! Unix milliseconds.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::push::Push;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A delivery's id: unique across pending deliveries and dead letters, never reused.
+pub type DeliveryId = i64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened: missing, corrupt, locked, unwritable.
+    #[error("{0}")]
+    Open(String),
+    /// A read or a write failed (a full disk, an I/O error).
+    #[error("{0}")]
+    Io(String),
+    /// The in-memory store holds as many deliveries as it may.
+    #[error("the in-memory store is full ({0} pending deliveries)")]
+    Full(usize),
+    #[error("the store has shut down")]
+    Closed,
+}
+
+/// What WeChat was answered for a push: given again, byte for byte, to its retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+/// One target's delivery of a push, as the push is committed.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub target: String,
+    /// Attempts already made (the reply target's synchronous one), and how the last one failed.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// When to attempt it.
+    pub at_ms: u64,
+    /// Dead on arrival: the synchronous attempt failed for good (a 4xx).
+    pub dead: bool,
+}
+
+/// Everything written for one push, in one transaction: its dedupe record with the answer,
+/// and a delivery for each target that still needs it.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub push: Arc<Push>,
+    pub answer: CachedAnswer,
+    pub deliveries: Vec<NewDelivery>,
+    pub now_ms: u64,
+}
+
+/// A pending delivery, ready to attempt.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: DeliveryId,
+    pub target: String,
+    /// The push to send, or why it cannot be read back (the delivery is then dead).
+    pub push: Result<Arc<Push>, String>,
+    pub attempts: u32,
+    /// When it was committed, or replayed: `max_age_s` counts from here.
+    pub enqueued_ms: u64,
+}
+
+/// How an attempt ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Delivered: the delivery is gone.
+    Delivered,
+    /// Try again at `at_ms`.
+    Retry {
+        attempts: u32,
+        at_ms: u64,
+        error: String,
+    },
+    /// Given up on: it becomes a dead letter.
+    Dead { attempts: u32, error: String },
+}
+
+/// A delivery as the `outbox list` command shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    pub id: DeliveryId,
+    pub target: String,
+    pub account: String,
+    pub event_id: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub enqueued_ms: u64,
+    /// Pending: the next attempt; dead: when it died.
+    pub at_ms: u64,
+}
+
+/// Per target counts for `outbox stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetStats {
+    pub target: String,
+    pub pending: u64,
+    pub dead: u64,
+    /// When the oldest pending delivery was enqueued.
+    pub oldest_pending_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub targets: Vec<TargetStats>,
+    pub dedupe_keys: u64,
+}
+
+/// Which deliveries `list` shows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub dead: bool,
+    pub target: Option<String>,
+}
+
+/// Which deliveries `replay` puts back in line.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// One delivery, dead or pending (a pending one is made due now).
+    Id(DeliveryId),
+    /// Every dead letter, or those of one target.
+    Dead { target: Option<String> },
+}
+
+/// The store. Every method is one transaction; a write has reached the disk when its future
+/// resolves `Ok` (for a durable backend).
+pub trait Store: Send + Sync {
+    /// Writes a push's dedupe record and deliveries, atomically.
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>>;
+
+    /// The answer recorded for `event_id`, if it was committed at or after `since_ms`.
+    fn answer(
+        &self,
+        event_id: &str,
+        since_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>>;
+
+    /// Up to `limit` deliveries to `target` due at `now_ms`, oldest due first, leaving out
+    /// `skip` (those in flight).
+    fn due(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: Vec<DeliveryId>,
+    ) -> BoxFuture<'_, StoreResult<Vec<Delivery>>>;
+
+    /// When the next delivery to `target` due after `now_ms` is.
+    fn next_due(&self, target: &str, now_ms: u64) -> BoxFuture<'_, StoreResult<Option<u64>>>;
+
+    /// Records how an attempt ended.
+    fn settle(&self, id: DeliveryId, settle: Settle, now_ms: u64)
+    -> BoxFuture<'_, StoreResult<()>>;
+
+    /// Forgets dedupe records committed before `before_ms`; returns how many.
+    fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>>;
+
+    fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>>;
+
+    fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>>;
+
+    /// Puts the selected deliveries back in line, due now, with a fresh attempt count and age.
+    /// Returns how many.
+    fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>>;
+
+    /// Deletes dead letters that died before `before_ms` (all of them when `None`), of one
+    /// target or all. Returns how many.
+    fn purge_dead(
+        &self,
+        before_ms: Option<u64>,
+        target: Option<String>,
+    ) -> BoxFuture<'_, StoreResult<u64>>;
+}
