@@ -50,8 +50,10 @@ const REPLY_XML: &str = "<xml><ToUserName><![CDATA[oUpF8uMuAJO_M2pxb1Q9zNjWeS6o]
     <FromUserName><![CDATA[gh_0123456789ab]]></FromUserName><CreateTime>1718000201</CreateTime>\
     <MsgType><![CDATA[text]]></MsgType><Content><![CDATA[收到]]></Content></xml>";
 
+/// A text push; the encrypted and the plaintext one are different messages (the same message
+/// twice would be a WeChat retry, answered from the dedupe record).
 async fn push_text(relay: &TestRelay, encrypted: bool) -> Answer {
-    let push = PushBuilder::new(text_xml("hello", 77));
+    let push = PushBuilder::new(text_xml("hello", if encrypted { 77 } else { 78 }));
     let (query, body) = if encrypted {
         push.safe()
     } else {
@@ -265,6 +267,7 @@ async fn reply_text_answers_at_once_sealed_when_the_push_was() {
         wechat_relay::wechat::message::Fields::parse(&plain.body).expect("plaintext reply");
     assert_eq!(fields.get("Content"), Some("Welcome ]]> aboard"));
     assert_eq!(fields.get("Encrypt"), None);
+    slow.next().await;
     slow.next().await;
     relay.stop().await;
 }
