@@ -5,92 +5,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use http::StatusCode;
 use serde_json::Value;
-
-struct Binary {
-    child: Child,
-    addr: String,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Binary {
-    /// Starts `wechat-relay serve` on `config` and waits for its "listening" line.
-    fn start(config: &std::path::Path) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("WECHAT_RELAY_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wechat-relay");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut binary = Binary {
-            child,
-            addr: String::new(),
-            lines,
-        };
-        let line = binary.wait_for("wechat-relay listening");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .expect("listen= in the startup line")
-            .to_owned();
-        binary.addr = addr;
-        binary
-    }
-
-    fn wait_for(&self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn url(&self, path_and_query: &str) -> String {
-        format!("http://{}{}", self.addr, path_and_query)
-    }
-
-    /// SIGTERM, then the exit status and every remaining log line.
-    fn terminate(&mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let exit = self.child.wait().expect("wait");
-        let rest = self.lines.try_iter().collect();
-        (exit, rest)
-    }
-}
-
-impl Drop for Binary {
-    /// A failed assertion must not leave the relay running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn push_vector(name: &str) -> Value {
     vectors("generated_vectors.json")["pushes"]
@@ -126,7 +47,7 @@ async fn independent_pushes_through_the_binary() {
         status: StatusCode::OK,
         body: Bytes::from_static(SHOP_REPLY.as_bytes()),
         content_type: "application/xml",
-        delay: Duration::ZERO,
+        ..Behaviour::default()
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -42,7 +42,7 @@ fn answering(status: u16, body: &'static str) -> Behaviour {
         status: StatusCode::from_u16(status).expect("status"),
         body: Bytes::from_static(body.as_bytes()),
         content_type: "text/xml",
-        delay: Duration::ZERO,
+        ..Behaviour::default()
     }
 }
 

@@ -500,10 +500,11 @@ fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             .execute(params![ms(*before_ms)])
             .map(|n| n as u64),
         Op::Replay(selection, now_ms) => {
-            let (condition, id, target) = match selection {
-                Selection::Id(id) => ("id = ?1", Some(*id), None),
-                Selection::Dead { target } => ("?2 IS NULL OR target = ?2", None, target.clone()),
+            let (id, target) = match selection {
+                Selection::Id(id) => (Some(*id), None),
+                Selection::Dead { target } => (None, target.clone()),
             };
+            let condition = "(?1 IS NULL OR id = ?1) AND (?2 IS NULL OR target = ?2)";
             // Back in line, due now, with a fresh attempt count and age.
             let fresh = format!(
                 "SET attempts = 0, enqueued_ms = ?3, at_ms = ?3, last_error = NULL WHERE {condition}"

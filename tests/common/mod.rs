@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +32,8 @@ pub const OPENID: &str = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o";
 
 pub struct TestRelay {
     pub addr: SocketAddr,
+    /// The relay.toml it was started on (for `outbox` commands).
+    pub config: std::path::PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -39,13 +43,24 @@ impl TestRelay {
     /// Writes `toml` to a temporary relay.toml, loads it like `serve` does and starts the server
     /// on 127.0.0.1:0.
     pub async fn start(toml: &str) -> TestRelay {
+        Self::start_with(toml, None).await
+    }
+
+    /// [`TestRelay::start`] on a given store instead of the one the config names.
+    pub async fn start_with(
+        toml: &str,
+        store: Option<Arc<dyn wechat_relay::outbox::store::Store>>,
+    ) -> TestRelay {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, toml).expect("write config");
         let config = Config::load_with_env(&path, &[]).expect("valid test config");
-        let outbox = wechat_relay::outbox::Outbox::start(&config)
-            .await
-            .expect("store opens");
+        let outbox = match store {
+            Some(store) => wechat_relay::outbox::Outbox::with_store(&config, store),
+            None => wechat_relay::outbox::Outbox::start(&config)
+                .await
+                .expect("store opens"),
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
@@ -54,6 +69,7 @@ impl TestRelay {
         }));
         TestRelay {
             addr,
+            config: path,
             shutdown: Some(tx),
             done: Some(done),
             _dir: dir,
@@ -103,6 +119,107 @@ pub fn target_section(name: &str, url: &str, format: &str, extra: &str) -> Strin
     format!("[[target]]\nname = \"{name}\"\nurl = \"{url}\"\nformat = \"{format}\"\n{extra}\n")
 }
 
+// ---- the binary -----------------------------------------------------------------------
+
+pub struct Binary {
+    child: Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    /// Starts `wechat-relay serve` on `config` and waits for its "listening" line.
+    pub fn start(config: &std::path::Path) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env_remove("WECHAT_RELAY_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wechat-relay");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut binary = Binary {
+            child,
+            addr: String::new(),
+            lines,
+        };
+        let line = binary.wait_for("wechat-relay listening");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .expect("listen= in the startup line")
+            .to_owned();
+        binary.addr = addr;
+        binary
+    }
+
+    pub fn wait_for(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// SIGTERM, then the exit status and every remaining log line.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = self.child.wait().expect("wait");
+        let rest = self.lines.try_iter().collect();
+        (exit, rest)
+    }
+}
+
+impl Binary {
+    /// SIGKILL: no shutdown, no flush; what the store holds is what a crash leaves.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for Binary {
+    /// A failed assertion must not leave the relay running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `wechat-relay <args>` (an `outbox` command, say): exit code, stdout, stderr.
+pub fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+        .args(args)
+        .env_remove("WECHAT_RELAY_CONFIG")
+        .output()
+        .expect("run wechat-relay");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 // ---- fake targets --------------------------------------------------------------------------
 
 /// What a fake target received.
@@ -112,6 +229,8 @@ pub struct Received {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The status the target answered it with.
+    pub answered: StatusCode,
 }
 
 impl Received {
@@ -127,6 +246,8 @@ pub struct Behaviour {
     pub body: Bytes,
     pub content_type: &'static str,
     pub delay: Duration,
+    /// A `Retry-After` header to send.
+    pub retry_after: Option<&'static str>,
 }
 
 impl Default for Behaviour {
@@ -136,6 +257,7 @@ impl Default for Behaviour {
             body: Bytes::from_static(b"success"),
             content_type: "text/plain",
             delay: Duration::ZERO,
+            retry_after: None,
         }
     }
 }
@@ -144,6 +266,8 @@ pub struct FakeTarget {
     pub addr: SocketAddr,
     behaviour: Arc<Mutex<Behaviour>>,
     received: mpsc::UnboundedReceiver<Received>,
+    /// Requests being answered now, and the most at once so far.
+    load: Arc<Mutex<(usize, usize)>>,
 }
 
 impl FakeTarget {
@@ -152,8 +276,15 @@ impl FakeTarget {
     }
 
     pub async fn with(behaviour: Behaviour) -> FakeTarget {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+        Self::on("127.0.0.1:0".parse().expect("addr"), behaviour).await
+    }
+
+    /// A target on a given address (one that was down until now).
+    pub async fn on(addr: SocketAddr, behaviour: Behaviour) -> FakeTarget {
+        let listener = TcpListener::bind(addr).await.expect("bind target");
         let addr = listener.local_addr().expect("addr");
+        let load = Arc::new(Mutex::new((0usize, 0usize)));
+        let counted = Arc::clone(&load);
         let behaviour = Arc::new(Mutex::new(behaviour));
         let (tx, received) = mpsc::unbounded_channel();
         let shared = Arc::clone(&behaviour);
@@ -164,24 +295,32 @@ impl FakeTarget {
                 };
                 let tx = tx.clone();
                 let shared = Arc::clone(&shared);
+                let counted = Arc::clone(&counted);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let tx = tx.clone();
                         let shared = Arc::clone(&shared);
+                        let counted = Arc::clone(&counted);
                         async move {
+                            {
+                                let mut load = counted.lock().expect("lock");
+                                load.0 += 1;
+                                load.1 = load.1.max(load.0);
+                            }
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
+                            let behaviour = shared.lock().expect("lock").clone();
                             let _ = tx.send(Received {
                                 path: parts.uri.path().to_owned(),
                                 query: parts.uri.query().map(str::to_owned),
                                 headers: parts.headers,
                                 body,
+                                answered: behaviour.status,
                             });
-                            let behaviour = shared.lock().expect("lock").clone();
                             tokio::time::sleep(behaviour.delay).await;
                             let mut response = Response::new(Full::new(behaviour.body));
                             *response.status_mut() = behaviour.status;
@@ -189,6 +328,13 @@ impl FakeTarget {
                                 http::header::CONTENT_TYPE,
                                 http::HeaderValue::from_static(behaviour.content_type),
                             );
+                            if let Some(after) = behaviour.retry_after {
+                                response.headers_mut().insert(
+                                    http::header::RETRY_AFTER,
+                                    http::HeaderValue::from_static(after),
+                                );
+                            }
+                            counted.lock().expect("lock").0 -= 1;
                             Ok::<_, Infallible>(response)
                         }
                     });
@@ -202,11 +348,17 @@ impl FakeTarget {
             addr,
             behaviour,
             received,
+            load,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The most requests this target was answering at once.
+    pub fn peak_load(&self) -> usize {
+        self.load.lock().expect("lock").1
     }
 
     pub fn set(&self, behaviour: Behaviour) {

@@ -1,0 +1,402 @@
+//! The outbox (issue #3): a push answered `success` reaches every target of its route, once;
+//! WeChat's retries are answered the same and not forwarded again; what cannot be delivered
+//! becomes a dead letter an operator sees and replays with `wechat-relay outbox`.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use wechat_relay::outbox::memory::MemoryStore;
+use wechat_relay::outbox::store::{
+    BoxFuture, CachedAnswer, Commit, Delivery, DeliveryId, DeliveryInfo, Filter, Selection, Settle,
+    Stats, Store, StoreError, StoreResult,
+};
+
+/// A safe-mode account routing everything to target `t` at `url`, with the store in `store`
+/// (a folder) and `target_keys` added to the target.
+fn config(store: &Path, url: &str, format: &str, target_keys: &str, route_keys: &str) -> String {
+    let mut toml = server_section(2000, 300);
+    toml.push_str(&format!("[store]\npath = \"{}\"\n", store.display()));
+    toml.push_str(&account_section("main", "/wechat", "safe"));
+    toml.push_str(&target_section("t", url, format, target_keys));
+    toml.push_str(&format!("[[route]]\nto = [\"t\"]\n{route_keys}\n"));
+    toml
+}
+
+/// Fast retries, so that tests see several attempts in a second.
+const FAST_RETRY: &str = "retry_initial_ms = 50\nretry_max_ms = 100\n";
+
+fn status(code: u16) -> Behaviour {
+    Behaviour {
+        status: StatusCode::from_u16(code).expect("status"),
+        ..Behaviour::default()
+    }
+}
+
+async fn push(relay: &TestRelay, msg_id: u64) -> Answer {
+    let (query, body) = PushBuilder::new(text_xml("outbox", msg_id)).safe();
+    post(&relay.url(&format!("/wechat?{query}")), body).await
+}
+
+fn attempt(received: &Received) -> u32 {
+    received
+        .header("x-wechat-relay-attempt")
+        .expect("attempt header")
+        .parse()
+        .expect("a number")
+}
+
+/// `wechat-relay outbox <args> --config <relay.toml>` (the option last, as an operator may
+/// type it); asserts exit 0 and returns stdout.
+fn outbox(relay: &TestRelay, args: &[&str]) -> String {
+    let config = relay.config.to_string_lossy().into_owned();
+    let mut all = vec!["outbox"];
+    all.extend_from_slice(args);
+    all.extend(["--config", config.as_str()]);
+    let (code, stdout, stderr) = cli(&all);
+    assert_eq!(code, Some(0), "outbox {args:?}: {stderr}");
+    stdout
+}
+
+#[tokio::test]
+async fn a_target_down_when_the_push_arrives_receives_it_once_when_it_comes_up() {
+    let store = tempfile::tempdir().expect("tempdir");
+    // A port with nobody listening: connection refused until the target starts.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let relay = TestRelay::start(&config(
+        store.path(),
+        &format!("http://{addr}/hook"),
+        "plain",
+        FAST_RETRY,
+        "",
+    ))
+    .await;
+    assert_success(&push(&relay, 1).await);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let pending = outbox(&relay, &["list"]);
+    assert!(
+        pending.contains("target=t") && pending.contains("error=\"client error (Connect)"),
+        "{pending}"
+    );
+
+    let mut target = FakeTarget::on(addr, Behaviour::default()).await;
+    let got = target.next().await;
+    assert!(attempt(&got) > 1, "delivered on a retry");
+    assert!(
+        String::from_utf8_lossy(&got.body).contains("outbox"),
+        "the decrypted message"
+    );
+    target.expect_none(Duration::from_millis(800)).await;
+    assert_eq!(outbox(&relay, &["list"]), "");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_wechat_retry_during_and_after_the_first_is_forwarded_once_and_answered_the_same() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let reply = "<xml><ToUserName><![CDATA[o]]></ToUserName><FromUserName><![CDATA[gh]]></FromUserName>\
+        <CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content></xml>";
+    let mut target = FakeTarget::with(Behaviour {
+        body: bytes::Bytes::from_static(reply.as_bytes()),
+        content_type: "text/xml",
+        delay: Duration::from_millis(800),
+        ..Behaviour::default()
+    })
+    .await;
+    let toml = config(store.path(), &target.url("/"), "plain", "", "reply = \"t\"");
+    let relay = TestRelay::start(&toml).await;
+    // The identical request three times: while the first is in flight, and after it.
+    let (query, body) = PushBuilder::new(text_xml("retry me", 7)).safe();
+    let url = relay.url(&format!("/wechat?{query}"));
+    let first = tokio::spawn({
+        let (url, body) = (url.clone(), body.clone());
+        async move { post(&url, body).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = post(&url, body.clone()).await;
+    let first = first.await.expect("first");
+    let after = post(&url, body.clone()).await;
+    assert_eq!(first.status, 200);
+    // The reply is sealed with a random nonce: equal bytes mean the same answer, given again.
+    assert!(first.text().contains("<Encrypt>"), "{}", first.text());
+    assert_eq!(during.body, first.body);
+    assert_eq!(after.body, first.body);
+    target.next().await;
+    target.expect_none(Duration::from_millis(300)).await;
+    relay.stop().await;
+
+    // The window survives a restart: the store answers.
+    let relay = TestRelay::start(&toml).await;
+    let url = relay.url(&format!("/wechat?{query}"));
+    let restarted = post(&url, body).await;
+    assert_eq!(restarted.body, first.body);
+    target.expect_none(Duration::from_millis(300)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn after_max_attempts_a_delivery_is_a_dead_letter_and_replay_delivers_it() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut target = FakeTarget::with(status(503)).await;
+    let keys = format!("{FAST_RETRY}max_attempts = 3\n");
+    let relay = TestRelay::start(&config(store.path(), &target.url("/"), "raw", &keys, "")).await;
+    assert_success(&push(&relay, 1).await);
+    let attempts: Vec<u32> = [
+        target.next().await,
+        target.next().await,
+        target.next().await,
+    ]
+    .iter()
+    .map(attempt)
+    .collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    target.expect_none(Duration::from_millis(400)).await;
+
+    // Seen from the command line while the relay runs.
+    let dead = outbox(&relay, &["list", "--dead"]);
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    assert!(
+        dead.contains("target=t")
+            && dead.contains("attempts=3")
+            && dead.contains("HTTP 503 (max_attempts 3 reached)"),
+        "{dead}"
+    );
+    let stats = outbox(&relay, &["stats"]);
+    assert!(stats.contains("target=t pending=0 dead=1"), "{stats}");
+
+    // The target is fixed; the operator replays every dead letter.
+    target.set(Behaviour::default());
+    assert!(outbox(&relay, &["replay", "--dead"]).contains("replayed=1"));
+    let replayed = target.next().await;
+    assert_eq!(attempt(&replayed), 1, "a replay starts a fresh count");
+    target.expect_none(Duration::from_millis(300)).await;
+    assert_eq!(outbox(&relay, &["list", "--dead"]), "");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_4xx_is_a_dead_letter_at_once_replayed_by_id_and_purged() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut target = FakeTarget::with(status(404)).await;
+    let relay = TestRelay::start(&config(
+        store.path(),
+        &target.url("/"),
+        "raw",
+        FAST_RETRY,
+        "",
+    ))
+    .await;
+    assert_success(&push(&relay, 1).await);
+    target.next().await;
+    target.expect_none(Duration::from_millis(400)).await;
+    let dead = outbox(&relay, &["list", "--dead", "--target", "t"]);
+    assert!(
+        dead.contains("attempts=1") && dead.contains("HTTP 404"),
+        "{dead}"
+    );
+    let id = dead
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("id="))
+        .expect("id=")
+        .to_owned();
+
+    // Replayed by id: still 404, dead again.
+    assert!(outbox(&relay, &["replay", &id]).contains("replayed=1"));
+    target.next().await;
+    target.expect_none(Duration::from_millis(300)).await;
+    let (code, _, stderr) = cli(&[
+        "--config",
+        &relay.config.to_string_lossy(),
+        "outbox",
+        "replay",
+        "999999",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no delivery with id 999999"), "{stderr}");
+
+    // Purged: not the ones younger than an hour, then all.
+    assert!(outbox(&relay, &["purge", "--dead", "--older-than", "1h"]).contains("purged=0"));
+    assert!(outbox(&relay, &["purge", "--dead"]).contains("purged=1"));
+    assert_eq!(outbox(&relay, &["list", "--dead"]), "");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retries_keep_the_event_id_count_attempts_and_honour_retry_after() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut target = FakeTarget::with(Behaviour {
+        retry_after: Some("1"),
+        ..status(429)
+    })
+    .await;
+    let keys = "retry_initial_ms = 10\nretry_max_ms = 5000\n";
+    let relay = TestRelay::start(&config(store.path(), &target.url("/"), "raw", keys, "")).await;
+    assert_success(&push(&relay, 1).await);
+    let first = target.next().await;
+    let asked = Instant::now();
+    target.set(Behaviour::default());
+    let second = target.next().await;
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "Retry-After: 1 was honoured over a 10 ms backoff"
+    );
+    assert_eq!((attempt(&first), attempt(&second)), (1, 2));
+    let id = |r: &Received| r.header("x-wechat-relay-event-id").map(str::to_owned);
+    assert_eq!(id(&first), id(&second));
+    assert!(id(&first).is_some());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn deliveries_to_one_target_stay_within_its_concurrency() {
+    let mut target = FakeTarget::with(Behaviour {
+        delay: Duration::from_millis(300),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut toml = server_section(2000, 300);
+    toml.push_str(&account_section("main", "/wechat", "safe"));
+    toml.push_str(&target_section(
+        "t",
+        &target.url("/"),
+        "raw",
+        "concurrency = 2",
+    ));
+    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    let relay = TestRelay::start(&toml).await;
+    for i in 0..6 {
+        assert_success(&push(&relay, i).await);
+    }
+    for _ in 0..6 {
+        target.next().await;
+    }
+    assert_eq!(target.peak_load(), 2, "two at a time, never more");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_target_that_answers_needs_no_delivery_and_one_that_fails_keeps_its_place() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut target = FakeTarget::start().await;
+    let relay = TestRelay::start(&config(
+        store.path(),
+        &target.url("/"),
+        "plain",
+        FAST_RETRY,
+        "reply = \"t\"",
+    ))
+    .await;
+    // Answered: delivered by the synchronous attempt, nothing queued.
+    assert_success(&push(&relay, 1).await);
+    assert_eq!(attempt(&target.next().await), 1);
+    target.expect_none(Duration::from_millis(300)).await;
+
+    // Failed: WeChat gets success, and the outbox delivers it on a retry.
+    target.set(status(502));
+    assert_success(&push(&relay, 2).await);
+    assert_eq!(attempt(&target.next().await), 1);
+    target.set(Behaviour::default());
+    let mut last = target.next().await;
+    while last.answered != StatusCode::OK {
+        last = target.next().await;
+    }
+    assert!(attempt(&last) >= 2);
+    target.expect_none(Duration::from_millis(300)).await;
+    relay.stop().await;
+}
+
+/// The in-memory store, with commits that fail while `failing` is above zero (one per failure).
+struct FailingStore {
+    inner: MemoryStore,
+    failing: AtomicUsize,
+}
+
+impl Store for FailingStore {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>> {
+        let fail = self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Box::pin(async { Err(StoreError::Io("the disk is full (test)".into())) });
+        }
+        self.inner.commit(commit)
+    }
+    fn answer(&self, id: &str, since: u64) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
+        self.inner.answer(id, since)
+    }
+    fn due(
+        &self,
+        target: &str,
+        now: u64,
+        limit: usize,
+        skip: Vec<DeliveryId>,
+    ) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
+        self.inner.due(target, now, limit, skip)
+    }
+    fn next_due(&self, target: &str, now: u64) -> BoxFuture<'_, StoreResult<Option<u64>>> {
+        self.inner.next_due(target, now)
+    }
+    fn settle(&self, id: DeliveryId, settle: Settle, now: u64) -> BoxFuture<'_, StoreResult<()>> {
+        self.inner.settle(id, settle, now)
+    }
+    fn expire_dedupe(&self, before: u64) -> BoxFuture<'_, StoreResult<u64>> {
+        self.inner.expire_dedupe(before)
+    }
+    fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
+        self.inner.stats()
+    }
+    fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>> {
+        self.inner.list(filter)
+    }
+    fn replay(&self, selection: Selection, now: u64) -> BoxFuture<'_, StoreResult<u64>> {
+        self.inner.replay(selection, now)
+    }
+    fn purge_dead(
+        &self,
+        before: Option<u64>,
+        t: Option<String>,
+    ) -> BoxFuture<'_, StoreResult<u64>> {
+        self.inner.purge_dead(before, t)
+    }
+}
+
+#[tokio::test]
+async fn when_the_store_cannot_commit_wechat_gets_an_error_and_its_retry_a_fresh_try() {
+    let mut target = FakeTarget::start().await;
+    let mut toml = server_section(2000, 300);
+    toml.push_str(&account_section("main", "/wechat", "safe"));
+    toml.push_str(&target_section("t", &target.url("/"), "raw", ""));
+    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    let store = Arc::new(FailingStore {
+        inner: MemoryStore::new(),
+        failing: AtomicUsize::new(1),
+    });
+    let relay = TestRelay::start_with(&toml, Some(store)).await;
+    let (query, body) = PushBuilder::new(text_xml("disk full", 1)).safe();
+    let url = relay.url(&format!("/wechat?{query}"));
+    let refused = post(&url, body.clone()).await;
+    assert_eq!(
+        refused.status, 503,
+        "never success when the push is not stored"
+    );
+    assert!(
+        refused.text().contains("the disk is full"),
+        "{}",
+        refused.text()
+    );
+    target.expect_none(Duration::from_millis(300)).await;
+    // WeChat's retry: the key was released, the push is taken and delivered once.
+    assert_success(&post(&url, body).await);
+    target.next().await;
+    target.expect_none(Duration::from_millis(300)).await;
+    relay.stop().await;
+}
