@@ -361,6 +361,11 @@ impl FakeTarget {
         self.load.lock().expect("lock").1
     }
 
+    /// Changes how it answers from another task (a target that flaps).
+    pub fn behaviour(&self) -> Arc<Mutex<Behaviour>> {
+        Arc::clone(&self.behaviour)
+    }
+
     pub fn set(&self, behaviour: Behaviour) {
         *self.behaviour.lock().expect("lock") = behaviour;
     }
