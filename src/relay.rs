@@ -22,9 +22,9 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Account, Config, ForwardFormat, Mode, Reply, Target};
 use crate::error::{ForwardError, Rejection};
 use crate::forward::{Answer, Forwarder, unix_now};
-use crate::outbox::store::{CachedAnswer, Commit, NewDelivery};
+use crate::outbox::store::{CachedAnswer, Commit, NewDelivery, Settle, StoreError};
 use crate::outbox::worker::{Verdict, classify, decide};
-use crate::outbox::{Claim, Outbox, now_ms};
+use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
 use crate::push::Push;
 use crate::route::{CompiledRoute, RouteTable};
 use crate::wechat::crypto::{self, CryptoError};
@@ -238,17 +238,11 @@ impl Relay {
             Claim::First(guard) => guard,
             Claim::Wait(waiter) => {
                 // A WeChat retry while the first is handled: the first one's answer.
-                let answer = waiter.answer().await.unwrap_or_else(|| {
-                    Arc::new(CachedAnswer::from(crate::outbox::store::StoreError::Closed))
-                });
-                log_push(
-                    &push,
-                    Some(route),
-                    "duplicate",
-                    ReplyOutcome::Cached,
-                    started,
-                );
-                return answer;
+                let answer = waiter
+                    .answer()
+                    .await
+                    .unwrap_or_else(|| Arc::new(CachedAnswer::from(StoreError::Closed)));
+                return duplicate(&push, route, answer, started);
             }
         };
         match self.outbox.answer(&push.event_id).await {
@@ -256,15 +250,8 @@ impl Relay {
             Ok(Some(answer)) => {
                 // A retry of a push committed before: the answer it got then.
                 let answer = Arc::new(answer);
-                log_push(
-                    &push,
-                    Some(route),
-                    "duplicate",
-                    ReplyOutcome::Cached,
-                    started,
-                );
                 guard.finish(Arc::clone(&answer));
-                return answer;
+                return duplicate(&push, route, answer, started);
             }
             Err(e) => return self.store_failed(&push, guard, e),
         }
@@ -285,12 +272,7 @@ impl Relay {
     }
 
     /// The store could not take the push: 503, so that WeChat tries again; the key is released.
-    fn store_failed(
-        &self,
-        push: &Push,
-        guard: crate::outbox::ClaimGuard,
-        e: crate::outbox::store::StoreError,
-    ) -> Arc<CachedAnswer> {
+    fn store_failed(&self, push: &Push, guard: ClaimGuard, e: StoreError) -> Arc<CachedAnswer> {
         error!(account = %push.account, event_id = %push.event_id, error = %e,
             "cannot commit the push: answered 503 (WeChat will retry)");
         let answer = Arc::new(CachedAnswer::from(e));
@@ -436,10 +418,10 @@ impl Relay {
                     if let Some(at) = deliveries.iter().position(|d| d.target == *name) {
                         let enqueued = deliveries[at].at_ms;
                         match decide(target, enqueued, 1, verdict, now_ms()) {
-                            crate::outbox::store::Settle::Delivered => {
+                            Settle::Delivered => {
                                 deliveries.remove(at);
                             }
-                            crate::outbox::store::Settle::Retry {
+                            Settle::Retry {
                                 attempts,
                                 at_ms,
                                 error,
@@ -448,7 +430,7 @@ impl Relay {
                                 (d.attempts, d.at_ms, d.last_error) =
                                     (attempts, at_ms, Some(error));
                             }
-                            crate::outbox::store::Settle::Dead { attempts, error } => {
+                            Settle::Dead { attempts, error } => {
                                 let d = &mut deliveries[at];
                                 (d.attempts, d.last_error, d.dead) = (attempts, Some(error), true);
                             }
@@ -661,6 +643,23 @@ fn loggable(value: Option<&str>) -> &str {
         Some(v) if v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()) => v,
         Some(_) => "<unprintable>",
     }
+}
+
+/// A WeChat retry, answered as the first push was, and logged as a duplicate.
+fn duplicate(
+    push: &Push,
+    route: &CompiledRoute,
+    answer: Arc<CachedAnswer>,
+    started: Instant,
+) -> Arc<CachedAnswer> {
+    log_push(
+        push,
+        Some(route),
+        "duplicate",
+        ReplyOutcome::Cached,
+        started,
+    );
+    answer
 }
 
 /// The one info line per push.

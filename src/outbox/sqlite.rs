@@ -35,9 +35,9 @@ const MAX_BATCH: usize = 1024;
 /// How long a connection waits for another process's lock (an `outbox` command) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const SCHEMA: &str = "
-CREATE TABLE deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+/// The columns of a delivery, pending or dead: a dead letter is the same row moved over.
+/// `at_ms` is the next attempt for a pending one and the time of death for a dead one.
+const DELIVERY_TABLE: &str = "
     target TEXT NOT NULL,
     account TEXT NOT NULL,
     event_id TEXT NOT NULL,
@@ -51,36 +51,24 @@ CREATE TABLE deliveries (
     enqueued_ms INTEGER NOT NULL,
     attempts INTEGER NOT NULL,
     at_ms INTEGER NOT NULL,
-    last_error TEXT
-);
-CREATE INDEX deliveries_due ON deliveries (target, at_ms);
-CREATE TABLE dead_letters (
-    id INTEGER PRIMARY KEY,
-    target TEXT NOT NULL,
-    account TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    query TEXT NOT NULL,
-    body BLOB NOT NULL,
-    content_type BLOB,
-    forwarded_for TEXT NOT NULL,
-    xml BLOB,
-    key_index INTEGER,
-    received_ms INTEGER NOT NULL,
-    enqueued_ms INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL,
-    last_error TEXT
-);
-CREATE INDEX dead_letters_target ON dead_letters (target, at_ms);
-CREATE TABLE dedupe (
-    event_id TEXT PRIMARY KEY,
-    committed_ms INTEGER NOT NULL,
-    status INTEGER NOT NULL,
-    content_type TEXT NOT NULL,
-    body BLOB NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX dedupe_committed ON dedupe (committed_ms);
-";
+    last_error TEXT";
+
+fn schema() -> String {
+    format!(
+        "CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, {DELIVERY_TABLE});
+         CREATE INDEX deliveries_due ON deliveries (target, at_ms);
+         CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, {DELIVERY_TABLE});
+         CREATE INDEX dead_letters_target ON dead_letters (target, at_ms);
+         CREATE TABLE dedupe (
+             event_id TEXT PRIMARY KEY,
+             committed_ms INTEGER NOT NULL,
+             status INTEGER NOT NULL,
+             content_type TEXT NOT NULL,
+             body BLOB NOT NULL
+         ) WITHOUT ROWID;
+         CREATE INDEX dedupe_committed ON dedupe (committed_ms);"
+    )
+}
 
 /// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
 const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
@@ -609,7 +597,7 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
     match version {
         0 => {
             let tx = conn.transaction().map_err(Migration::Sql)?;
-            tx.execute_batch(SCHEMA).map_err(Migration::Sql)?;
+            tx.execute_batch(&schema()).map_err(Migration::Sql)?;
             tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
                 .map_err(Migration::Sql)?;
             tx.commit().map_err(Migration::Sql)
