@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::forward::Forwarder;
-use store::{CachedAnswer, Commit, Store, StoreError, StoreResult};
+use store::{CachedAnswer, Commit, Committed, Store, StoreError, StoreResult};
 use worker::TargetWorker;
 
 /// How often expired dedupe records are deleted.
@@ -132,22 +132,29 @@ impl Outbox {
         self.claims.claim(event_id)
     }
 
-    /// The answer committed for `event_id` within the dedupe window, if any.
-    pub async fn answer(&self, event_id: &str) -> StoreResult<Option<CachedAnswer>> {
-        let since = now_ms().saturating_sub(self.dedupe_ttl.as_millis() as u64);
-        self.store.answer(event_id, since).await
+    /// The oldest commit time that still counts for dedupe.
+    pub fn dedupe_since_ms(&self) -> u64 {
+        now_ms().saturating_sub(self.dedupe_ttl.as_millis() as u64)
     }
 
-    /// Commits a push durably, then wakes the workers of its targets.
-    pub async fn commit(&self, commit: Commit) -> StoreResult<()> {
+    /// The answer committed for `event_id` within the dedupe window, if any.
+    pub async fn answer(&self, event_id: &str) -> StoreResult<Option<CachedAnswer>> {
+        self.store.answer(event_id, self.dedupe_since_ms()).await
+    }
+
+    /// Commits a push durably (unless it was committed within the dedupe window: then its
+    /// answer comes back), then wakes the workers of its targets.
+    pub async fn commit(&self, commit: Commit) -> StoreResult<Committed> {
         let targets: Vec<String> = commit.deliveries.iter().map(|d| d.target.clone()).collect();
-        self.store.commit(commit).await?;
-        for target in targets {
-            if let Some(wake) = self.wakers.get(&target) {
-                wake.notify_one();
+        let committed = self.store.commit(commit).await?;
+        if committed == Committed::New {
+            for target in targets {
+                if let Some(wake) = self.wakers.get(&target) {
+                    wake.notify_one();
+                }
             }
         }
-        Ok(())
+        Ok(committed)
     }
 
     /// Stops taking deliveries, lets attempts in flight finish within `grace`, and returns

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Account, Config, ForwardFormat, Mode, Reply, Target};
 use crate::error::{ForwardError, Rejection};
 use crate::forward::{Answer, Forwarder, unix_now};
-use crate::outbox::store::{CachedAnswer, Commit, NewDelivery, Settle, StoreError};
+use crate::outbox::store::{CachedAnswer, Commit, Committed, NewDelivery, Settle, StoreError};
 use crate::outbox::worker::{Verdict, classify, decide};
 use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
 use crate::push::Push;
@@ -245,15 +245,19 @@ impl Relay {
                 return duplicate(&push, route, answer, started);
             }
         };
-        match self.outbox.answer(&push.event_id).await {
-            Ok(None) => {}
-            Ok(Some(answer)) => {
-                // A retry of a push committed before: the answer it got then.
-                let answer = Arc::new(answer);
-                guard.finish(Arc::clone(&answer));
-                return duplicate(&push, route, answer, started);
+        // A route with a reply target would ask it again for a retry: look the push up first.
+        // Otherwise the commit itself finds a retry, in the same transaction.
+        if matches!(route.reply, Reply::Target(_)) {
+            match self.outbox.answer(&push.event_id).await {
+                Ok(None) => {}
+                Ok(Some(answer)) => {
+                    // A retry of a push committed before: the answer it got then.
+                    let answer = Arc::new(answer);
+                    guard.finish(Arc::clone(&answer));
+                    return duplicate(&push, route, answer, started);
+                }
+                Err(e) => return self.store_failed(&push, guard, e),
             }
-            Err(e) => return self.store_failed(&push, guard, e),
         }
         let (answer, outcome, deliveries) = self.reply(account, &push, route, started).await;
         let answer = Arc::new(answer);
@@ -262,9 +266,16 @@ impl Relay {
             answer: (*answer).clone(),
             deliveries,
             now_ms: now_ms(),
+            dedupe_since_ms: self.outbox.dedupe_since_ms(),
         };
-        if let Err(e) = self.outbox.commit(commit).await {
-            return self.store_failed(&push, guard, e);
+        match self.outbox.commit(commit).await {
+            Ok(Committed::New) => {}
+            Ok(Committed::Duplicate(earlier)) => {
+                let earlier = Arc::new(earlier);
+                guard.finish(Arc::clone(&earlier));
+                return duplicate(&push, route, earlier, started);
+            }
+            Err(e) => return self.store_failed(&push, guard, e),
         }
         log_push(&push, Some(route), "forwarded", outcome, started);
         guard.finish(Arc::clone(&answer));

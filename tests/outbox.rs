@@ -13,8 +13,8 @@ use common::*;
 use http::StatusCode;
 use wechat_relay::outbox::memory::MemoryStore;
 use wechat_relay::outbox::store::{
-    BoxFuture, CachedAnswer, Commit, Delivery, DeliveryId, DeliveryInfo, Filter, Selection, Settle,
-    Stats, Store, StoreError, StoreResult,
+    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter,
+    Selection, Settle, Stats, Store, StoreError, StoreResult,
 };
 
 /// A safe-mode account routing everything to target `t` at `url`, with the store in `store`
@@ -320,7 +320,7 @@ struct FailingStore {
 }
 
 impl Store for FailingStore {
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>> {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
         let fail = self
             .failing
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

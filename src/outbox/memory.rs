@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::store::{
-    BoxFuture, CachedAnswer, Commit, Delivery, DeliveryId, DeliveryInfo, Filter, Selection, Settle,
-    Stats, Store, StoreError, StoreResult, TargetStats,
+    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter,
+    Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 
@@ -85,8 +85,15 @@ impl State {
 }
 
 impl Store for MemoryStore {
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>> {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
         Self::now(self.state().and_then(|mut state| {
+            if let Some((_, answer)) = state
+                .dedupe
+                .get(&commit.push.event_id)
+                .filter(|(at, _)| *at >= commit.dedupe_since_ms)
+            {
+                return Ok(Committed::Duplicate(answer.clone()));
+            }
             if state.pending.len() + commit.deliveries.len() > MAX_PENDING {
                 return Err(StoreError::Full(MAX_PENDING));
             }
@@ -112,7 +119,7 @@ impl Store for MemoryStore {
                     state.bury(id, commit.now_ms);
                 }
             }
-            Ok(())
+            Ok(Committed::New)
         }))
     }
 

@@ -19,8 +19,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::oneshot;
 
 use super::store::{
-    BoxFuture, CachedAnswer, Commit, Delivery, DeliveryId, DeliveryInfo, Filter, Selection, Settle,
-    Stats, Store, StoreError, StoreResult, TargetStats,
+    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter,
+    Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -93,7 +93,14 @@ enum Op {
     PurgeDead(Option<u64>, Option<String>),
 }
 
-type Job = (Op, oneshot::Sender<StoreResult<u64>>);
+/// What a write returns: a count, or the answer a duplicate commit found.
+#[derive(Clone)]
+enum Done {
+    Count(u64),
+    Duplicate(CachedAnswer),
+}
+
+type Job = (Op, oneshot::Sender<StoreResult<Done>>);
 
 pub struct SqliteStore {
     writer: Mutex<Option<std_mpsc::Sender<Job>>>,
@@ -154,7 +161,7 @@ impl SqliteStore {
         })
     }
 
-    fn write(&self, op: Op) -> BoxFuture<'_, StoreResult<u64>> {
+    fn write(&self, op: Op) -> BoxFuture<'_, StoreResult<Done>> {
         let (done, result) = oneshot::channel();
         let sent = self
             .writer
@@ -167,6 +174,16 @@ impl SqliteStore {
                 return Err(StoreError::Closed);
             }
             result.await.unwrap_or(Err(StoreError::Closed))
+        })
+    }
+
+    fn count(&self, op: Op) -> BoxFuture<'_, StoreResult<u64>> {
+        let write = self.write(op);
+        Box::pin(async move {
+            match write.await? {
+                Done::Count(n) => Ok(n),
+                Done::Duplicate(_) => Ok(0),
+            }
         })
     }
 
@@ -208,9 +225,14 @@ impl Readers {
 }
 
 impl Store for SqliteStore {
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>> {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
         let write = self.write(Op::Commit(commit));
-        Box::pin(async move { write.await.map(|_| ()) })
+        Box::pin(async move {
+            Ok(match write.await? {
+                Done::Duplicate(answer) => Committed::Duplicate(answer),
+                Done::Count(_) => Committed::New,
+            })
+        })
     }
 
     fn answer(
@@ -219,20 +241,7 @@ impl Store for SqliteStore {
         since_ms: u64,
     ) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
         let event_id = event_id.to_owned();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT status, content_type, body FROM dedupe \
-                 WHERE event_id = ?1 AND committed_ms >= ?2",
-            )?
-            .query_row(params![event_id, ms(since_ms)], |row| {
-                Ok(CachedAnswer {
-                    status: row.get(0)?,
-                    content_type: row.get(1)?,
-                    body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
-                })
-            })
-            .optional()
-        })
+        self.read(move |conn| recorded_answer(conn, &event_id, since_ms))
     }
 
     fn due(
@@ -282,12 +291,12 @@ impl Store for SqliteStore {
         settle: Settle,
         now_ms: u64,
     ) -> BoxFuture<'_, StoreResult<()>> {
-        let write = self.write(Op::Settle(id, settle, now_ms));
+        let write = self.count(Op::Settle(id, settle, now_ms));
         Box::pin(async move { write.await.map(|_| ()) })
     }
 
     fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
-        self.write(Op::ExpireDedupe(before_ms))
+        self.count(Op::ExpireDedupe(before_ms))
     }
 
     fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
@@ -358,7 +367,7 @@ impl Store for SqliteStore {
     }
 
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
-        self.write(Op::Replay(selection, now_ms))
+        self.count(Op::Replay(selection, now_ms))
     }
 
     fn purge_dead(
@@ -366,7 +375,7 @@ impl Store for SqliteStore {
         before_ms: Option<u64>,
         target: Option<String>,
     ) -> BoxFuture<'_, StoreResult<u64>> {
-        self.write(Op::PurgeDead(before_ms, target))
+        self.count(Op::PurgeDead(before_ms, target))
     }
 }
 
@@ -394,7 +403,7 @@ fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>) {
 fn apply_batch<'a>(
     conn: &mut Connection,
     ops: impl ExactSizeIterator<Item = &'a Op>,
-) -> Vec<StoreResult<u64>> {
+) -> Vec<StoreResult<Done>> {
     let count = ops.len();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -416,24 +425,34 @@ fn apply_batch<'a>(
     }
 }
 
-fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
+fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<Done> {
     match op {
-        Op::Commit(commit) => {
-            let push = &commit.push;
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO dedupe (event_id, committed_ms, status, content_type, body) \
+        Op::Commit(commit) => commit_push(tx, commit),
+        other => apply_count(tx, other).map(Done::Count),
+    }
+}
+
+/// A push's dedupe record and deliveries, unless the push is recorded already.
+fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
+    let push = &commit.push;
+    if let Some(answer) = recorded_answer(tx, &push.event_id, commit.dedupe_since_ms)? {
+        return Ok(Done::Duplicate(answer));
+    }
+    {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO dedupe (event_id, committed_ms, status, content_type, body) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                push.event_id,
-                ms(commit.now_ms),
-                commit.answer.status,
-                commit.answer.content_type,
-                commit.answer.body.as_ref(),
-            ])?;
-            for delivery in &commit.deliveries {
-                let xml = push.encrypted().then(|| push.message.xml().as_ref());
-                tx.prepare_cached(
+        )?
+        .execute(params![
+            push.event_id,
+            ms(commit.now_ms),
+            commit.answer.status,
+            commit.answer.content_type,
+            commit.answer.body.as_ref(),
+        ])?;
+        for delivery in &commit.deliveries {
+            let xml = push.encrypted().then(|| push.message.xml().as_ref());
+            tx.prepare_cached(
                     "INSERT INTO deliveries (target, account, event_id, query, body, content_type, \
                      forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, \
                      last_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
@@ -454,12 +473,17 @@ fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
                     ms(delivery.at_ms),
                     delivery.last_error,
                 ])?;
-                if delivery.dead {
-                    bury(tx, tx.last_insert_rowid(), commit.now_ms)?;
-                }
+            if delivery.dead {
+                bury(tx, tx.last_insert_rowid(), commit.now_ms)?;
             }
-            Ok(commit.deliveries.len() as u64)
         }
+        Ok(Done::Count(commit.deliveries.len() as u64))
+    }
+}
+
+fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
+    match op {
+        Op::Commit(_) => Ok(0),
         Op::Settle(id, settle, now_ms) => match settle {
             Settle::Delivered => tx
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
@@ -521,6 +545,25 @@ fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             )
             .map(|n| n as u64),
     }
+}
+
+/// The answer recorded for `event_id` at or after `since_ms`.
+fn recorded_answer(
+    conn: &Connection,
+    event_id: &str,
+    since_ms: u64,
+) -> rusqlite::Result<Option<CachedAnswer>> {
+    conn.prepare_cached(
+        "SELECT status, content_type, body FROM dedupe WHERE event_id = ?1 AND committed_ms >= ?2",
+    )?
+    .query_row(params![event_id, ms(since_ms)], |row| {
+        Ok(CachedAnswer {
+            status: row.get(0)?,
+            content_type: row.get(1)?,
+            body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+        })
+    })
+    .optional()
 }
 
 /// Moves a delivery to the dead letters, stamped with when it died.

@@ -64,6 +64,18 @@ pub struct Commit {
     pub answer: CachedAnswer,
     pub deliveries: Vec<NewDelivery>,
     pub now_ms: u64,
+    /// A dedupe record of the push committed at or after this makes the commit a duplicate:
+    /// nothing is written and the recorded answer is returned.
+    pub dedupe_since_ms: u64,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// Written.
+    New,
+    /// The push was committed before (within the dedupe window): this answer was given then.
+    Duplicate(CachedAnswer),
 }
 
 /// A pending delivery, ready to attempt.
@@ -142,8 +154,9 @@ pub enum Selection {
 /// The store. Every method is one transaction; a write has reached the disk when its future
 /// resolves `Ok` (for a durable backend).
 pub trait Store: Send + Sync {
-    /// Writes a push's dedupe record and deliveries, atomically.
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<()>>;
+    /// Writes a push's dedupe record and deliveries, atomically, unless the push is already
+    /// recorded (checked in the same transaction).
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>>;
 
     /// The answer recorded for `event_id`, if it was committed at or after `since_ms`.
     fn answer(
