@@ -259,12 +259,13 @@ impl Waiter {
 }
 
 impl From<StoreError> for CachedAnswer {
-    /// The answer when the store fails: 503, so WeChat tries again.
-    fn from(e: StoreError) -> Self {
+    /// The answer when the store fails: 503, so WeChat tries again. The reason goes to the
+    /// log, not to the client (it names paths).
+    fn from(_: StoreError) -> Self {
         CachedAnswer {
             status: 503,
             content_type: "text/plain; charset=utf-8".into(),
-            body: bytes::Bytes::from(format!("store unavailable: {e}\n")),
+            body: bytes::Bytes::from_static(b"store unavailable: the push was not accepted\n"),
         }
     }
 }

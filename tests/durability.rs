@@ -246,7 +246,7 @@ fn a_store_that_cannot_be_used_stops_the_start_with_a_clear_error() {
 }
 
 #[test]
-fn two_relays_never_deliver_from_one_store() {
+fn two_relays_never_deliver_from_one_store_and_the_store_is_private() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("relay.toml");
     std::fs::write(
@@ -259,6 +259,12 @@ fn two_relays_never_deliver_from_one_store() {
     )
     .expect("config");
     let mut first = Binary::start(&path);
+    // The store holds messages: private to the service.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: PathBuf| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(dir.path().join("data")), 0o700);
+    assert_eq!(mode(dir.path().join("data/relay.db")), 0o600);
+    assert_eq!(mode(dir.path().join("data/relay.db-wal")), 0o600);
     let (code, _, stderr) = cli(&["serve", "--config", &path.to_string_lossy()]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(

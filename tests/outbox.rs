@@ -313,22 +313,45 @@ async fn a_reply_target_that_answers_needs_no_delivery_and_one_that_fails_keeps_
     relay.stop().await;
 }
 
-/// The in-memory store, with commits that fail while `failing` is above zero (one per failure).
-struct FailingStore {
+/// The in-memory store with faults: commits and settles that fail (one per count), and
+/// commits that wait at a gate until the test opens it.
+struct FaultyStore {
     inner: MemoryStore,
-    failing: AtomicUsize,
+    failing_commits: AtomicUsize,
+    failing_settles: AtomicUsize,
+    settles: AtomicUsize,
+    gate: tokio::sync::Semaphore,
 }
 
-impl Store for FailingStore {
-    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
-        let fail = self
-            .failing
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Box::pin(async { Err(StoreError::Io("the disk is full (test)".into())) });
+impl FaultyStore {
+    fn new(failing_commits: usize, failing_settles: usize, gate_open: bool) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            failing_commits: AtomicUsize::new(failing_commits),
+            failing_settles: AtomicUsize::new(failing_settles),
+            settles: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(if gate_open { 1 << 20 } else { 0 }),
         }
-        self.inner.commit(commit)
+    }
+}
+
+fn take_one(count: &AtomicUsize) -> bool {
+    count
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+impl Store for FaultyStore {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
+        Box::pin(async move {
+            if let Ok(permit) = self.gate.acquire().await {
+                permit.forget();
+            }
+            if take_one(&self.failing_commits) {
+                return Err(StoreError::Io("the disk is full (test)".into()));
+            }
+            self.inner.commit(commit).await
+        })
     }
     fn answer(&self, id: &str, since: u64) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
         self.inner.answer(id, since)
@@ -346,6 +369,10 @@ impl Store for FailingStore {
         self.inner.next_due(target, now)
     }
     fn settle(&self, id: DeliveryId, settle: Settle, now: u64) -> BoxFuture<'_, StoreResult<()>> {
+        self.settles.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.failing_settles) {
+            return Box::pin(async { Err(StoreError::Io("the disk is full (test)".into())) });
+        }
         self.inner.settle(id, settle, now)
     }
     fn expire_dedupe(&self, before: u64) -> BoxFuture<'_, StoreResult<u64>> {
@@ -369,18 +396,19 @@ impl Store for FailingStore {
     }
 }
 
-#[tokio::test]
-async fn when_the_store_cannot_commit_wechat_gets_an_error_and_its_retry_a_fresh_try() {
-    let mut target = FakeTarget::start().await;
+/// A safe-mode account routing everything to one raw target, on `store`.
+async fn relay_on(store: Arc<FaultyStore>, target: &FakeTarget) -> TestRelay {
     let mut toml = server_section(2000, 300);
     toml.push_str(&account_section("main", "/wechat", "safe"));
     toml.push_str(&target_section("t", &target.url("/"), "raw", ""));
     toml.push_str("[[route]]\nto = [\"t\"]\n");
-    let store = Arc::new(FailingStore {
-        inner: MemoryStore::new(),
-        failing: AtomicUsize::new(1),
-    });
-    let relay = TestRelay::start_with(&toml, Some(store)).await;
+    TestRelay::start_with(&toml, Some(store)).await
+}
+
+#[tokio::test]
+async fn when_the_store_cannot_commit_wechat_gets_an_error_and_its_retry_a_fresh_try() {
+    let mut target = FakeTarget::start().await;
+    let relay = relay_on(Arc::new(FaultyStore::new(1, 0, true)), &target).await;
     let (query, body) = PushBuilder::new(text_xml("disk full", 1)).safe();
     let url = relay.url(&format!("/wechat?{query}"));
     let refused = post(&url, body.clone()).await;
@@ -389,7 +417,7 @@ async fn when_the_store_cannot_commit_wechat_gets_an_error_and_its_retry_a_fresh
         "never success when the push is not stored"
     );
     assert!(
-        refused.text().contains("the disk is full"),
+        refused.text().contains("store unavailable"),
         "{}",
         refused.text()
     );
@@ -398,5 +426,36 @@ async fn when_the_store_cannot_commit_wechat_gets_an_error_and_its_retry_a_fresh
     assert_success(&post(&url, body).await);
     target.next().await;
     target.expect_none(Duration::from_millis(300)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn wechat_is_answered_only_once_the_push_is_committed() {
+    let mut target = FakeTarget::start().await;
+    let store = Arc::new(FaultyStore::new(0, 0, false));
+    let relay = relay_on(Arc::clone(&store), &target).await;
+    let (query, body) = PushBuilder::new(text_xml("held", 1)).safe();
+    let url = relay.url(&format!("/wechat?{query}"));
+    let answer = tokio::spawn(async move { post(&url, body).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!answer.is_finished(), "answered before the commit");
+    target.expect_none(Duration::from_millis(10)).await;
+    store.gate.add_permits(1 << 20);
+    assert_success(&answer.await.expect("answer"));
+    target.next().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_whose_outcome_cannot_be_recorded_is_held_not_sent_again() {
+    let mut target = FakeTarget::start().await;
+    let store = Arc::new(FaultyStore::new(0, 3, true));
+    let relay = relay_on(Arc::clone(&store), &target).await;
+    assert_success(&push(&relay, 1).await);
+    target.next().await;
+    // Three failed records, then the fourth lands (100 + 200 + 400 ms apart): meanwhile the
+    // target gets nothing more.
+    target.expect_none(Duration::from_millis(1200)).await;
+    assert_eq!(store.settles.load(Ordering::SeqCst), 4);
     relay.stop().await;
 }

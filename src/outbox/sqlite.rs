@@ -32,6 +32,8 @@ const LOCK_FILE: &str = "relay.lock";
 const SCHEMA_VERSION: i64 = 1;
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 1024;
+/// Read connections kept open.
+const MAX_READERS: usize = 4;
 /// How long a connection waits for another process's lock (an `outbox` command) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -69,6 +71,10 @@ fn schema() -> String {
          CREATE INDEX dedupe_committed ON dedupe (committed_ms);"
     )
 }
+
+/// Every column of both delivery tables, in order: what moves a row from one to the other.
+const ALL_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
+    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, last_error";
 
 /// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
 const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
@@ -112,6 +118,8 @@ pub struct SqliteStore {
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// At most this many reads at once, so at most this many read connections.
+    slots: tokio::sync::Semaphore,
 }
 
 impl SqliteStore {
@@ -135,7 +143,13 @@ impl SqliteStore {
         let path = dir.join(DB_FILE);
         let open_error =
             |e: rusqlite::Error| StoreError::Open(format!("{}: {}", path.display(), describe(&e)));
+        if role == Role::Server {
+            create_private_file(&path);
+        }
         let mut conn = open_connection(&path, role == Role::Server).map_err(open_error)?;
+        if role == Role::Server {
+            restrict_permissions(dir, &path);
+        }
         migrate(&mut conn).map_err(|e| match e {
             Migration::Sql(e) => open_error(e),
             Migration::Newer(v) => StoreError::Open(format!(
@@ -156,6 +170,7 @@ impl SqliteStore {
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
+                slots: tokio::sync::Semaphore::new(MAX_READERS),
             }),
             _lock: lock,
         })
@@ -193,7 +208,13 @@ impl SqliteStore {
     ) -> BoxFuture<'_, StoreResult<T>> {
         let readers = Arc::clone(&self.readers);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || readers.with(read))
+            let _slot = readers
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            let reader = Arc::clone(&readers);
+            tokio::task::spawn_blocking(move || reader.with(read))
                 .await
                 .map_err(|e| StoreError::Io(format!("store reader: {e}")))?
         })
@@ -252,24 +273,26 @@ impl Store for SqliteStore {
         skip: Vec<DeliveryId>,
     ) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
         let target = target.to_owned();
+        // The ids in flight, as a JSON array for json_each.
+        let skip = format!(
+            "[{}]",
+            skip.iter()
+                .map(DeliveryId::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         self.read(move |conn| {
-            let wanted = limit + skip.len();
             let mut statement = conn.prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries \
-                 WHERE target = ?1 AND at_ms <= ?2 ORDER BY at_ms, id LIMIT ?3"
+                 WHERE target = ?1 AND at_ms <= ?2 \
+                 AND id NOT IN (SELECT value FROM json_each(?4)) \
+                 ORDER BY at_ms, id LIMIT ?3"
             ))?;
             let rows = statement.query_map(
-                params![target, ms(now_ms), wanted as i64],
+                params![target, ms(now_ms), limit as i64, skip],
                 delivery_from_row,
             )?;
-            let mut due = Vec::new();
-            for row in rows {
-                let delivery = row?;
-                if !skip.contains(&delivery.id) && due.len() < limit {
-                    due.push(delivery);
-                }
-            }
-            Ok(due)
+            rows.collect()
         })
     }
 
@@ -411,12 +434,19 @@ fn apply_batch<'a>(
     };
     let mut results = Vec::with_capacity(count);
     for op in ops {
-        // A savepoint per write: a failing one is rolled back alone.
+        // A savepoint per write: a failing one is rolled back alone...
         let result = tx.savepoint().and_then(|savepoint| {
             let n = apply(&savepoint, op)?;
             savepoint.commit()?;
             Ok(n)
         });
+        if let Err(e) = &result
+            && tx.is_autocommit()
+        {
+            // ...unless SQLite rolled the whole transaction back (a full disk, an I/O error):
+            // then nothing of the batch is written, and every write is told why.
+            return vec![Err(io_error_ref(e)); count];
+        }
         results.push(result.map_err(io_error));
     }
     match tx.commit() {
@@ -528,7 +558,10 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             };
             tx.execute(&format!("UPDATE dead_letters {fresh}"), args)?;
             let revived = tx.execute(
-                &format!("INSERT INTO deliveries SELECT * FROM dead_letters WHERE {condition}"),
+                &format!(
+                    "INSERT INTO deliveries ({ALL_COLUMNS}) \
+                     SELECT {ALL_COLUMNS} FROM dead_letters WHERE {condition}"
+                ),
                 params![id, target],
             )?;
             tx.execute(
@@ -568,7 +601,9 @@ fn recorded_answer(
 
 /// Moves a delivery to the dead letters, stamped with when it died.
 fn bury(tx: &Connection, id: DeliveryId, now_ms: u64) -> rusqlite::Result<u64> {
-    tx.prepare_cached("INSERT INTO dead_letters SELECT * FROM deliveries WHERE id = ?1")?
+    tx.prepare_cached(&format!(
+        "INSERT INTO dead_letters ({ALL_COLUMNS}) SELECT {ALL_COLUMNS} FROM deliveries WHERE id = ?1"
+    ))?
         .execute(params![id])?;
     tx.prepare_cached("UPDATE dead_letters SET at_ms = ?2 WHERE id = ?1")?
         .execute(params![id, ms(now_ms)])?;
@@ -585,6 +620,45 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir)
+}
+
+/// A new database file, created empty (an empty file is an empty database) with mode `0600`,
+/// which SQLite then gives its `-wal` and `-shm` files.
+fn create_private_file(db: &Path) {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    // Already there (the usual case) or not creatable: opening it says what is wrong.
+    let _ = options.open(db);
+}
+
+/// The store holds decrypted messages: the database is the service's alone (`0600`; SQLite
+/// gives its `-wal` and `-shm` files the same mode). A folder others can read is reported.
+fn restrict_permissions(dir: &Path, db: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = db.as_os_str().to_owned();
+            file.push(suffix);
+            let file = Path::new(&file);
+            if file.exists()
+                && let Err(e) =
+                    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(path = %file.display(), error = %e, "cannot make the store private (0600)");
+            }
+        }
+        if let Ok(meta) = std::fs::metadata(dir)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the store folder is open to other users; it holds the messages: chmod 700 it");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (dir, db);
 }
 
 fn lock_store(dir: &Path) -> StoreResult<File> {
@@ -704,7 +778,11 @@ pub fn unix_ms(at: SystemTime) -> u64 {
 }
 
 fn io_error(e: rusqlite::Error) -> StoreError {
-    StoreError::Io(describe(&e))
+    io_error_ref(&e)
+}
+
+fn io_error_ref(e: &rusqlite::Error) -> StoreError {
+    StoreError::Io(describe(e))
 }
 
 /// SQLite's message, with the usual causes named.
@@ -717,5 +795,105 @@ fn describe(e: &rusqlite::Error) -> String {
         Some(ErrorCode::DatabaseCorrupt) => format!("the store is corrupt ({e})"),
         Some(ErrorCode::CannotOpen) => format!("cannot open the database file ({e})"),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::store::NewDelivery;
+
+    fn commit(msg_id: u32, answer_bytes: usize) -> Op {
+        let xml = format!(
+            "<xml><ToUserName>gh</ToUserName><FromUserName>o</FromUserName><CreateTime>1</CreateTime>\
+             <MsgType>text</MsgType><Content>x</Content><MsgId>{msg_id}</MsgId></xml>"
+        );
+        let message = Message::parse(Bytes::from(xml.clone())).expect("xml");
+        let push = Push {
+            account: "main".into(),
+            event_id: message.dedupe_key().event_id("main"),
+            query: String::new(),
+            body: Bytes::from(xml),
+            content_type: None,
+            forwarded_for: "127.0.0.1".into(),
+            message,
+            key_index: None,
+            received_at: SystemTime::now(),
+        };
+        Op::Commit(Commit {
+            push: Arc::new(push),
+            answer: CachedAnswer {
+                status: 200,
+                content_type: "text/plain".into(),
+                body: Bytes::from(vec![b'x'; answer_bytes]),
+            },
+            deliveries: vec![NewDelivery {
+                target: "t".into(),
+                attempts: 0,
+                last_error: None,
+                at_ms: 0,
+                dead: false,
+            }],
+            now_ms: 1,
+            dedupe_since_ms: 0,
+        })
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .expect("count")
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_whole_batch_and_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        let first = apply_batch(&mut conn, [commit(1, 10)].iter());
+        assert!(matches!(first[..], [Ok(Done::Count(1))]));
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("pages");
+        conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+            .expect("cap");
+
+        // A small commit, one too large for the disk, and the settle of delivery 1.
+        let batch = [
+            commit(2, 10),
+            commit(3, 1 << 20),
+            Op::Settle(1, Settle::Delivered, 2),
+        ];
+        let results = apply_batch(&mut conn, batch.iter());
+        assert_eq!(results.len(), 3);
+        for result in &results {
+            match result {
+                Err(StoreError::Io(why)) => assert!(why.contains("disk is full"), "{why}"),
+                _ => panic!("every write of the batch fails"),
+            }
+        }
+        // Nothing of the batch was written: delivery 1 is still pending, push 2 unrecorded.
+        assert_eq!(count(&conn, "deliveries"), 1);
+        assert_eq!(count(&conn, "dedupe"), 1);
+    }
+
+    #[test]
+    fn a_failing_write_alone_is_rolled_back_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        // The same push twice in one batch: the second is a duplicate, not an error; a replay
+        // of an id that does not exist changes nothing; the rest is written.
+        let batch = [
+            commit(1, 10),
+            commit(1, 10),
+            Op::Replay(Selection::Id(99), 5),
+            commit(2, 10),
+        ];
+        let results = apply_batch(&mut conn, batch.iter());
+        assert!(matches!(results[0], Ok(Done::Count(1))));
+        assert!(matches!(results[1], Ok(Done::Duplicate(_))));
+        assert!(matches!(results[2], Ok(Done::Count(0))));
+        assert!(matches!(results[3], Ok(Done::Count(1))));
+        assert_eq!(count(&conn, "deliveries"), 2);
     }
 }

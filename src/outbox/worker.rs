@@ -4,7 +4,7 @@
 //! again.
 //!
 //! 2xx delivers; 5xx, 408, 429, timeouts and connection errors retry after an exponential
-//! backoff with jitter (at least what `Retry-After` asks, at most `retry_max_ms`); any other
+//! backoff with jitter (at most `retry_max_ms`, but never sooner than `Retry-After` asks); any other
 //! status is final and makes a dead letter, as do `max_attempts` and `max_age_s`.
 
 use std::collections::HashSet;
@@ -29,6 +29,10 @@ use crate::forward::{Answer, Forwarder};
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// After a store read fails, wait this long before the next.
 const READ_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// After recording an attempt fails, wait this long before trying again, doubling up to
+/// `SETTLE_RETRY_MAX`.
+const SETTLE_RETRY_FIRST: Duration = Duration::from_millis(100);
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What an attempt's result means for the delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,8 +71,9 @@ pub fn classify(result: &Result<Answer, ForwardError>) -> Verdict {
 }
 
 /// The delay before retry number `attempt` (1 for the first retry): drawn between half and all
-/// of `retry_initial * 2^(attempt-1)` capped at `retry_max`, then at least `retry_after`, and
-/// never more than `retry_max`. `jitter` is in `0.0..1.0`.
+/// of `retry_initial * 2^(attempt-1)` capped at `retry_max`, and at least `retry_after` (the
+/// target's `Retry-After`, honoured even beyond `retry_max`; `max_age` still applies).
+/// `jitter` is in `0.0..1.0`.
 pub fn retry_delay(
     target: &Target,
     attempt: u32,
@@ -81,9 +86,7 @@ pub fn retry_delay(
         .saturating_mul(2u32.saturating_pow(doublings))
         .min(target.retry_max);
     let jittered = exponential / 2 + exponential.div_f64(2.0).mul_f64(jitter.clamp(0.0, 1.0));
-    jittered
-        .max(retry_after.unwrap_or_default())
-        .min(target.retry_max)
+    jittered.max(retry_after.unwrap_or_default())
 }
 
 /// What to record after attempt number `attempt` of a delivery enqueued at `enqueued_ms`.
@@ -178,11 +181,12 @@ impl TargetWorker {
         loop {
             // A free slot first, so that what is fetched is attempted at once.
             let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
                 slot = Arc::clone(&slots).acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => break,
                 },
-                () = stop.cancelled() => break,
             };
             let now = now_ms();
             let want = 1 + slots.available_permits();
@@ -209,6 +213,9 @@ impl TargetWorker {
                     () = stop.cancelled() => break,
                 }
                 continue;
+            }
+            if stop.is_cancelled() {
+                break;
             }
             let mut slot = Some(first);
             for delivery in due {
@@ -267,9 +274,19 @@ impl TargetWorker {
             }
         };
         log_settle(delivery, attempt, &settle, started);
-        if let Err(e) = self.store.settle(delivery.id, settle, now_ms()).await {
+        // Until the outcome is recorded the delivery keeps its slot and is not taken again: a
+        // target that took it must not get it again because the store was briefly unwritable.
+        let mut pause = SETTLE_RETRY_FIRST;
+        while let Err(e) = self
+            .store
+            .settle(delivery.id, settle.clone(), now_ms())
+            .await
+        {
             error!(target = %target.name, id = delivery.id, error = %e,
-                "cannot record the attempt: the delivery stays pending and will be attempted again");
+                retry_in_ms = pause.as_millis() as u64,
+                "cannot record the attempt; trying again (the delivery is held until then)");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(SETTLE_RETRY_MAX);
         }
         self.mark(delivery.id, false);
         self.wake.notify_one();
@@ -387,10 +404,10 @@ mod tests {
         assert_eq!((ms(3, 0.0), ms(3, 1.0)), (2000, 4000));
         assert_eq!((ms(10, 0.0), ms(10, 1.0)), (5000, 10_000));
         assert_eq!(ms(u32::MAX, 1.0), 10_000);
-        // Retry-After is honoured, up to retry_max.
+        // Retry-After is honoured, beyond retry_max too.
         let after = |secs| retry_delay(&t, 1, Some(Duration::from_secs(secs)), 0.0).as_millis();
         assert_eq!(after(3), 3000);
-        assert_eq!(after(60), 10_000);
+        assert_eq!(after(60), 60_000);
     }
 
     #[test]
