@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -22,7 +23,9 @@ use crate::wechat::crypto::AesKey;
 pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
 /// Stands for a variable of ours whose value is not UTF-8 (a NUL cannot be in a real value).
 const NOT_UTF8: &str = "\0not-utf-8";
-const SECTIONS: [&str; 5] = ["server", "store", "account", "target", "route"];
+const SECTIONS: [&str; 7] = [
+    "server", "store", "log", "admin", "account", "target", "route",
+];
 /// WeChat cuts the connection after 5 s.
 const WECHAT_DEADLINE_MS: u64 = 5000;
 /// WeChat's pushes are a few KiB; a larger limit only helps a flood.
@@ -50,6 +53,9 @@ pub struct ConfigError(pub Vec<String>);
 pub struct Config {
     pub server: Server,
     pub store: Store,
+    pub log: Log,
+    /// The admin listener (health, readiness, metrics); off when `None`.
+    pub admin: Option<Admin>,
     pub accounts: Vec<Account>,
     pub targets: Vec<Target>,
     pub routes: Vec<Route>,
@@ -67,6 +73,50 @@ pub struct Server {
     pub max_connections: usize,
     /// On SIGTERM, how long requests and forwards in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// HTTPS on `listen` instead of HTTP.
+    pub tls: Option<Tls>,
+}
+
+/// `[server.tls]`: the certificate chain and key, loaded and checked.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub certified: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive (`info`, `warn,wechat_relay=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+    /// Log message content (the text of text messages) in the push line.
+    pub content: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, colours on a terminal.
+    Text,
+    /// One JSON object per line (journald, ELK).
+    Json,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub listen: SocketAddr,
 }
 
 /// `[store]`: where deliveries, dead letters and dedupe keys live.
@@ -131,7 +181,7 @@ impl ForwardFormat {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub name: String,
     pub url: Uri,
@@ -212,6 +262,38 @@ struct RawServer {
     max_connections: u64,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "default_log_format")]
+    format: LogFormat,
+    #[serde(default = "default_log_level")]
+    level: String,
+    #[serde(default)]
+    content: bool,
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
 }
 
 fn default_listen() -> String {
@@ -550,6 +632,13 @@ impl<'a> Checker<'a> {
             Some(value) => self.raw::<RawServer>("server", &value),
             None => self.raw::<RawServer>("server", &Value::from(Dict::new())),
         };
+        let log = match root.remove("log") {
+            Some(value) => self.raw::<RawLog>("log", &value),
+            None => self.raw::<RawLog>("log", &Value::from(Dict::new())),
+        };
+        let admin = root
+            .remove("admin")
+            .map(|value| self.raw::<RawAdmin>("admin", &value));
         let store = match root.remove("store") {
             Some(value) => self.raw::<RawStore>("store", &value),
             None => Some(RawStore {
@@ -576,6 +665,11 @@ impl<'a> Checker<'a> {
 
         let server = server.and_then(|s| self.server(s));
         let store = store.and_then(|s| self.store(s));
+        let log = log.and_then(|l| self.log(l));
+        let admin = match admin {
+            None => Some(None),
+            Some(raw) => raw.and_then(|a| self.admin(a)).map(Some),
+        };
         let accounts: Vec<Option<Account>> = raw_accounts
             .into_iter()
             .enumerate()
@@ -595,15 +689,17 @@ impl<'a> Checker<'a> {
         if !self.problems.is_empty() {
             return Err(ConfigError(self.problems));
         }
-        match (server, store) {
-            (Some(server), Some(store)) => Ok(Config {
+        match (server, store, log, admin) {
+            (Some(server), Some(store), Some(log), Some(admin)) => Ok(Config {
                 server,
                 store,
+                log,
+                admin,
                 accounts: accounts.into_iter().flatten().collect(),
                 targets: targets.into_iter().flatten().collect(),
                 routes: routes.into_iter().flatten().collect(),
             }),
-            _ => Err(ConfigError(vec!["server or store: invalid".into()])),
+            _ => Err(ConfigError(vec!["invalid config".into()])),
         }
     }
 
@@ -696,7 +792,23 @@ impl<'a> Checker<'a> {
             1,
             MAX_PERMITS,
         );
+        let tls = raw.tls.and_then(|tls| {
+            let cert = self.base.join(&tls.cert);
+            let key = self.base.join(&tls.key);
+            match crate::tls::load_certified_key(&cert, &key) {
+                Ok(certified) => Some(Tls {
+                    cert,
+                    key,
+                    certified: Arc::new(certified),
+                }),
+                Err(why) => {
+                    self.problem("server.tls", why);
+                    None
+                }
+            }
+        });
         Some(Server {
+            tls,
             listen: listen?,
             reply_deadline: Duration::from_millis(raw.reply_deadline_ms),
             max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
@@ -711,6 +823,37 @@ impl<'a> Checker<'a> {
     fn range(&mut self, at: &str, value: u64, min: u64, max: u64) {
         if !(min..=max).contains(&value) {
             self.problem(at, format!("must be {min} to {max}, got {value}"));
+        }
+    }
+
+    fn log(&mut self, raw: RawLog) -> Option<Log> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.level) {
+            self.problem(
+                "log.level",
+                format!(
+                    "{:?} is not a level or filter (info, warn, wechat_relay=debug): {e}",
+                    raw.level
+                ),
+            );
+            return None;
+        }
+        Some(Log {
+            format: raw.format,
+            level: raw.level,
+            content: raw.content,
+        })
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> Option<Admin> {
+        match raw.listen.parse::<SocketAddr>() {
+            Ok(listen) => Some(Admin { listen }),
+            Err(_) => {
+                self.problem(
+                    "admin.listen",
+                    format!("{:?} is not an address like 127.0.0.1:9090", raw.listen),
+                );
+                None
+            }
         }
     }
 
@@ -1103,6 +1246,32 @@ impl fmt::Display for Config {
                 .map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
             s.max_connections
         )?;
+        if let Some(tls) = &s.tls {
+            writeln!(
+                f,
+                "tls: certificate {}, key {} <redacted>",
+                tls.cert.display(),
+                tls.key.display()
+            )?;
+        }
+        writeln!(
+            f,
+            "log: {} at {}{}",
+            match self.log.format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            },
+            self.log.level,
+            if self.log.content {
+                ", message content included"
+            } else {
+                ""
+            }
+        )?;
+        match &self.admin {
+            Some(admin) => writeln!(f, "admin: {} (/healthz, /readyz, /metrics)", admin.listen)?,
+            None => writeln!(f, "admin: off")?,
+        }
         match &self.store.path {
             Some(path) => writeln!(
                 f,

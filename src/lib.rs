@@ -19,15 +19,19 @@
 //! - [`error`]: refusals and forward failures, and their HTTP statuses;
 //! - [`cli`] and [`telemetry`]: the command line (with the `outbox` commands) and logging.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod outbox;
 pub mod push;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod service;
 pub mod stack;
 pub mod telemetry;
+pub mod tls;
 pub mod wechat;

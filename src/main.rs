@@ -1,20 +1,19 @@
 //! `wechat-relay`: parse the command line, start logging, load the config, hand over to the
 //! library. Exit codes: 0 done, 1 could not run, 2 invalid config.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use wechat_relay::cli::{Cli, Command, OutboxCommand};
 use wechat_relay::config::Config;
-use wechat_relay::outbox::Outbox;
-use wechat_relay::{server, telemetry};
+use wechat_relay::{service, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_INVALID_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
@@ -31,8 +30,11 @@ fn main() -> ExitCode {
             print!("{config}");
             ExitCode::SUCCESS
         }
-        Command::Serve => serve(config),
-        Command::Outbox { command } => outbox(&config, &command),
+        Command::Serve => serve(config, cli.config),
+        Command::Outbox { command } => {
+            telemetry::init();
+            outbox(&config, &command)
+        }
     }
 }
 
@@ -66,57 +68,17 @@ fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, path: PathBuf) -> ExitCode {
+    let log = telemetry::init_with(&config.log);
     let runtime = match runtime(true) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    runtime.block_on(async move {
-        // The store first: the first push the relay accepts is already durable.
-        let outbox = match Outbox::start(&config).await {
-            Ok(outbox) => outbox,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the store");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        };
-        if config.store.path.is_none() {
-            tracing::warn!("no [store] path: deliveries are kept in memory and lost on restart");
+    match runtime.block_on(service::run(config, path, log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            ExitCode::from(EXIT_FAILURE)
         }
-        let listen = config.server.listen;
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(%listen, error = %e, "cannot listen");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        };
-        let bound = listener.local_addr().map_or(listen, |a| a);
-        tracing::info!(listen = %bound, accounts = config.accounts.len(), targets = config.targets.len(),
-            routes = config.routes.len(), "wechat-relay listening");
-        server::run(config, outbox, listener, shutdown_signal()).await;
-        ExitCode::SUCCESS
-    })
-}
-
-/// SIGTERM (systemd stop) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }

@@ -19,6 +19,7 @@ pub mod store;
 pub mod worker;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::forward::Forwarder;
 use store::{CachedAnswer, Commit, Committed, Store, StoreError, StoreResult};
 use worker::TargetWorker;
@@ -47,19 +48,32 @@ pub fn open_store(config: &Config, role: sqlite::Role) -> StoreResult<Arc<dyn St
     }
 }
 
-/// The store with its workers and the in-memory claims.
+/// The store with its workers and the in-memory claims. It lives as long as the process:
+/// a reload reconfigures its workers, the store and the claims stay.
 pub struct Outbox {
     store: Arc<dyn Store>,
-    dedupe_ttl: Duration,
+    /// The dedupe window, in milliseconds (a reload may change it).
+    dedupe_ttl_ms: Arc<AtomicU64>,
     claims: Claims,
-    wakers: HashMap<String, Arc<Notify>>,
+    workers: Mutex<HashMap<String, WorkerSlot>>,
+    /// Attempt trackers of every worker generation, for shutdown.
+    generations: Mutex<Vec<TaskTracker>>,
     forwarder: Forwarder,
     stop: CancellationToken,
     /// Dispatchers and the expiry task.
     tasks: TaskTracker,
-    /// Attempts in flight.
+}
+
+/// A target's running worker.
+struct WorkerSlot {
+    target: Target,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
     attempts: TaskTracker,
 }
+
+/// How long a replaced worker's attempts may take before the new worker starts anyway.
+const HANDOVER_MARGIN: Duration = Duration::from_secs(1);
 
 impl Outbox {
     /// Opens the store and starts a worker per target: deliveries left pending by the last run
@@ -73,33 +87,77 @@ impl Outbox {
 
     /// [`Outbox::start`] on a store already open.
     pub fn with_store(config: &Config, store: Arc<dyn Store>) -> Outbox {
-        let forwarder = Forwarder::new();
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let attempts = TaskTracker::new();
-        let mut wakers = HashMap::new();
+        let outbox = Outbox {
+            store,
+            dedupe_ttl_ms: Arc::new(AtomicU64::new(config.store.dedupe_ttl.as_millis() as u64)),
+            claims: Claims::default(),
+            workers: Mutex::new(HashMap::new()),
+            generations: Mutex::new(Vec::new()),
+            forwarder: Forwarder::new(),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        outbox.reconfigure(config);
+        outbox.tasks.spawn(expire_dedupe(
+            Arc::clone(&outbox.store),
+            Arc::clone(&outbox.dedupe_ttl_ms),
+            outbox.stop.clone(),
+        ));
+        outbox
+    }
+
+    /// Makes the workers match `config`'s targets: a new target gets a worker, a removed one
+    /// loses it (its deliveries wait in the store), a changed one gets a new worker once the
+    /// old one's attempts in flight have ended (so no delivery is attempted twice at once).
+    pub fn reconfigure(&self, config: &Config) {
+        self.dedupe_ttl_ms.store(
+            config.store.dedupe_ttl.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        let Ok(mut workers) = self.workers.lock() else {
+            return;
+        };
+        workers.retain(|name, slot| {
+            let kept = config.targets.iter().any(|t| t.name == *name);
+            if !kept {
+                slot.stop.cancel();
+            }
+            kept
+        });
         for target in &config.targets {
-            let wake = Arc::new(Notify::new());
-            wakers.insert(target.name.clone(), Arc::clone(&wake));
+            let previous = match workers.get(&target.name) {
+                Some(slot) if slot.target == *target => continue,
+                Some(slot) => {
+                    slot.stop.cancel();
+                    Some((slot.attempts.clone(), slot.target.timeout))
+                }
+                None => None,
+            };
+            let slot = WorkerSlot {
+                target: target.clone(),
+                wake: Arc::new(Notify::new()),
+                stop: self.stop.child_token(),
+                attempts: TaskTracker::new(),
+            };
             let worker = Arc::new(TargetWorker::new(
                 Arc::new(target.clone()),
-                Arc::clone(&store),
-                forwarder.clone(),
-                wake,
+                Arc::clone(&self.store),
+                self.forwarder.clone(),
+                Arc::clone(&slot.wake),
             ));
-            tasks.spawn(worker.run(stop.clone(), attempts.clone()));
-        }
-        let dedupe_ttl = config.store.dedupe_ttl;
-        tasks.spawn(expire_dedupe(Arc::clone(&store), dedupe_ttl, stop.clone()));
-        Outbox {
-            store,
-            dedupe_ttl,
-            claims: Claims::default(),
-            wakers,
-            forwarder,
-            stop,
-            tasks,
-            attempts,
+            let (stop, attempts) = (slot.stop.clone(), slot.attempts.clone());
+            self.tasks.spawn(async move {
+                if let Some((previous, timeout)) = previous {
+                    previous.close();
+                    let _ = tokio::time::timeout(timeout + HANDOVER_MARGIN, previous.wait()).await;
+                }
+                worker.run(stop, attempts).await;
+            });
+            if let Ok(mut generations) = self.generations.lock() {
+                generations.retain(|g| !(g.is_closed() && g.is_empty()));
+                generations.push(slot.attempts.clone());
+            }
+            workers.insert(target.name.clone(), slot);
         }
     }
 
@@ -134,7 +192,7 @@ impl Outbox {
 
     /// The oldest commit time that still counts for dedupe.
     pub fn dedupe_since_ms(&self) -> u64 {
-        now_ms().saturating_sub(self.dedupe_ttl.as_millis() as u64)
+        now_ms().saturating_sub(self.dedupe_ttl_ms.load(Ordering::Relaxed))
     }
 
     /// The answer committed for `event_id` within the dedupe window, if any.
@@ -147,10 +205,12 @@ impl Outbox {
     pub async fn commit(&self, commit: Commit) -> StoreResult<Committed> {
         let targets: Vec<String> = commit.deliveries.iter().map(|d| d.target.clone()).collect();
         let committed = self.store.commit(commit).await?;
-        if committed == Committed::New {
+        if committed == Committed::New
+            && let Ok(workers) = self.workers.lock()
+        {
             for target in targets {
-                if let Some(wake) = self.wakers.get(&target) {
-                    wake.notify_one();
+                if let Some(slot) = workers.get(&target) {
+                    slot.wake.notify_one();
                 }
             }
         }
@@ -163,16 +223,24 @@ impl Outbox {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        self.attempts.close();
-        tokio::time::timeout(grace, self.attempts.wait())
-            .await
-            .is_ok()
+        let generations = self
+            .generations
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let all = async {
+            for attempts in generations {
+                attempts.close();
+                attempts.wait().await;
+            }
+        };
+        tokio::time::timeout(grace, all).await.is_ok()
     }
 }
 
-async fn expire_dedupe(store: Arc<dyn Store>, ttl: Duration, stop: CancellationToken) {
+async fn expire_dedupe(store: Arc<dyn Store>, ttl_ms: Arc<AtomicU64>, stop: CancellationToken) {
     loop {
-        let before = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let before = now_ms().saturating_sub(ttl_ms.load(Ordering::Relaxed));
         if let Err(e) = store.expire_dedupe(before).await {
             warn!(error = %e, "cannot expire dedupe records");
         }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Account, Config, ForwardFormat, Mode, Reply, Target};
 use crate::error::{ForwardError, Rejection};
 use crate::forward::{Answer, Forwarder, unix_now};
+use crate::metrics;
 use crate::outbox::store::{CachedAnswer, Commit, Committed, NewDelivery, Settle, StoreError};
 use crate::outbox::worker::{Verdict, classify, decide};
 use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
@@ -106,7 +107,9 @@ impl ReplyOutcome {
 }
 
 impl Relay {
-    pub fn new(config: Config, outbox: Arc<Outbox>) -> Self {
+    /// A relay for `config`. `pushes` tracks the pushes being handled (shared across reloads,
+    /// drained at shutdown).
+    pub fn new(config: Config, outbox: Arc<Outbox>, pushes: TaskTracker) -> Self {
         let routes = RouteTable::new(&config.routes);
         let targets = config
             .targets
@@ -119,7 +122,7 @@ impl Relay {
             targets,
             forwarder: outbox.forwarder().clone(),
             outbox,
-            pushes: TaskTracker::new(),
+            pushes,
         }
     }
 
@@ -148,15 +151,24 @@ impl Relay {
             .iter()
             .position(|a| a.path == request.uri().path())
         else {
+            if request.method() == Method::POST {
+                metrics::push("-", None, None, "rejected", started.elapsed());
+            }
             return reject(None, peer, Rejection::UnknownPath);
         };
         let account = &self.config.accounts[index];
+        let is_push = request.method() == Method::POST;
         let result = match *request.method() {
             Method::GET => self.url_check(account, &request),
             Method::POST => self.push(index, request, peer, started).await,
             _ => Err(Rejection::MethodNotAllowed),
         };
-        result.unwrap_or_else(|rejection| reject(Some(account), peer, rejection))
+        result.unwrap_or_else(|rejection| {
+            if is_push {
+                metrics::push(&account.name, None, None, "rejected", started.elapsed());
+            }
+            reject(Some(account), peer, rejection)
+        })
     }
 
     /// `GET`: WeChat's URL check. The echostr goes back byte for byte, in every mode.
@@ -231,7 +243,7 @@ impl Relay {
     ) -> Arc<CachedAnswer> {
         let account = &self.config.accounts[account_index];
         let Some(route) = self.routes.route(&account.name, &push.message) else {
-            log_push(&push, None, "unrouted", ReplyOutcome::Success, started);
+            self.log_push(&push, None, "unrouted", ReplyOutcome::Success, started);
             return Arc::new(success());
         };
         let guard = match self.outbox.claim(&push.event_id) {
@@ -242,7 +254,7 @@ impl Relay {
                     .answer()
                     .await
                     .unwrap_or_else(|| Arc::new(CachedAnswer::from(StoreError::Closed)));
-                return duplicate(&push, route, answer, started);
+                return self.duplicate(&push, route, answer, started);
             }
         };
         // A route with a reply target would ask it again for a retry: look the push up first.
@@ -254,7 +266,7 @@ impl Relay {
                     // A retry of a push committed before: the answer it got then.
                     let answer = Arc::new(answer);
                     guard.finish(Arc::clone(&answer));
-                    return duplicate(&push, route, answer, started);
+                    return self.duplicate(&push, route, answer, started);
                 }
                 Err(e) => return self.store_failed(&push, guard, e),
             }
@@ -273,19 +285,83 @@ impl Relay {
             Ok(Committed::Duplicate(earlier)) => {
                 let earlier = Arc::new(earlier);
                 guard.finish(Arc::clone(&earlier));
-                return duplicate(&push, route, earlier, started);
+                return self.duplicate(&push, route, earlier, started);
             }
             Err(e) => return self.store_failed(&push, guard, e),
         }
-        log_push(&push, Some(route), "forwarded", outcome, started);
+        self.log_push(&push, Some(route), "forwarded", outcome, started);
         guard.finish(Arc::clone(&answer));
         answer
+    }
+
+    /// A WeChat retry, answered as the first push was, and logged as a duplicate.
+    fn duplicate(
+        &self,
+        push: &Push,
+        route: &CompiledRoute,
+        answer: Arc<CachedAnswer>,
+        started: Instant,
+    ) -> Arc<CachedAnswer> {
+        metrics::dedupe_hit(&push.account);
+        self.log_push(
+            push,
+            Some(route),
+            "duplicate",
+            ReplyOutcome::Cached,
+            started,
+        );
+        answer
+    }
+
+    /// The one info line per push, and its count. The text of a text message only with
+    /// `[log] content = true`.
+    fn log_push(
+        &self,
+        push: &Push,
+        route: Option<&CompiledRoute>,
+        outcome: &'static str,
+        reply: ReplyOutcome,
+        started: Instant,
+    ) {
+        let message = &push.message;
+        metrics::push(
+            &push.account,
+            message.msg_type(),
+            message.event(),
+            outcome,
+            started.elapsed(),
+        );
+        let content = if self.config.log.content {
+            message.content()
+        } else {
+            None
+        };
+        info!(
+            account = %push.account,
+            msg_type = %loggable(message.msg_type()),
+            event = %loggable(message.event()),
+            route = %route.map_or("-", |r| r.name.as_str()),
+            targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
+            outcome = %outcome,
+            reply = %reply.as_str(),
+            ms = started.elapsed().as_millis() as u64,
+            event_id = %push.event_id,
+            content = content,
+            "push"
+        );
     }
 
     /// The store could not take the push: 503, so that WeChat tries again; the key is released.
     fn store_failed(&self, push: &Push, guard: ClaimGuard, e: StoreError) -> Arc<CachedAnswer> {
         error!(account = %push.account, event_id = %push.event_id, error = %e,
             "cannot commit the push: answered 503 (WeChat will retry)");
+        metrics::push(
+            &push.account,
+            push.message.msg_type(),
+            push.message.event(),
+            "failed",
+            push.received_at.elapsed().unwrap_or_default(),
+        );
         let answer = Arc::new(CachedAnswer::from(e));
         guard.finish(Arc::clone(&answer));
         answer
@@ -471,6 +547,11 @@ impl Relay {
         let attempt_started = Instant::now();
         let result = tokio::time::timeout(left, self.forwarder.forward(target, push, 1)).await;
         let Ok(result) = result else {
+            metrics::forward(
+                &target.name,
+                &Err(ForwardError::Timeout),
+                attempt_started.elapsed(),
+            );
             warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
                 deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
                 "reply target missed the deadline; answered success, delivery queued");
@@ -481,6 +562,7 @@ impl Relay {
             return (success(), ReplyOutcome::Deadline, verdict);
         };
         log_forward(target, push, &result, attempt_started);
+        metrics::forward(&target.name, &result, attempt_started.elapsed());
         let verdict = classify(&result);
         let (answer, outcome) = match result {
             Err(_) => (success(), ReplyOutcome::TargetFailed),
@@ -631,7 +713,9 @@ fn reject(
     rejection: Rejection,
 ) -> Response<Full<Bytes>> {
     let status = rejection.status();
-    warn!(account = %account.map_or("-", |a| a.name.as_str()), peer = %peer.ip(),
+    let name = account.map_or("-", |a| a.name.as_str());
+    metrics::rejected(name, rejection.reason());
+    warn!(account = %name, peer = %peer.ip(),
         status = status.as_u16(), reason = %rejection.reason(), "request refused: {rejection}");
     let mut response = response(&respond(
         status,
@@ -656,45 +740,6 @@ fn loggable(value: Option<&str>) -> &str {
     }
 }
 
-/// A WeChat retry, answered as the first push was, and logged as a duplicate.
-fn duplicate(
-    push: &Push,
-    route: &CompiledRoute,
-    answer: Arc<CachedAnswer>,
-    started: Instant,
-) -> Arc<CachedAnswer> {
-    log_push(
-        push,
-        Some(route),
-        "duplicate",
-        ReplyOutcome::Cached,
-        started,
-    );
-    answer
-}
-
-/// The one info line per push.
-fn log_push(
-    push: &Push,
-    route: Option<&CompiledRoute>,
-    outcome: &str,
-    reply: ReplyOutcome,
-    started: Instant,
-) {
-    info!(
-        account = %push.account,
-        msg_type = %loggable(push.message.msg_type()),
-        event = %loggable(push.message.event()),
-        route = %route.map_or("-", |r| r.name.as_str()),
-        targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
-        outcome = %outcome,
-        reply = %reply.as_str(),
-        ms = started.elapsed().as_millis() as u64,
-        event_id = %push.event_id,
-        "push"
-    );
-}
-
 fn log_forward(target: &Target, push: &Push, result: &ForwardResult, started: Instant) {
     let ms = started.elapsed().as_millis() as u64;
     match result {
@@ -708,12 +753,4 @@ fn log_forward(target: &Target, push: &Push, result: &ForwardResult, started: In
             warn!(target = %target.name, status = %"-", ms, event_id = %push.event_id, error = %e, "forward failed")
         }
     }
-}
-
-/// Waits (up to `grace`) for the pushes being handled to be committed and answered.
-pub async fn drain_pushes(relay: &Relay, grace: Duration) -> bool {
-    relay.pushes.close();
-    tokio::time::timeout(grace, relay.pushes.wait())
-        .await
-        .is_ok()
 }

@@ -11,15 +11,16 @@ use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, service_fn};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::relay::Relay;
+use crate::server::Current;
 
 pub type Body = hyper::body::Incoming;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = tower_http::body::UnsyncBoxBody<Bytes, BoxError>;
 pub type RelayService = BoxCloneService<Request<Body>, Response<ResponseBody>, Infallible>;
 
-/// The service for one connection from `peer`.
-pub fn build(relay: Arc<Relay>, peer: SocketAddr) -> RelayService {
+/// The service for one connection from `peer`. Each request is handled by the relay current
+/// when it arrives (a reload between two requests of a keep-alive connection applies).
+pub fn build(current: Arc<Current>, peer: SocketAddr) -> RelayService {
     let service = ServiceBuilder::new()
         // A bug must answer 500, not drop the connection (WeChat would retry the same push into
         // the same bug) nor take other connections down. The payload is not logged: it could
@@ -36,7 +37,7 @@ pub fn build(relay: Arc<Relay>, peer: SocketAddr) -> RelayService {
         // The handler answers every request itself: body limits, deadlines and refusals are
         // its own so that each one gets its log line.
         .service(service_fn(move |request: Request<Body>| {
-            let relay = Arc::clone(&relay);
+            let relay = current.get();
             async move { Ok::<_, Infallible>(relay.handle(request, peer).await) }
         }));
     BoxCloneService::new(service)

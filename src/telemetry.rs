@@ -1,16 +1,75 @@
-//! Logging: tracing-subscriber to stderr (journald takes it from there), level from `RUST_LOG`
-//! (default `info`), colours only on a terminal.
+//! Logging: tracing-subscriber to stderr (journald takes it from there), as text (colours only
+//! on a terminal) or one JSON object per line (`[log] format = "json"`). The level comes from
+//! `RUST_LOG` when it is set, else from `[log] level`, and follows a reload.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
+use crate::config::{Log, LogFormat};
+
+/// Changes the level of the running logger.
+pub struct LogHandle {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set: it wins over `[log] level`, also on reload.
+    from_env: bool,
+}
+
+impl LogHandle {
+    /// Applies `[log] level` from a reloaded config (unless `RUST_LOG` is set).
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        if self.from_env {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        self.filter.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// Text at `info` (or `RUST_LOG`): for the commands and the benchmark.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+    let _ = init_with(&Log {
+        format: LogFormat::Text,
+        level: "info".into(),
+        content: false,
+    });
+}
+
+/// The logger `[log]` asks for. `None` if one was installed already (tests).
+pub fn init_with(log: &Log) -> Option<LogHandle> {
+    let from_env = std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty());
+    let filter = if from_env {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level))
+    } else {
+        EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match log.format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_target(false),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(std::io::stderr)
+                    .with_target(false),
+            )
+            .try_init(),
+    };
+    installed.ok().map(|()| LogHandle {
+        filter: handle,
+        from_env,
+    })
 }

@@ -263,7 +263,9 @@ impl TargetWorker {
                 ),
             },
             Ok(push) => {
+                let sent = Instant::now();
                 let result = self.forwarder.forward(target, push, attempt).await;
+                crate::metrics::forward(&target.name, &result, sent.elapsed());
                 decide(
                     target,
                     delivery.enqueued_ms,

@@ -1,0 +1,159 @@
+//! The admin listener (`[admin] listen`, off when absent), for the operator's monitoring and
+//! never exposed to WeChat: `/healthz` (the process answers), `/readyz` (a config is loaded,
+//! the store takes a write, the listener is bound) and `/metrics` (Prometheus text format).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::server::Handle;
+
+/// How long `/readyz` waits for the store's answer.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the admin endpoints read.
+pub struct Admin {
+    server: Handle,
+    metrics: Option<PrometheusHandle>,
+    /// Set once the WeChat listener is bound.
+    listening: AtomicBool,
+}
+
+impl Admin {
+    pub fn new(server: Handle, metrics: Option<PrometheusHandle>) -> Arc<Admin> {
+        Arc::new(Admin {
+            server,
+            metrics,
+            listening: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::SeqCst);
+    }
+
+    async fn answer(&self, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => self.ready().await,
+            "/metrics" => self.metrics().await,
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: /healthz, /readyz, /metrics\n".into(),
+            ),
+        }
+    }
+
+    /// Ready when the listener is bound and the store takes a write now.
+    async fn ready(&self) -> Response<Full<Bytes>> {
+        let mut problems = Vec::new();
+        if !self.listening.load(Ordering::SeqCst) {
+            problems.push("the listener is not bound yet".to_owned());
+        }
+        // A write that changes nothing: proves the store is writable (and fsyncs).
+        let probe = self.server.outbox().store().expire_dedupe(0);
+        match tokio::time::timeout(STORE_PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("the store does not take writes: {e}")),
+            Err(_) => problems.push("the store did not answer within 2 s".to_owned()),
+        }
+        if problems.is_empty() {
+            text(StatusCode::OK, "ready\n".into())
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", problems.join("; ")),
+            )
+        }
+    }
+
+    /// The metrics, with the outbox gauges read from the store now.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        let Some(handle) = &self.metrics else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metrics are not recorded\n".into(),
+            );
+        };
+        if let Ok(stats) = self.server.outbox().store().stats().await {
+            let relay = self.server.relay();
+            for target in &relay.config().targets {
+                let t = stats.targets.iter().find(|t| t.target == target.name);
+                crate::metrics::outbox(
+                    &target.name,
+                    t.map_or(0, |t| t.pending),
+                    t.map_or(0, |t| t.dead),
+                );
+            }
+            for t in &stats.targets {
+                if !relay.config().targets.iter().any(|c| c.name == t.target) {
+                    crate::metrics::outbox(&t.target, t.pending, t.dead);
+                }
+            }
+        }
+        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown`.
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let admin = Arc::clone(&admin);
+        let service = hyper::service::service_fn(move |request| {
+            let admin = Arc::clone(&admin);
+            async move { Ok::<_, Infallible>(admin.answer(&request).await) }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(peer = %peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

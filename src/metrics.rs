@@ -1,0 +1,176 @@
+//! The Prometheus metrics: their names (dashboards and the README rely on them), what each
+//! label may hold, and the recorder the admin listener renders.
+//!
+//! No label carries a secret, an openid or message content: `msg_type` and `event` are
+//! WeChat's names from a fixed list (anything else is `other`, so a forged push cannot grow the
+//! label set), accounts and targets are names from relay.toml.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::ForwardError;
+use crate::forward::Answer;
+
+pub const PUSHES: &str = "wechat_relay_pushes_total";
+pub const REJECTED: &str = "wechat_relay_rejected_total";
+pub const FORWARDS: &str = "wechat_relay_forwards_total";
+pub const FORWARD_SECONDS: &str = "wechat_relay_forward_seconds";
+pub const REPLY_SECONDS: &str = "wechat_relay_reply_seconds";
+pub const OUTBOX_PENDING: &str = "wechat_relay_outbox_pending";
+pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
+pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
+pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
+
+/// Seconds: from a millisecond to past WeChat's 5 s and a slow target's timeout.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 4.5, 10.0, 30.0,
+];
+
+const MSG_TYPES: [&str; 10] = [
+    "text",
+    "image",
+    "voice",
+    "video",
+    "shortvideo",
+    "location",
+    "link",
+    "event",
+    "file",
+    "miniprogrampage",
+];
+
+const EVENTS: [&str; 17] = [
+    "subscribe",
+    "unsubscribe",
+    "SCAN",
+    "LOCATION",
+    "CLICK",
+    "VIEW",
+    "scancode_push",
+    "scancode_waitmsg",
+    "pic_sysphoto",
+    "pic_photo_or_album",
+    "pic_weixin",
+    "location_select",
+    "view_miniprogram",
+    "TEMPLATESENDJOBFINISH",
+    "MASSSENDJOBFINISH",
+    "kf_create_session",
+    "kf_close_session",
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process's recorder (once) and returns the handle that renders it. Until it is
+/// installed, recording costs nothing.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        PUSHES,
+        "Pushes answered, by account, type, event and outcome"
+    );
+    metrics::describe_counter!(REJECTED, "Requests refused, by account and reason");
+    metrics::describe_counter!(FORWARDS, "Attempts to deliver to a target, by HTTP status");
+    metrics::describe_histogram!(FORWARD_SECONDS, "Duration of one attempt to a target");
+    metrics::describe_histogram!(REPLY_SECONDS, "From a push's arrival to WeChat's answer");
+    metrics::describe_gauge!(OUTBOX_PENDING, "Deliveries waiting in the outbox");
+    metrics::describe_gauge!(DEAD_LETTERS, "Dead letters in the outbox");
+    metrics::describe_counter!(DEDUPE_HITS, "WeChat retries answered from the first push");
+    metrics::describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
+}
+
+/// A known name as WeChat spells it, or `other`.
+fn known(value: Option<&str>, names: &[&'static str]) -> &'static str {
+    match value {
+        None => "-",
+        Some(v) => names
+            .iter()
+            .find(|n| n.eq_ignore_ascii_case(v))
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
+/// One push, when it is answered. `outcome`: `forwarded`, `unrouted`, `duplicate`, `rejected`
+/// or `failed` (not stored: 503).
+pub fn push(
+    account: &str,
+    msg_type: Option<&str>,
+    event: Option<&str>,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    counter!(PUSHES,
+        "account" => account.to_owned(),
+        "msg_type" => known(msg_type, &MSG_TYPES),
+        "event" => known(event, &EVENTS),
+        "outcome" => outcome)
+    .increment(1);
+    if outcome != "rejected" {
+        histogram!(REPLY_SECONDS).record(elapsed.as_secs_f64());
+    }
+}
+
+pub fn rejected(account: &str, reason: &'static str) {
+    counter!(REJECTED, "account" => account.to_owned(), "reason" => reason).increment(1);
+}
+
+/// One attempt to a target: `status` is the HTTP status, or `timeout` / `error`.
+pub fn forward(target: &str, result: &Result<Answer, ForwardError>, elapsed: Duration) {
+    let status = match result {
+        Ok(answer) => answer.status.as_str().to_owned(),
+        Err(ForwardError::Timeout) => "timeout".to_owned(),
+        Err(_) => "error".to_owned(),
+    };
+    counter!(FORWARDS, "target" => target.to_owned(), "status" => status).increment(1);
+    histogram!(FORWARD_SECONDS, "target" => target.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub fn dedupe_hit(account: &str) {
+    counter!(DEDUPE_HITS, "account" => account.to_owned()).increment(1);
+}
+
+pub fn reload(success: bool) {
+    let result = if success { "success" } else { "failure" };
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// The outbox gauges, from the store's counts.
+pub fn outbox(target: &str, pending: u64, dead: u64) {
+    gauge!(OUTBOX_PENDING, "target" => target.to_owned()).set(pending as f64);
+    gauge!(DEAD_LETTERS, "target" => target.to_owned()).set(dead as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_a_fixed_list() {
+        assert_eq!(known(Some("scan"), &EVENTS), "SCAN");
+        assert_eq!(known(Some("subscribe"), &EVENTS), "subscribe");
+        assert_eq!(
+            known(Some("o6_bmjrPTlm6_2sgVt7hMZOPfL2M"), &EVENTS),
+            "other"
+        );
+        assert_eq!(known(Some("TEXT"), &MSG_TYPES), "text");
+        assert_eq!(known(None, &MSG_TYPES), "-");
+    }
+}

@@ -1,0 +1,180 @@
+//! `serve` as a service: the order of startup (store, listener, admin listener, readiness),
+//! the signals (SIGTERM stops, SIGHUP reloads), and systemd's notifications and watchdog.
+//!
+//! systemd (`Type=notify`): `READY=1` once the listener is bound; `RELOADING=1` (with
+//! `MONOTONIC_USEC`) then `READY=1` around a reload; `STOPPING=1` on SIGTERM; `WATCHDOG=1`
+//! every half `WatchdogSec` while the runtime runs. Without `NOTIFY_SOCKET` these do nothing.
+
+use std::path::{Path, PathBuf};
+
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::outbox::Outbox;
+use crate::server::{Handle, Server};
+use crate::telemetry::LogHandle;
+
+/// Why `serve` could not run (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] crate::outbox::store::StoreError),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// Runs the relay on `config` (loaded from `path`, re-read on SIGHUP) until SIGTERM or Ctrl-C.
+pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Result<(), ServeError> {
+    // The store first: the first push the relay accepts is already durable.
+    let outbox = Outbox::start(&config).await?;
+    if config.store.path.is_none() {
+        warn!("no [store] path: deliveries are kept in memory and lost on restart");
+    }
+    let listen = config.server.listen;
+    let listener = bind(listen).await?;
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(bind(admin.listen).await?),
+        None => None,
+    };
+    let bound = listener.local_addr().map_or(listen, |a| a);
+    info!(listen = %bound, tls = config.server.tls.is_some(), accounts = config.accounts.len(),
+        targets = config.targets.len(), routes = config.routes.len(), "wechat-relay listening");
+
+    let server = Server::new(config, outbox);
+    let handle = server.handle();
+    let stop_admin = CancellationToken::new();
+    if let Some(listener) = admin_listener {
+        let admin = Admin::new(handle.clone(), crate::metrics::install());
+        admin.set_listening();
+        let addr = listener.local_addr().ok();
+        info!(admin = ?addr, "admin listening (/healthz, /readyz, /metrics)");
+        let stop = stop_admin.clone();
+        tokio::spawn(admin::serve(admin, listener, async move {
+            stop.cancelled().await;
+        }));
+    }
+    notify(&[NotifyState::Ready]);
+    tokio::spawn(watchdog());
+    tokio::spawn(reload_on_sighup(handle, path, log));
+    server
+        .run(listener, async {
+            shutdown_signal().await;
+            notify(&[NotifyState::Stopping]);
+        })
+        .await;
+    stop_admin.cancel();
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| ServeError::Listen { addr, error })
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// `WATCHDOG=1` every half `WatchdogSec`, for as long as the runtime schedules this task.
+async fn watchdog() {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(period / 2);
+    loop {
+        ticks.tick().await;
+        notify(&[NotifyState::Watchdog]);
+    }
+}
+
+/// SIGHUP: re-read the config; apply it if it is valid and needs no restart, else log every
+/// reason and keep serving the old one.
+async fn reload_on_sighup(handle: Handle, path: PathBuf, log: Option<LogHandle>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP: reload needs a restart");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let mut states = vec![NotifyState::Reloading];
+            if let Ok(now) = NotifyState::monotonic_usec_now() {
+                states.push(now);
+            }
+            notify(&states);
+            reload(&handle, &path, log.as_ref());
+            notify(&[NotifyState::Ready]);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (handle, path, log);
+}
+
+/// One reload, with its log lines and its count.
+pub fn reload(handle: &Handle, path: &Path, log: Option<&LogHandle>) -> bool {
+    info!(config = %path.display(), "reloading");
+    let applied = match Config::load(path) {
+        Err(errors) => {
+            for problem in &errors.0 {
+                error!(problem = %problem, "invalid config");
+            }
+            Err(())
+        }
+        Ok(config) => {
+            let level = config.log.level.clone();
+            match handle.reload(config) {
+                Ok(()) => {
+                    if let Some(Err(e)) = log.map(|log| log.set_level(&level)) {
+                        warn!(error = %e, "cannot apply log.level");
+                    }
+                    Ok(())
+                }
+                Err(needs_restart) => {
+                    for problem in &needs_restart {
+                        error!(problem = %problem, "change needs a restart");
+                    }
+                    Err(())
+                }
+            }
+        }
+    };
+    crate::metrics::reload(applied.is_ok());
+    match applied {
+        Ok(()) => info!("config reloaded: new requests use it"),
+        Err(()) => error!("reload refused: the running config is unchanged"),
+    }
+    applied.is_ok()
+}
+
+/// SIGTERM (systemd stop) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
