@@ -53,8 +53,9 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     if let Some(listener) = admin_listener {
         let admin = Admin::new(handle.clone(), crate::metrics::install());
         admin.set_listening();
-        let addr = listener.local_addr().ok();
-        info!(admin = ?addr, "admin listening (/healthz, /readyz, /metrics)");
+        if let Ok(addr) = listener.local_addr() {
+            info!(admin = %addr, "admin listening (/healthz, /readyz, /metrics)");
+        }
         let stop = stop_admin.clone();
         tokio::spawn(admin::serve(admin, listener, async move {
             stop.cancelled().await;

@@ -130,11 +130,24 @@ pub struct Binary {
 impl Binary {
     /// Starts `wechat-relay serve` on `config` and waits for its "listening" line.
     pub fn start(config: &std::path::Path) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`Binary::start`] with more environment variables (`RUST_LOG` is `info` unless given).
+    pub fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Binary {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wechat-relay"));
+        command
             .args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
             .env_remove("WECHAT_RELAY_CONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -152,11 +165,16 @@ impl Binary {
             lines,
         };
         let line = binary.wait_for("wechat-relay listening");
+        // `listen=127.0.0.1:1234` in text, `"listen":"127.0.0.1:1234"` in JSON.
         let addr = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("listen="))
-            .expect("listen= in the startup line")
-            .to_owned();
+            .map(str::to_owned)
+            .or_else(|| {
+                let rest = line.split("\"listen\":\"").nth(1)?;
+                rest.split('"').next().map(str::to_owned)
+            })
+            .expect("listen in the startup line");
         binary.addr = addr;
         binary
     }
@@ -191,6 +209,30 @@ impl Binary {
 }
 
 impl Binary {
+    /// Sends a signal (`HUP`, `TERM`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Log lines that arrived so far and were not read yet.
+    pub fn drain_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// Waits for the process to exit (after a signal sent with [`Binary::signal`]).
+    pub fn wait_exit(&mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let exit = self.child.wait().expect("wait");
+        (exit, self.lines.try_iter().collect())
+    }
+
     /// SIGKILL: no shutdown, no flush; what the store holds is what a crash leaves.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");
