@@ -29,6 +29,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process: the size of a variant does not matter"
+)]
 pub enum Command {
     /// Run the relay.
     Serve,

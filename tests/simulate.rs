@@ -37,6 +37,31 @@ async fn simulate(config: &std::path::Path, args: &[&str]) -> (Option<i32>, Stri
     .expect("simulate ran")
 }
 
+/// [`simulate`], asserting exit 0: stdout.
+async fn simulate_ok(config: &std::path::Path, args: &[&str]) -> String {
+    let (code, stdout, stderr) = simulate(config, args).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "{args:?}\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout
+}
+
+/// `toml` as relay.toml in a fresh folder (gone when the `TempDir` is dropped).
+fn config_file(toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, toml).expect("write config");
+    (dir, path)
+}
+
+/// A copy of the relay's config with another token: an operator's stale relay.toml.
+fn with_wrong_token(relay: &TestRelay) -> (tempfile::TempDir, std::path::PathBuf) {
+    let toml = std::fs::read_to_string(&relay.config).expect("config");
+    config_file(&toml.replace(TOKEN, "wrongToken2024"))
+}
+
 /// The push a `plain` target received, as fields.
 fn fields(received: &Received) -> Fields {
     Fields::parse(&received.body).expect("the target gets message XML")
@@ -92,38 +117,40 @@ async fn text_round_trips_in_safe_mode_with_the_reply_decrypted() {
     text_round_trip("safe", true).await;
 }
 
-async fn qr_subscribe_reaches_the_target(mode: &str) {
+/// `simulate <event args> --url <relay>` against a relay routing everything to a `plain`
+/// target with no reply: stdout and the message the target received.
+async fn push_event(mode: &str, args: &[&str]) -> (String, Fields) {
     let mut target = FakeTarget::start().await;
     let relay = relay(mode, &target, "").await;
     let url = relay.url("/wechat");
-    let (code, stdout, stderr) = simulate(
-        &relay.config,
-        &[
-            "--event",
-            "subscribe",
-            "--event-key",
-            "qrscene_42",
-            "--url",
-            &url,
-        ],
-    )
-    .await;
-    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let mut args = args.to_vec();
+    args.extend(["--url", &url]);
+    let stdout = simulate_ok(&relay.config, &args).await;
     assert!(stdout.contains("HTTP 200 OK"), "{stdout}");
     assert!(stdout.contains("reply: success"), "{stdout}");
+    let got = fields(&target.next().await);
+    relay.stop().await;
+    (stdout, got)
+}
+
+async fn qr_subscribe_reaches_the_target(mode: &str) {
+    let qr_subscribe = ["--event", "subscribe", "--event-key", "qrscene_42"];
+    let (stdout, got) = push_event(mode, &qr_subscribe).await;
     assert!(
         stdout.contains("(random)"),
         "a generated ticket says so: {stdout}"
     );
-
-    let got = fields(&target.next().await);
+    assert_eq!(
+        got.get("Encrypt"),
+        None,
+        "the plain target gets the message decrypted"
+    );
     assert_eq!(got.get("MsgType"), Some("event"));
     assert_eq!(got.get("Event"), Some("subscribe"));
     assert_eq!(got.get("EventKey"), Some("qrscene_42"));
     let ticket = got.get("Ticket").expect("a Ticket");
     assert!(!ticket.is_empty());
     assert!(stdout.contains(&format!("Ticket {ticket}")), "{stdout}");
-    relay.stop().await;
 }
 
 #[tokio::test]
@@ -138,37 +165,30 @@ async fn qr_subscribe_reaches_a_plain_target_in_plaintext_mode() {
 
 #[tokio::test]
 async fn given_ticket_from_and_to_are_sent_as_given() {
-    let mut target = FakeTarget::start().await;
-    let relay = relay("safe", &target, "").await;
-    let url = relay.url("/wechat");
-    let (code, stdout, stderr) = simulate(
-        &relay.config,
-        &[
-            "--account",
-            "main",
-            "--event",
-            "SCAN",
-            "--event-key",
-            "42",
-            "--ticket",
-            "gQH47jo",
-            "--from",
-            OPENID,
-            "--to",
-            GH,
-            "--url",
-            &url,
-        ],
-    )
-    .await;
-    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
-    let got = fields(&target.next().await);
+    let scan = [
+        "--account",
+        "main",
+        "--event",
+        "SCAN",
+        "--event-key",
+        "42",
+        "--ticket",
+        "gQH47jo",
+        "--from",
+        OPENID,
+        "--to",
+        GH,
+    ];
+    let (stdout, got) = push_event("safe", &scan).await;
+    assert!(!stdout.contains("(random)"), "{stdout}");
     assert_eq!(got.get("Event"), Some("SCAN"));
     assert_eq!(got.get("EventKey"), Some("42"));
     assert_eq!(got.get("Ticket"), Some("gQH47jo"));
     assert_eq!(got.get("FromUserName"), Some(OPENID));
     assert_eq!(got.get("ToUserName"), Some(GH));
-    relay.stop().await;
+    // A plain follow carries no Ticket.
+    let (_, got) = push_event("safe", &["--event", "subscribe"]).await;
+    assert_eq!((got.get("EventKey"), got.get("Ticket")), (None, None));
 }
 
 #[tokio::test]
@@ -177,17 +197,11 @@ async fn verify_url_passes_and_fails_with_a_wrong_token() {
     for mode in ["plaintext", "safe"] {
         let relay = relay(mode, &target, "").await;
         let url = relay.url("/wechat");
-        let (code, stdout, stderr) =
-            simulate(&relay.config, &["--verify-url", "--url", &url]).await;
-        assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+        let stdout = simulate_ok(&relay.config, &["--verify-url", "--url", &url]).await;
         assert!(stdout.contains(&format!("GET {url}")), "{stdout}");
         assert!(stdout.contains("echo matched"), "{stdout}");
 
-        // The simulate's own copy of the config, with another token.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let wrong = dir.path().join("relay.toml");
-        let toml = std::fs::read_to_string(&relay.config).expect("config");
-        std::fs::write(&wrong, toml.replace(TOKEN, "wrongToken2024")).expect("write");
+        let (_dir, wrong) = with_wrong_token(&relay);
         let (code, stdout, stderr) = simulate(&wrong, &["--verify-url", "--url", &url]).await;
         assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
         assert!(stdout.contains("HTTP 403 Forbidden"), "{stdout}");
@@ -202,14 +216,15 @@ async fn verify_url_passes_and_fails_with_a_wrong_token() {
 async fn a_push_signed_with_a_wrong_token_exits_1() {
     let target = FakeTarget::start().await;
     let relay = relay("safe", &target, "").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let wrong = dir.path().join("relay.toml");
-    let toml = std::fs::read_to_string(&relay.config).expect("config");
-    std::fs::write(&wrong, toml.replace(TOKEN, "wrongToken2024")).expect("write");
+    let (_dir, wrong) = with_wrong_token(&relay);
     let url = relay.url("/wechat");
     let (code, stdout, stderr) = simulate(&wrong, &["--text", "hi", "--url", &url]).await;
     assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("HTTP 403 Forbidden"), "{stdout}");
+    assert!(
+        stdout.contains("answer: signature does not match"),
+        "{stdout}"
+    );
     assert!(
         stderr.contains("the relay answered 403 Forbidden"),
         "{stderr}"
@@ -220,43 +235,33 @@ async fn a_push_signed_with_a_wrong_token_exits_1() {
 #[tokio::test]
 async fn the_default_url_comes_from_listen_and_the_account_path() {
     let mut target = FakeTarget::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("relay.toml");
     let port = free_port();
-    let toml = config(
+    let listen = format!("127.0.0.1:{port}");
+    let (_dir, path) = config_file(&config(
         "safe",
-        &format!("127.0.0.1:{port}"),
+        &listen,
         &target,
         "reply_text = \"from the binary\"",
-    );
-    std::fs::write(&path, toml).expect("write");
+    ));
     let _binary = Binary::start(&path);
 
-    let (code, stdout, stderr) = simulate(&path, &["--text", "hello"]).await;
-    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let stdout = simulate_ok(&path, &["--text", "hello"]).await;
     assert!(
-        stdout.contains(&format!("POST http://127.0.0.1:{port}/wechat ")),
+        stdout.contains(&format!("POST http://{listen}/wechat ")),
         "{stdout}"
     );
     assert!(stdout.contains("from the binary"), "{stdout}");
     assert_eq!(fields(&target.next().await).get("Content"), Some("hello"));
 
-    let (code, stdout, stderr) = simulate(&path, &["--verify-url"]).await;
-    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let stdout = simulate_ok(&path, &["--verify-url"]).await;
     assert!(stdout.contains("echo matched"), "{stdout}");
 }
 
 #[tokio::test]
 async fn a_relay_that_is_not_running_exits_1_with_one_line() {
     let target = FakeTarget::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("relay.toml");
     let port = free_port();
-    std::fs::write(
-        &path,
-        config("safe", &format!("127.0.0.1:{port}"), &target, ""),
-    )
-    .expect("write");
+    let (_dir, path) = config_file(&config("safe", &format!("127.0.0.1:{port}"), &target, ""));
     for args in [&["--text", "hello"][..], &["--verify-url"][..]] {
         let (code, stdout, stderr) = simulate(&path, args).await;
         assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
@@ -289,9 +294,7 @@ async fn a_sealed_reply_whose_msg_signature_does_not_verify_is_reported() {
     })
     .await;
     let target = FakeTarget::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config("safe", "127.0.0.1:0", &target, "")).expect("write");
+    let (_dir, path) = config_file(&config("safe", "127.0.0.1:0", &target, ""));
     let (code, stdout, stderr) =
         simulate(&path, &["--text", "hi", "--url", &fake.url("/wechat")]).await;
     assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
@@ -302,18 +305,21 @@ async fn a_sealed_reply_whose_msg_signature_does_not_verify_is_reported() {
 
 #[test]
 fn a_bad_command_line_or_account_exits_2() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("relay.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{}{}[[route]]\nto = [\"t\"]\n",
-            account_section("main", "/wechat", "safe"),
-            target_section("t", "http://127.0.0.1:9/", "plain", "")
-        ),
-    )
-    .expect("write");
+    let (_dir, path) = config_file(&format!(
+        "{}{}[[route]]\nto = [\"t\"]\n",
+        account_section("main", "/wechat", "safe"),
+        target_section("t", "http://127.0.0.1:9/", "plain", "")
+    ));
     let config = path.to_string_lossy().into_owned();
+    let unknown_account = [
+        "simulate",
+        "--config",
+        &config,
+        "--text",
+        "a",
+        "--account",
+        "other",
+    ];
     for args in [
         &["simulate", "--config", &config][..],
         &[
@@ -323,13 +329,7 @@ fn a_bad_command_line_or_account_exits_2() {
             "simulate", "--config", &config, "--text", "a", "--url", "ftp://h/",
         ],
         &[
-            "simulate",
-            "--config",
-            &config,
-            "--text",
-            "a",
-            "--account",
-            "other",
+            "simulate", "--config", &config, "--text", "a", "--from", "o 1",
         ],
         &[
             "simulate",
@@ -338,19 +338,12 @@ fn a_bad_command_line_or_account_exits_2() {
             "--text",
             "a",
         ],
+        &unknown_account,
     ] {
         let (code, _, stderr) = cli(args);
         assert_eq!(code, Some(2), "{args:?}: {stderr}");
     }
-    let (_, _, stderr) = cli(&[
-        "simulate",
-        "--config",
-        &config,
-        "--text",
-        "a",
-        "--account",
-        "other",
-    ]);
+    let (_, _, stderr) = cli(&unknown_account);
     assert!(
         stderr.contains("no [[account]] named \"other\" in the config (it has: main)"),
         "{stderr}"
