@@ -1,10 +1,11 @@
-//! The command line: `wechat-relay [--config PATH] <serve|check|outbox ...>`. `--config` is
-//! accepted anywhere on the line, by every subcommand.
+//! The command line: `wechat-relay [--config PATH] <serve|check|simulate|outbox ...>`.
+//! `--config` is accepted anywhere on the line, by every subcommand.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use http::Uri;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,11 +29,27 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process: the size of a variant does not matter"
+)]
 pub enum Command {
     /// Run the relay.
     Serve,
     /// Validate the config and print what it does, secrets redacted.
     Check,
+    /// Act as WeChat: send a signed push or the URL check to the running relay, print its answer.
+    ///
+    /// Sends one push exactly as WeChat would for the account (signed; encrypted when the
+    /// account is in safe or compatible mode), or the URL check, to the running relay, and
+    /// prints the HTTP status and the reply, decrypted after checking its MsgSignature. Proves a
+    /// deployment before WeChat is pointed at it.
+    ///
+    /// Exit 0 when the relay answered 2xx with a reply WeChat would take (for --verify-url: and
+    /// echoed echostr), 1 when it did not or could not be reached (the reason on stderr), 2 for
+    /// a bad config or command line.
+    #[command(after_help = SIMULATE_EXAMPLES)]
+    Simulate(SimulateArgs),
     /// See and repair the outbox: pending deliveries and dead letters. Works while the relay
     /// runs; run it as the user the relay runs as.
     Outbox {
@@ -79,4 +96,90 @@ pub enum OutboxCommand {
         #[arg(long)]
         target: Option<String>,
     },
+}
+
+const SIMULATE_EXAMPLES: &str = "Examples:
+  wechat-relay simulate --config relay.toml --text hello
+  wechat-relay simulate --account main --event subscribe --event-key qrscene_42
+  wechat-relay simulate --event CLICK --event-key MENU_1 --url https://wechat.example.com/wechat
+  wechat-relay simulate --verify-url
+
+The token and key come from the account in the config and are never printed.";
+
+/// `wechat-relay simulate`: one push (`--text` or `--event`) or the URL check (`--verify-url`).
+#[derive(Debug, Clone, Args)]
+#[command(group(
+    ArgGroup::new("what")
+        .required(true)
+        .args(["text", "event", "verify_url"])
+))]
+pub struct SimulateArgs {
+    /// The [[account]] to act for, by name [default: the first in the config].
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+
+    /// Where to send it: a full URL with the path, http or https (e.g. the public
+    /// https://wechat.example.com/wechat behind nginx) [default:
+    /// http://<server.listen><account path>, with 127.0.0.1 or [::1] when listen is 0.0.0.0 or
+    /// [::]].
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    pub url: Option<Uri>,
+
+    /// Send a text message with this content (a random MsgId, CreateTime now).
+    #[arg(long, value_name = "CONTENT")]
+    pub text: Option<String>,
+
+    /// Send an event: subscribe, SCAN, CLICK, VIEW, unsubscribe, ... (as WeChat spells it).
+    #[arg(long, value_name = "EVENT")]
+    pub event: Option<String>,
+
+    /// The event's EventKey: qrscene_<scene> for a subscribe from a QR code with parameters,
+    /// the bare scene for a SCAN, the menu key for a CLICK.
+    #[arg(long, value_name = "KEY", requires = "event")]
+    pub event_key: Option<String>,
+
+    /// The event's Ticket, what an identity provider matches a QR-code login on. A subscribe or
+    /// SCAN with --event-key gets a random ticket unless this is given.
+    #[arg(long, value_name = "TICKET", requires = "event")]
+    pub ticket: Option<String>,
+
+    /// FromUserName: the user's openid (also the openid in the query): letters, digits, - and _.
+    #[arg(
+        long,
+        value_name = "OPENID",
+        default_value = "o_simulate_0000000000000000",
+        value_parser = parse_openid
+    )]
+    pub from: String,
+
+    /// ToUserName: the account's original id.
+    #[arg(long, value_name = "GH_ID", default_value = "gh_simulate")]
+    pub to: String,
+
+    /// Do WeChat's URL check instead (GET with signature, timestamp, nonce and a random
+    /// echostr) and report whether the relay echoed echostr.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub verify_url: bool,
+}
+
+/// An absolute http or https URL.
+fn parse_url(text: &str) -> Result<Uri, String> {
+    let url: Uri = text.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match url.scheme_str() {
+        Some("http" | "https") if url.authority().is_some() => Ok(url),
+        _ => Err("must be an absolute http:// or https:// URL".into()),
+    }
+}
+
+/// An openid as WeChat makes them: 1 to 64 of `A-Z a-z 0-9 - _` (it goes into the query as is).
+fn parse_openid(text: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err("must be 1 to 64 of A-Z a-z 0-9 - _".into())
+    }
 }

@@ -94,7 +94,9 @@ impl Forwarder {
             .map_err(|_| ForwardError::Timeout)?
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ForwardError> {
+    /// Sends any request through the pool and reads the answer (at most [`MAX_ANSWER_BYTES`]),
+    /// without a timeout of its own: `simulate` posts to a relay with it.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ForwardError> {
         let response = self
             .client
             .request(request)
@@ -212,7 +214,7 @@ fn json_body(push: &Push) -> Bytes {
 }
 
 /// `url` with `query` appended (after the URL's own query, if it has one).
-fn with_query(url: &Uri, query: &str) -> Result<Uri, ForwardError> {
+pub fn with_query(url: &Uri, query: &str) -> Result<Uri, ForwardError> {
     if query.is_empty() {
         return Ok(url.clone());
     }

@@ -17,6 +17,8 @@
 //! - [`route`]: the route table, first match wins;
 //! - [`forward`]: the HTTP client and the `raw` / `plain` / `json` request shapes;
 //! - [`error`]: refusals and forward failures, and their HTTP statuses;
+//! - [`simulate`]: WeChat's side from the command line: a signed push or URL check sent to a
+//!   running relay, its answer opened (`wechat-relay simulate`);
 //! - [`cli`] and [`telemetry`]: the command line (with the `outbox` commands) and logging.
 
 pub mod admin;
@@ -31,6 +33,7 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod stack;
 pub mod telemetry;
 pub mod tls;

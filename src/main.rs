@@ -1,11 +1,12 @@
 //! `wechat-relay`: parse the command line, start logging, load the config, hand over to the
-//! library. Exit codes: 0 done, 1 could not run, 2 invalid config.
+//! library. Exit codes: 0 done, 1 could not run (or `simulate` found the relay failing), 2
+//! invalid config or command line.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use wechat_relay::cli::{Cli, Command, OutboxCommand};
+use wechat_relay::cli::{Cli, Command, OutboxCommand, SimulateArgs};
 use wechat_relay::config::Config;
 use wechat_relay::{service, telemetry};
 
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
             telemetry::init();
             outbox(&config, &command)
         }
+        Command::Simulate(args) => simulate(&config, &args),
     }
 }
 
@@ -64,6 +66,33 @@ fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
         Err(e) => {
             eprintln!("outbox: {e}");
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn simulate(config: &Config, args: &SimulateArgs) -> ExitCode {
+    let runtime = match runtime(false) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(wechat_relay::simulate::run(config, args)) {
+        Ok(report) => {
+            print!("{}", report.output);
+            match report.failure {
+                None => ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("simulate: {why}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("simulate: {e}");
+            ExitCode::from(if e.is_usage() {
+                EXIT_INVALID_CONFIG
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }

@@ -32,6 +32,9 @@ pub enum ServeError {
 
 /// Runs the relay on `config` (loaded from `path`, re-read on SIGHUP) until SIGTERM or Ctrl-C.
 pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Result<(), ServeError> {
+    // Handlers first: a SIGHUP or SIGTERM that arrives while starting must not kill the
+    // process (their default action).
+    let signals = Signals::install();
     // The store first: the first push the relay accepts is already durable.
     let outbox = Outbox::start(&config).await?;
     if config.store.path.is_none() {
@@ -63,10 +66,11 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     }
     notify(&[NotifyState::Ready]);
     tokio::spawn(watchdog());
-    tokio::spawn(reload_on_sighup(handle, path, log));
+    let Signals { hangup, terminate } = signals;
+    tokio::spawn(reload_on_sighup(hangup, handle, path, log));
     server
         .run(listener, async {
-            shutdown_signal().await;
+            shutdown_signal(terminate).await;
             notify(&[NotifyState::Stopping]);
         })
         .await;
@@ -98,14 +102,53 @@ async fn watchdog() {
     }
 }
 
+#[cfg(unix)]
+type SignalStream = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type SignalStream = Option<()>;
+
+/// SIGHUP and SIGTERM, listened for from the start.
+struct Signals {
+    hangup: SignalStream,
+    terminate: SignalStream,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for {name}");
+                    None
+                }
+            };
+            Signals {
+                hangup: listen(SignalKind::hangup(), "SIGHUP"),
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
+            }
+        }
+        #[cfg(not(unix))]
+        Signals {
+            hangup: None,
+            terminate: None,
+        }
+    }
+}
+
 /// SIGHUP: re-read the config; apply it if it is valid and needs no restart, else log every
 /// reason and keep serving the old one.
-async fn reload_on_sighup(handle: Handle, path: PathBuf, log: Option<LogHandle>) {
+async fn reload_on_sighup(
+    hangup: SignalStream,
+    handle: Handle,
+    path: PathBuf,
+    log: Option<LogHandle>,
+) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP: reload needs a restart");
+        let Some(mut hangups) = hangup else {
             return;
         };
         while hangups.recv().await.is_some() {
@@ -119,7 +162,7 @@ async fn reload_on_sighup(handle: Handle, path: PathBuf, log: Option<LogHandle>)
         }
     }
     #[cfg(not(unix))]
-    let _ = (handle, path, log);
+    let _ = (hangup, handle, path, log);
 }
 
 /// One reload, with its log lines and its count.
@@ -159,21 +202,24 @@ pub fn reload(handle: &Handle, path: &Path, log: Option<&LogHandle>) -> bool {
 }
 
 /// SIGTERM (systemd stop) or Ctrl-C.
-async fn shutdown_signal() {
+async fn shutdown_signal(terminate: SignalStream) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
     let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
+        match terminate {
+            Some(mut signal) => {
                 signal.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            None => std::future::pending::<()>().await,
         }
     };
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
+    let terminate = {
+        let _ = terminate;
+        std::future::pending::<()>()
+    };
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},

@@ -23,6 +23,60 @@ pub struct Stamp<'a> {
     pub openid: &'a str,
 }
 
+/// What a push says happened (PROTOCOL.md §7): a message from the user, or an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushContent<'a> {
+    /// A text message (`MsgType` `text`).
+    Text { content: &'a str, msg_id: u64 },
+    /// An event (`MsgType` `event`): `subscribe`, `SCAN`, `CLICK`, ...
+    Event {
+        event: &'a str,
+        event_key: Option<&'a str>,
+        ticket: Option<&'a str>,
+    },
+}
+
+/// The fields of a push from `from` (an openid) to `to` (the account's `gh_` id), in WeChat's
+/// order and without the `<xml>` root: a compatible-mode push puts them beside `Encrypt`.
+pub fn message_fields(to: &str, from: &str, create_time: u64, content: &PushContent<'_>) -> String {
+    let head = format!(
+        "<ToUserName>{}</ToUserName><FromUserName>{}</FromUserName><CreateTime>{create_time}</CreateTime>",
+        cdata(to),
+        cdata(from)
+    );
+    match *content {
+        PushContent::Text { content, msg_id } => format!(
+            "{head}<MsgType><![CDATA[text]]></MsgType><Content>{}</Content><MsgId>{msg_id}</MsgId>",
+            cdata(content)
+        ),
+        PushContent::Event {
+            event,
+            event_key,
+            ticket,
+        } => {
+            let mut fields = format!(
+                "{head}<MsgType><![CDATA[event]]></MsgType><Event>{}</Event>",
+                cdata(event)
+            );
+            if let Some(key) = event_key {
+                fields.push_str(&format!("<EventKey>{}</EventKey>", cdata(key)));
+            }
+            if let Some(ticket) = ticket {
+                fields.push_str(&format!("<Ticket>{}</Ticket>", cdata(ticket)));
+            }
+            fields
+        }
+    }
+}
+
+/// A push's message XML: [`message_fields`] in the `<xml>` root.
+pub fn message_xml(to: &str, from: &str, create_time: u64, content: &PushContent<'_>) -> String {
+    format!(
+        "<xml>{}</xml>",
+        message_fields(to, from, create_time, content)
+    )
+}
+
 /// A request as WeChat sends it: the query string (without `?`) and the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
@@ -173,6 +227,52 @@ mod tests {
             sender.open_reply(tampered.as_bytes()),
             Err(ReplyError::Signature)
         );
+    }
+
+    #[test]
+    fn message_xml_reads_back_field_by_field() {
+        let text = message_xml(
+            "gh_1",
+            "o_1",
+            1_700_000_000,
+            &PushContent::Text {
+                content: "a ]]> b",
+                msg_id: 42,
+            },
+        );
+        let fields = super::super::message::Fields::parse(text.as_bytes()).expect("xml");
+        assert_eq!(fields.get("ToUserName"), Some("gh_1"));
+        assert_eq!(fields.get("FromUserName"), Some("o_1"));
+        assert_eq!(fields.get("CreateTime"), Some("1700000000"));
+        assert_eq!(fields.get("MsgType"), Some("text"));
+        assert_eq!(fields.get("Content"), Some("a ]]> b"));
+        assert_eq!(fields.get("MsgId"), Some("42"));
+        let event = message_xml(
+            "gh_1",
+            "o_1",
+            1,
+            &PushContent::Event {
+                event: "subscribe",
+                event_key: Some("qrscene_42"),
+                ticket: Some("T"),
+            },
+        );
+        let fields = super::super::message::Fields::parse(event.as_bytes()).expect("xml");
+        assert_eq!(fields.get("MsgType"), Some("event"));
+        assert_eq!(fields.get("Event"), Some("subscribe"));
+        assert_eq!(fields.get("EventKey"), Some("qrscene_42"));
+        assert_eq!(fields.get("Ticket"), Some("T"));
+        let bare = message_fields(
+            "gh_1",
+            "o_1",
+            1,
+            &PushContent::Event {
+                event: "unsubscribe",
+                event_key: None,
+                ticket: None,
+            },
+        );
+        assert!(!bare.contains("EventKey") && !bare.contains("Ticket") && !bare.contains("<xml>"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use wechat_relay::config::Config;
 use wechat_relay::wechat::crypto::AesKey;
-use wechat_relay::wechat::sender::{Outgoing, Sender, Stamp};
+use wechat_relay::wechat::sender::{Outgoing, PushContent, Sender, Stamp, message_xml};
 
 pub const TOKEN: &str = "relayToken2024";
 pub const KEY: &str = "RelayVectorsEncodingAESKey0123456789abcdefZ";
@@ -574,24 +574,29 @@ impl PushBuilder {
     }
 }
 
+fn create_time() -> u64 {
+    now().parse().expect("a number")
+}
+
 pub fn text_xml(content: &str, msg_id: u64) -> String {
-    format!(
-        "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><FromUserName><![CDATA[{OPENID}]]></FromUserName>\
-         <CreateTime>{}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{content}]]></Content>\
-         <MsgId>{msg_id}</MsgId></xml>",
-        now()
+    message_xml(
+        GH,
+        OPENID,
+        create_time(),
+        &PushContent::Text { content, msg_id },
     )
 }
 
 pub fn event_xml(event: &str, event_key: &str, ticket: Option<&str>) -> String {
-    let ticket = ticket.map_or(String::new(), |t| {
-        format!("<Ticket><![CDATA[{t}]]></Ticket>")
-    });
-    format!(
-        "<xml><ToUserName><![CDATA[{GH}]]></ToUserName><FromUserName><![CDATA[{OPENID}]]></FromUserName>\
-         <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>\
-         <EventKey><![CDATA[{event_key}]]></EventKey>{ticket}</xml>",
-        now()
+    message_xml(
+        GH,
+        OPENID,
+        create_time(),
+        &PushContent::Event {
+            event,
+            event_key: Some(event_key),
+            ticket,
+        },
     )
 }
 
