@@ -27,8 +27,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check => {
-            println!("{}: OK", cli.config.display());
-            print!("{config}");
+            stdout(&format!("{}: OK\n{config}", cli.config.display()));
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config, cli.config),
@@ -38,6 +37,13 @@ fn main() -> ExitCode {
         }
         Command::Simulate(args) => simulate(&config, &args),
     }
+}
+
+/// Writes to stdout; a closed pipe (`wechat-relay outbox list | head`) is not an error.
+fn stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// The tokio runtime: all cores for `serve`, one thread for a command.
@@ -60,7 +66,7 @@ fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
     };
     match runtime.block_on(wechat_relay::outbox::command::run(config, command)) {
         Ok(out) => {
-            print!("{out}");
+            stdout(&out);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -77,7 +83,7 @@ fn simulate(config: &Config, args: &SimulateArgs) -> ExitCode {
     };
     match runtime.block_on(wechat_relay::simulate::run(config, args)) {
         Ok(report) => {
-            print!("{}", report.output);
+            stdout(&report.output);
             match report.failure {
                 None => ExitCode::SUCCESS,
                 Some(why) => {

@@ -31,6 +31,10 @@ pub enum SimulateError {
     UnknownAccount { name: String, known: String },
     #[error("account path {0:?} does not make a URL with server.listen: give --url")]
     NoUrl(String),
+    #[error(
+        "the relay serves HTTPS ([server.tls]): give --url https://<the certificate's name><path> (the certificate is checked against the public roots)"
+    )]
+    HttpsNeedsUrl,
     #[error("cannot reach {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("no answer from {0} within 5 s (WeChat gives up after 5 s)")]
@@ -42,7 +46,9 @@ impl SimulateError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            SimulateError::UnknownAccount { .. } | SimulateError::NoUrl(_)
+            SimulateError::UnknownAccount { .. }
+                | SimulateError::NoUrl(_)
+                | SimulateError::HttpsNeedsUrl
         )
     }
 }
@@ -62,6 +68,7 @@ pub async fn run(config: &Config, args: &SimulateArgs) -> Result<Report, Simulat
     let account = account(config, args.account.as_deref())?;
     let url = match &args.url {
         Some(url) => url.clone(),
+        None if config.server.tls.is_some() => return Err(SimulateError::HttpsNeedsUrl),
         None => default_url(config.server.listen, &account.path)?,
     };
     let sender = Sender {
