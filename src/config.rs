@@ -19,6 +19,8 @@ use serde::Deserialize;
 
 use crate::wechat::crypto::AesKey;
 
+/// Set by systemd to the folder of the unit's `LoadCredential=` files.
+const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 /// Prefix of the environment variables that override relay.toml; `__` separates key parts.
 pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
 /// Stands for a variable of ours whose value is not UTF-8 (a NUL cannot be in a real value).
@@ -436,7 +438,11 @@ impl Config {
         let mut problems = Vec::new();
         apply_env(&mut root, env, &mut problems);
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        Checker::new(base, problems).check(root)
+        let credentials = env
+            .iter()
+            .find(|(name, _)| name == CREDENTIALS_DIRECTORY)
+            .map(|(_, value)| PathBuf::from(value));
+        Checker::new(base, problems, credentials).check(root)
     }
 }
 
@@ -608,11 +614,32 @@ struct Reported;
 struct Checker<'a> {
     base: &'a Path,
     problems: Vec<String>,
+    /// `$CREDENTIALS_DIRECTORY`, set by systemd for `LoadCredential=`.
+    credentials: Option<PathBuf>,
 }
 
 impl<'a> Checker<'a> {
-    fn new(base: &'a Path, problems: Vec<String>) -> Self {
-        Self { base, problems }
+    fn new(base: &'a Path, problems: Vec<String>, credentials: Option<PathBuf>) -> Self {
+        Self {
+            base,
+            problems,
+            credentials,
+        }
+    }
+
+    /// A `_file` path: `${CREDENTIALS_DIRECTORY}/name` is systemd's credential `name`; a
+    /// relative path is relative to the config file's folder.
+    fn secret_path(&self, file: &Path) -> Result<PathBuf, String> {
+        let placeholder = format!("${{{CREDENTIALS_DIRECTORY}}}");
+        let Ok(rest) = file.strip_prefix(&placeholder) else {
+            return Ok(self.base.join(file));
+        };
+        match &self.credentials {
+            Some(dir) => Ok(dir.join(rest)),
+            None => Err(format!(
+                "{placeholder} is not set (systemd sets it for a unit with LoadCredential=)"
+            )),
+        }
     }
 
     fn problem(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
@@ -896,7 +923,13 @@ impl<'a> Checker<'a> {
             }
             (Some(value), None) => Ok(Some(value)),
             (None, Some(file)) => {
-                let path = self.base.join(&file);
+                let path = match self.secret_path(&file) {
+                    Ok(path) => path,
+                    Err(why) => {
+                        self.problem(format!("{at}.{key}_file"), why);
+                        return Err(Reported);
+                    }
+                };
                 match std::fs::read_to_string(&path) {
                     Ok(text) => Ok(Some(text.trim().to_owned())),
                     Err(e) => {

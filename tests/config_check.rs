@@ -1060,3 +1060,41 @@ fn a_target_timeout_has_an_upper_bound() {
         &["target[0].timeout_ms: must be 1 to 300000, got 3600000"],
     );
 }
+
+#[test]
+fn secret_files_can_be_systemd_credentials() {
+    let token = value_of(&shipped(), "token");
+    let text = edit(
+        &shipped(),
+        &format!("token = \"{token}\""),
+        "token_file = \"${CREDENTIALS_DIRECTORY}/wechat-token\"",
+    );
+    let (dir, path) = write_config(&text);
+    let credentials = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        credentials.path().join("wechat-token"),
+        format!("{token}\n"),
+    )
+    .expect("token");
+    let ok = run(relay()
+        .env("CREDENTIALS_DIRECTORY", credentials.path())
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert_ok(&ok, &path);
+    // Outside systemd the variable is not set: a clear error, not a file named "${...}".
+    let missing = run(relay()
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    drop(dir);
+    assert_eq!(missing.code, Some(2), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains(
+            "account[0].token_file: ${CREDENTIALS_DIRECTORY} is not set (systemd sets it for a unit with LoadCredential=)"
+        ),
+        "{}",
+        missing.stderr
+    );
+}
