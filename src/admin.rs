@@ -29,6 +29,8 @@ pub struct Admin {
     metrics: Option<PrometheusHandle>,
     /// Set once the WeChat listener is bound.
     listening: AtomicBool,
+    /// Set on SIGTERM: not ready any more.
+    draining: AtomicBool,
 }
 
 impl Admin {
@@ -37,11 +39,16 @@ impl Admin {
             server,
             metrics,
             listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         })
     }
 
     pub fn set_listening(&self) {
         self.listening.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     async fn answer(&self, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
@@ -64,6 +71,9 @@ impl Admin {
         let mut problems = Vec::new();
         if !self.listening.load(Ordering::SeqCst) {
             problems.push("the listener is not bound yet".to_owned());
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            problems.push("shutting down".to_owned());
         }
         // A write that changes nothing: proves the store is writable (and fsyncs).
         let probe = self.server.outbox().store().expire_dedupe(0);

@@ -820,8 +820,16 @@ impl<'a> Checker<'a> {
             MAX_PERMITS,
         );
         let tls = raw.tls.and_then(|tls| {
-            let cert = self.base.join(&tls.cert);
-            let key = self.base.join(&tls.key);
+            let paths = self
+                .secret_path(&tls.cert)
+                .and_then(|cert| Ok((cert, self.secret_path(&tls.key)?)));
+            let (cert, key) = match paths {
+                Ok(paths) => paths,
+                Err(why) => {
+                    self.problem("server.tls", why);
+                    return None;
+                }
+            };
             match crate::tls::load_certified_key(&cert, &key) {
                 Ok(certified) => Some(Tls {
                     cert,

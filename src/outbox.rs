@@ -56,6 +56,8 @@ pub struct Outbox {
     dedupe_ttl_ms: Arc<AtomicU64>,
     claims: Claims,
     workers: Mutex<HashMap<String, WorkerSlot>>,
+    /// Per target name, for as long as the process lives: what its workers share.
+    lanes: Mutex<HashMap<String, Lane>>,
     /// Attempt trackers of every worker generation, for shutdown.
     generations: Mutex<Vec<TaskTracker>>,
     forwarder: Forwarder,
@@ -67,13 +69,17 @@ pub struct Outbox {
 /// A target's running worker.
 struct WorkerSlot {
     target: Target,
-    wake: Arc<Notify>,
     stop: CancellationToken,
     attempts: TaskTracker,
 }
 
-/// How long a replaced worker's attempts may take before the new worker starts anyway.
-const HANDOVER_MARGIN: Duration = Duration::from_secs(1);
+/// What every worker a target name has had shares: the deliveries in flight (so that a new
+/// worker never takes one the old worker is still attempting) and the wake-up.
+#[derive(Clone, Default)]
+struct Lane {
+    in_flight: worker::InFlight,
+    wake: Arc<Notify>,
+}
 
 impl Outbox {
     /// Opens the store and starts a worker per target: deliveries left pending by the last run
@@ -92,6 +98,7 @@ impl Outbox {
             dedupe_ttl_ms: Arc::new(AtomicU64::new(config.store.dedupe_ttl.as_millis() as u64)),
             claims: Claims::default(),
             workers: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
             generations: Mutex::new(Vec::new()),
             forwarder: Forwarder::new(),
             stop: CancellationToken::new(),
@@ -107,35 +114,34 @@ impl Outbox {
     }
 
     /// Makes the workers match `config`'s targets: a new target gets a worker, a removed one
-    /// loses it (its deliveries wait in the store), a changed one gets a new worker once the
-    /// old one's attempts in flight have ended (so no delivery is attempted twice at once).
+    /// loses it (its deliveries wait in the store), a changed one gets a new worker at once.
+    /// The old worker's attempts in flight finish and are recorded; the new worker skips the
+    /// deliveries they hold, so no delivery is attempted twice at once (for a moment both
+    /// workers' attempts count, up to twice `concurrency`).
     pub fn reconfigure(&self, config: &Config) {
         self.dedupe_ttl_ms.store(
             config.store.dedupe_ttl.as_millis() as u64,
             Ordering::Relaxed,
         );
-        let Ok(mut workers) = self.workers.lock() else {
+        let (Ok(mut workers), Ok(mut lanes)) = (self.workers.lock(), self.lanes.lock()) else {
             return;
         };
         workers.retain(|name, slot| {
             let kept = config.targets.iter().any(|t| t.name == *name);
             if !kept {
-                slot.stop.cancel();
+                slot.retire();
             }
             kept
         });
         for target in &config.targets {
-            let previous = match workers.get(&target.name) {
+            match workers.get(&target.name) {
                 Some(slot) if slot.target == *target => continue,
-                Some(slot) => {
-                    slot.stop.cancel();
-                    Some((slot.attempts.clone(), slot.target.timeout))
-                }
-                None => None,
-            };
+                Some(slot) => slot.retire(),
+                None => {}
+            }
+            let lane = lanes.entry(target.name.clone()).or_default().clone();
             let slot = WorkerSlot {
                 target: target.clone(),
-                wake: Arc::new(Notify::new()),
                 stop: self.stop.child_token(),
                 attempts: TaskTracker::new(),
             };
@@ -143,16 +149,11 @@ impl Outbox {
                 Arc::new(target.clone()),
                 Arc::clone(&self.store),
                 self.forwarder.clone(),
-                Arc::clone(&slot.wake),
+                lane.wake,
+                lane.in_flight,
             ));
-            let (stop, attempts) = (slot.stop.clone(), slot.attempts.clone());
-            self.tasks.spawn(async move {
-                if let Some((previous, timeout)) = previous {
-                    previous.close();
-                    let _ = tokio::time::timeout(timeout + HANDOVER_MARGIN, previous.wait()).await;
-                }
-                worker.run(stop, attempts).await;
-            });
+            self.tasks
+                .spawn(worker.run(slot.stop.clone(), slot.attempts.clone()));
             if let Ok(mut generations) = self.generations.lock() {
                 generations.retain(|g| !(g.is_closed() && g.is_empty()));
                 generations.push(slot.attempts.clone());
@@ -161,9 +162,9 @@ impl Outbox {
         }
     }
 
-    /// Says what the store holds at startup, and names pending deliveries whose target is no
-    /// longer configured (they wait there until the target is back, or are purged).
-    async fn report_leftovers(&self, config: &Config) -> StoreResult<()> {
+    /// Says what the store holds (at startup, and after a reload), and names pending
+    /// deliveries whose target is not configured (they wait there until it is again).
+    pub async fn report_leftovers(&self, config: &Config) -> StoreResult<()> {
         let stats = self.store.stats().await?;
         for t in &stats.targets {
             let known = config.targets.iter().any(|c| c.name == t.target);
@@ -206,11 +207,11 @@ impl Outbox {
         let targets: Vec<String> = commit.deliveries.iter().map(|d| d.target.clone()).collect();
         let committed = self.store.commit(commit).await?;
         if committed == Committed::New
-            && let Ok(workers) = self.workers.lock()
+            && let Ok(lanes) = self.lanes.lock()
         {
             for target in targets {
-                if let Some(slot) = workers.get(&target) {
-                    slot.wake.notify_one();
+                if let Some(lane) = lanes.get(&target) {
+                    lane.wake.notify_one();
                 }
             }
         }
@@ -248,6 +249,14 @@ async fn expire_dedupe(store: Arc<dyn Store>, ttl_ms: Arc<AtomicU64>, stop: Canc
             () = tokio::time::sleep(EXPIRE_EVERY) => {}
             () = stop.cancelled() => return,
         }
+    }
+}
+
+impl WorkerSlot {
+    /// Stops the worker from taking deliveries; its attempts in flight finish.
+    fn retire(&self) {
+        self.stop.cancel();
+        self.attempts.close();
     }
 }
 

@@ -241,8 +241,19 @@ impl Handle {
             resolver.set(Arc::clone(&tls.certified));
         }
         self.outbox.reconfigure(&config);
-        let relay = Relay::new(config, Arc::clone(&self.outbox), self.pushes.clone());
-        self.current.set(Arc::new(relay));
+        let relay = Arc::new(Relay::new(
+            config,
+            Arc::clone(&self.outbox),
+            self.pushes.clone(),
+        ));
+        self.current.set(Arc::clone(&relay));
+        // A target removed (or renamed) leaves its pending deliveries in the store: say so.
+        let outbox = Arc::clone(&self.outbox);
+        tokio::spawn(async move {
+            if let Err(e) = outbox.report_leftovers(relay.config()).await {
+                warn!(error = %e, "cannot read the outbox after the reload");
+            }
+        });
         Ok(())
     }
 }

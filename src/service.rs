@@ -6,6 +6,8 @@
 //! every half `WatchdogSec` while the runtime runs. Without `NOTIFY_SOCKET` these do nothing.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
@@ -17,6 +19,9 @@ use crate::config::Config;
 use crate::outbox::Outbox;
 use crate::server::{Handle, Server};
 use crate::telemetry::LogHandle;
+
+/// How often histogram samples are folded into the metrics when nobody scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// Why `serve` could not run (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +58,23 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     let server = Server::new(config, outbox);
     let handle = server.handle();
     let stop_admin = CancellationToken::new();
+    let mut admin_state = None;
     if let Some(listener) = admin_listener {
-        let admin = Admin::new(handle.clone(), crate::metrics::install());
+        let metrics = crate::metrics::install();
+        if let Some(metrics) = metrics.clone() {
+            // Histogram samples are folded in at each scrape; without scrapes this keeps them
+            // from piling up.
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(METRICS_UPKEEP);
+                loop {
+                    ticks.tick().await;
+                    metrics.run_upkeep();
+                }
+            });
+        }
+        let admin = Admin::new(handle.clone(), metrics);
         admin.set_listening();
+        admin_state = Some(Arc::clone(&admin));
         if let Ok(addr) = listener.local_addr() {
             info!(admin = %addr, "admin listening (/healthz, /readyz, /metrics)");
         }
@@ -72,6 +91,9 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
         .run(listener, async {
             shutdown_signal(terminate).await;
             notify(&[NotifyState::Stopping]);
+            if let Some(admin) = &admin_state {
+                admin.set_draining();
+            }
         })
         .await;
     stop_admin.cancel();
@@ -92,7 +114,7 @@ fn notify(states: &[NotifyState]) {
 
 /// `WATCHDOG=1` every half `WatchdogSec`, for as long as the runtime schedules this task.
 async fn watchdog() {
-    let Some(period) = sd_notify::watchdog_enabled() else {
+    let Some(period) = sd_notify::watchdog_enabled().filter(|p| !p.is_zero()) else {
         return;
     };
     let mut ticks = tokio::time::interval(period / 2);
@@ -146,6 +168,7 @@ async fn reload_on_sighup(
     path: PathBuf,
     log: Option<LogHandle>,
 ) {
+    let log = log.map(Arc::new);
     #[cfg(unix)]
     {
         let Some(mut hangups) = hangup else {
@@ -157,7 +180,10 @@ async fn reload_on_sighup(
                 states.push(now);
             }
             notify(&states);
-            reload(&handle, &path, log.as_ref());
+            // Reading files (the config, secrets, certificates) off the async threads.
+            let (handle, path, log) = (handle.clone(), path.clone(), log.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || reload(&handle, &path, log.as_deref())).await;
             notify(&[NotifyState::Ready]);
         }
     }

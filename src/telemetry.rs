@@ -39,12 +39,15 @@ pub fn init() {
 
 /// The logger `[log]` asks for. `None` if one was installed already (tests).
 pub fn init_with(log: &Log) -> Option<LogHandle> {
-    let from_env = std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty());
-    let filter = if from_env {
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level))
-    } else {
-        EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"))
-    };
+    // A RUST_LOG that is set and valid wins; otherwise [log] level rules, also on reload.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|_| EnvFilter::try_from_default_env().ok());
+    let filter_of_config =
+        || EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env_set = from_env.is_some();
+    let filter = from_env.unwrap_or_else(filter_of_config);
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match log.format {
@@ -70,6 +73,6 @@ pub fn init_with(log: &Log) -> Option<LogHandle> {
     };
     installed.ok().map(|()| LogHandle {
         filter: handle,
-        from_env,
+        from_env: from_env_set,
     })
 }

@@ -250,9 +250,16 @@ async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
     for _ in 0..3 {
         t.next().await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    let text = get(&format!("http://{admin}/metrics")).await.text();
+    // The deliveries are recorded just after the target answered: wait until the gauge says so.
+    let scrape = || async { get(&format!("http://{admin}/metrics")).await.text() };
+    let mut text = scrape().await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while metric(&text, "wechat_relay_outbox_pending", &[("target", "t")]) != Some(0.0)
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape().await;
+    }
     let pushes = |labels: &[(&str, &str)]| metric(&text, "wechat_relay_pushes_total", labels);
     assert_eq!(
         pushes(&[
@@ -394,6 +401,79 @@ async fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
 }
 
 #[tokio::test]
+async fn reloads_that_replace_a_busy_target_never_attempt_one_delivery_twice_at_once() {
+    // The target holds each request 2 s, then answers 503: the first attempt is in flight
+    // while the target is changed twice, removed and added back.
+    let mut slow = FakeTarget::with(Behaviour {
+        delay: Duration::from_secs(2),
+        ..Behaviour {
+            status: http::StatusCode::SERVICE_UNAVAILABLE,
+            ..Behaviour::default()
+        }
+    })
+    .await;
+    let other = FakeTarget::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (slow_url, other_url) = (slow.url("/a"), other.url("/b"));
+    let variant = |timeout: u64, with_a: bool| {
+        let mut toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 1000\n[store]\npath = \"data\"\n{}",
+            account_section("main", "/wechat", "safe")
+        );
+        if with_a {
+            toml.push_str(&target_section(
+                "a",
+                &slow_url,
+                "raw",
+                &format!("timeout_ms = {timeout}\nretry_initial_ms = 50"),
+            ));
+        }
+        toml.push_str(&target_section("b", &other_url, "raw", ""));
+        toml.push_str(if with_a {
+            "[[route]]\nto = [\"a\"]\n"
+        } else {
+            "[[route]]\nto = [\"b\"]\n"
+        });
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, toml).expect("config");
+        path
+    };
+    let path = variant(5000, true);
+    let relay = Binary::start(&path);
+    let (query, body) = PushBuilder::new(text_xml("busy", 1)).safe();
+    assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
+    let first = slow.next().await;
+    let started = Instant::now();
+    for (timeout, with_a) in [(5001, true), (5002, true), (5002, false), (5003, true)] {
+        variant(timeout, with_a);
+        relay.signal("HUP");
+        relay.wait_for("config reloaded");
+        if !with_a {
+            let line = relay.wait_for("pending deliveries for a target that is not configured");
+            assert!(
+                line.contains("target=a") && line.contains("pending=1"),
+                "{line}"
+            );
+        }
+    }
+    // Until the first attempt ends, no worker, old or new, sends the delivery again.
+    let open = Duration::from_millis(1800).saturating_sub(started.elapsed());
+    assert!(
+        !open.is_zero(),
+        "the reloads took too long to prove anything"
+    );
+    slow.expect_none(open).await;
+    // Then it is retried, by the current worker, as attempt 2.
+    slow.set(Behaviour::default());
+    let again = slow.next().await;
+    assert_eq!(
+        again.header("x-wechat-relay-event-id"),
+        first.header("x-wechat-relay-event-id")
+    );
+    assert_eq!(again.header("x-wechat-relay-attempt"), Some("2"));
+}
+
+#[tokio::test]
 async fn json_logs_carry_the_push_line_and_content_only_when_asked() {
     for content in [false, true] {
         let mut t = FakeTarget::start().await;
@@ -423,6 +503,32 @@ async fn json_logs_carry_the_push_line_and_content_only_when_asked() {
             assert!(!line.contains("private"), "{line}");
         }
     }
+
+    // [log] level = "warn" (for the handler): no info line per push, the refusal's warning still.
+    let mut t = FakeTarget::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        &[("t", t.url("/t"))],
+        &["t"],
+        // The startup line (service) stays visible so the test can find the port.
+        "[log]\nformat = \"json\"\nlevel = \"warn,wechat_relay::service=info\"\n",
+    );
+    let mut relay = Binary::start_with_env(&path, &[("RUST_LOG", "")]);
+    let (query, body) = PushBuilder::new(text_xml("quiet", 1)).safe();
+    let url = relay.url(&format!("/wechat?{query}"));
+    assert_success(&post(&url, body.clone()).await);
+    t.next().await;
+    let forged = url.replace("signature=", "signature=0");
+    assert_eq!(post(&forged, body).await.status, 403);
+    let refused = relay.wait_for("request refused");
+    assert!(refused.contains("\"level\":\"WARN\""), "{refused}");
+    relay.signal("TERM");
+    let (_, rest) = relay.wait_exit();
+    assert!(
+        !rest.iter().any(|l| l.contains("\"message\":\"push\"")),
+        "{rest:?}"
+    );
 }
 
 /// A self-signed certificate for 127.0.0.1, written to `dir`: (cert.pem path, key.pem path,

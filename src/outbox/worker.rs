@@ -138,8 +138,13 @@ pub struct TargetWorker {
     forwarder: Forwarder,
     /// Rung when deliveries for this target were committed or an attempt ended.
     wake: Arc<Notify>,
-    in_flight: Mutex<HashSet<DeliveryId>>,
+    /// The deliveries being attempted, shared by every worker this target has had (a reload
+    /// replaces the worker while the old one's attempts may still run).
+    in_flight: InFlight,
 }
+
+/// Deliveries being attempted to one target.
+pub type InFlight = Arc<Mutex<HashSet<DeliveryId>>>;
 
 impl TargetWorker {
     pub fn new(
@@ -147,13 +152,14 @@ impl TargetWorker {
         store: Arc<dyn Store>,
         forwarder: Forwarder,
         wake: Arc<Notify>,
+        in_flight: InFlight,
     ) -> Self {
         Self {
             target,
             store,
             forwarder,
             wake,
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight,
         }
     }
 
@@ -164,13 +170,14 @@ impl TargetWorker {
             .unwrap_or_default()
     }
 
-    fn mark(&self, id: DeliveryId, busy: bool) {
+    /// Takes `id` for an attempt; false if another worker of this target has it.
+    fn take(&self, id: DeliveryId) -> bool {
+        self.in_flight.lock().is_ok_and(|mut set| set.insert(id))
+    }
+
+    fn release(&self, id: DeliveryId) {
         if let Ok(mut set) = self.in_flight.lock() {
-            if busy {
-                set.insert(id);
-            } else {
-                set.remove(&id);
-            }
+            set.remove(&id);
         }
     }
 
@@ -225,7 +232,10 @@ impl TargetWorker {
                 else {
                     break;
                 };
-                self.mark(delivery.id, true);
+                if !self.take(delivery.id) {
+                    slot = Some(permit);
+                    continue;
+                }
                 let worker = Arc::clone(&self);
                 attempts.spawn(async move {
                     worker.attempt(delivery).await;
@@ -290,7 +300,7 @@ impl TargetWorker {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(SETTLE_RETRY_MAX);
         }
-        self.mark(delivery.id, false);
+        self.release(delivery.id);
         self.wake.notify_one();
     }
 }
