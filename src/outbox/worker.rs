@@ -332,15 +332,17 @@ fn log_settle(delivery: &Delivery, attempt: u32, settle: &Settle, started: Insta
     let (target, id) = (delivery.target.as_str(), delivery.id);
     match settle {
         Settle::Delivered if attempt == 1 => {
-            debug!(target, id, event_id, attempt, ms, "delivered")
+            debug!(target = %target, id, event_id = %event_id, attempt, ms, "delivered")
         }
-        Settle::Delivered => info!(target, id, event_id, attempt, ms, "delivered after retries"),
+        Settle::Delivered => {
+            info!(target = %target, id, event_id = %event_id, attempt, ms, "delivered after retries")
+        }
         Settle::Retry { at_ms, error, .. } => {
-            warn!(target, id, event_id, attempt, ms, error = %error,
+            warn!(target = %target, id, event_id = %event_id, attempt, ms, error = %error,
                 retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry")
         }
         Settle::Dead { attempts, error } => {
-            error!(target, id, event_id, attempts, error = %error,
+            error!(target = %target, id, event_id = %event_id, attempts, error = %error,
                 "delivery failed for good: dead letter (see `wechat-relay outbox list --dead`)")
         }
     }
