@@ -76,24 +76,6 @@ impl TestRelay {
         }
     }
 
-    /// Waits for a line containing each of `needles`, in any order; returns them in the
-    /// order of `needles`.
-    pub fn wait_for_all(&self, needles: &[&str]) -> Vec<String> {
-        let mut found: Vec<Option<String>> = vec![None; needles.len()];
-        while found.iter().any(Option::is_none) {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("no log lines containing all of {needles:?}"));
-            for (needle, slot) in needles.iter().zip(found.iter_mut()) {
-                if slot.is_none() && line.contains(needle) {
-                    *slot = Some(line.clone());
-                }
-            }
-        }
-        found.into_iter().flatten().collect()
-    }
-
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.addr, path_and_query)
     }
@@ -207,6 +189,24 @@ impl Binary {
                 return line;
             }
         }
+    }
+
+    /// Waits for a line containing each of `needles`, in any order; returns them in the
+    /// order of `needles`.
+    pub fn wait_for_all(&self, needles: &[&str]) -> Vec<String> {
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        while found.iter().any(Option::is_none) {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log lines containing all of {needles:?}"));
+            for (needle, slot) in needles.iter().zip(found.iter_mut()) {
+                if slot.is_none() && line.contains(needle) {
+                    *slot = Some(line.clone());
+                }
+            }
+        }
+        found.into_iter().flatten().collect()
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
