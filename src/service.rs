@@ -28,6 +28,8 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 pub enum ServeError {
     #[error("cannot open the store: {0}")]
     Store(#[from] crate::outbox::store::StoreError),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -44,6 +46,11 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     let outbox = Outbox::start(&config).await?;
     if config.store.path.is_none() {
         warn!("no [store] path: deliveries are kept in memory and lost on restart");
+    }
+    if let Some(tls) = &config.server.tls {
+        // Fails here, before READY, rather than after the bind.
+        let resolver = crate::tls::CertResolver::new(Arc::clone(&tls.certified));
+        crate::tls::acceptor(Arc::new(resolver)).map_err(ServeError::Tls)?;
     }
     let listen = config.server.listen;
     let listener = bind(listen).await?;
