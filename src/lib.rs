@@ -7,7 +7,9 @@
 //! A push flows one way through these modules:
 //!
 //! - [`config`]: relay.toml, loaded and validated into a checked [`config::Config`];
-//! - [`server`]: binds, accepts, shuts down gracefully; [`stack`] builds the tower stack;
+//! - [`service`]: `serve` as a service: startup order, signals, reload, systemd notify;
+//! - [`server`]: accepts (HTTP or [`tls`]), swaps the relay on reload, shuts down gracefully;
+//!   [`stack`] builds the tower stack;
 //! - [`relay`]: the handler: verify, decrypt, route, dedupe, reply, commit;
 //! - [`outbox`]: the durable store of deliveries, its workers (retries, dead letters) and the
 //!   WeChat-retry dedupe;
@@ -19,6 +21,7 @@
 //! - [`error`]: refusals and forward failures, and their HTTP statuses;
 //! - [`simulate`]: WeChat's side from the command line: a signed push or URL check sent to a
 //!   running relay, its answer opened (`wechat-relay simulate`);
+//! - [`admin`] and [`metrics`]: health, readiness and the Prometheus metrics;
 //! - [`cli`] and [`telemetry`]: the command line (with the `outbox` commands) and logging.
 
 pub mod admin;
