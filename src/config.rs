@@ -803,15 +803,12 @@ impl<'a> Checker<'a> {
                 ),
             );
         }
-        if !(512..=MAX_BODY_LIMIT).contains(&raw.max_body_bytes) {
-            self.problem(
-                "server.max_body_bytes",
-                format!(
-                    "must be 512 to {MAX_BODY_LIMIT}, got {}",
-                    raw.max_body_bytes
-                ),
-            );
-        }
+        self.range(
+            "server.max_body_bytes",
+            raw.max_body_bytes,
+            512,
+            MAX_BODY_LIMIT,
+        );
         // tokio's semaphores hold at most usize::MAX >> 3 permits.
         self.range(
             "server.max_connections",

@@ -59,12 +59,17 @@ fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
+/// Runs a command's future on a one-thread runtime.
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, ExitCode> {
+    runtime(false).map(|runtime| runtime.block_on(future))
+}
+
 fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
-    let runtime = match runtime(false) {
-        Ok(runtime) => runtime,
+    let result = match block_on(wechat_relay::outbox::command::run(config, command)) {
+        Ok(result) => result,
         Err(code) => return code,
     };
-    match runtime.block_on(wechat_relay::outbox::command::run(config, command)) {
+    match result {
         Ok(out) => {
             stdout(&out);
             ExitCode::SUCCESS
@@ -77,11 +82,11 @@ fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
 }
 
 fn simulate(config: &Config, args: &SimulateArgs) -> ExitCode {
-    let runtime = match runtime(false) {
-        Ok(runtime) => runtime,
+    let result = match block_on(wechat_relay::simulate::run(config, args)) {
+        Ok(result) => result,
         Err(code) => return code,
     };
-    match runtime.block_on(wechat_relay::simulate::run(config, args)) {
+    match result {
         Ok(report) => {
             stdout(&report.output);
             match report.failure {
