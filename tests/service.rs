@@ -34,6 +34,18 @@ fn write_config(dir: &Path, targets: &[(&str, String)], to: &[&str], extra: &str
     path
 }
 
+/// The binary on a config in `dir` with one raw target `t` (a fake target, also returned),
+/// `extra` sections and `env`. `dir` may already hold files the config names.
+async fn one_target(
+    dir: &tempfile::TempDir,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (FakeTarget, Binary) {
+    let t = FakeTarget::start().await;
+    let path = write_config(dir.path(), &[("t", t.url("/t"))], &["t"], extra);
+    (t, Binary::start_with_env(&path, env))
+}
+
 fn event_id(xml: &str) -> String {
     Message::parse(Bytes::from(xml.to_owned()))
         .expect("xml")
@@ -213,15 +225,8 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 #[tokio::test]
 async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
-    let mut t = FakeTarget::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write_config(
-        dir.path(),
-        &[("t", t.url("/t"))],
-        &["t"],
-        "[admin]\nlisten = \"127.0.0.1:0\"\n",
-    );
-    let relay = Binary::start(&path);
+    let (mut t, relay) = one_target(&dir, "[admin]\nlisten = \"127.0.0.1:0\"\n", &[]).await;
     let admin = admin_addr(&relay);
     let health = get(&format!("http://{admin}/healthz")).await;
     assert_eq!(
@@ -350,16 +355,16 @@ async fn systemd_hears_ready_reloading_stopping_and_the_watchdog() {
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let t = FakeTarget::start().await;
-    let path = write_config(dir.path(), &[("t", t.url("/t"))], &["t"], "");
     let notify = socket_path.to_string_lossy().into_owned();
-    let mut relay = Binary::start_with_env(
-        &path,
+    let (_t, mut relay) = one_target(
+        &dir,
+        "",
         &[
             ("NOTIFY_SOCKET", notify.as_str()),
             ("WATCHDOG_USEC", "200000"),
         ],
-    );
+    )
+    .await;
     let mut buffer = [0u8; 512];
     let mut next = || {
         let n = socket.recv(&mut buffer).expect("a notification");
@@ -481,16 +486,14 @@ async fn reloads_that_replace_a_busy_target_never_attempt_one_delivery_twice_at_
 #[tokio::test]
 async fn json_logs_carry_the_push_line_and_content_only_when_asked() {
     for content in [false, true] {
-        let mut t = FakeTarget::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write_config(
-            dir.path(),
-            &[("t", t.url("/t"))],
-            &["t"],
-            &format!("[log]\nformat = \"json\"\nlevel = \"info\"\ncontent = {content}\n"),
-        );
         // The level comes from [log], not RUST_LOG.
-        let relay = Binary::start_with_env(&path, &[("RUST_LOG", "")]);
+        let (mut t, relay) = one_target(
+            &dir,
+            &format!("[log]\nformat = \"json\"\nlevel = \"info\"\ncontent = {content}\n"),
+            &[("RUST_LOG", "")],
+        )
+        .await;
         let (query, body) = PushBuilder::new(text_xml("a private hello", 1)).safe();
         assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
         t.next().await;
@@ -510,16 +513,14 @@ async fn json_logs_carry_the_push_line_and_content_only_when_asked() {
     }
 
     // [log] level = "warn" (for the handler): no info line per push, the refusal's warning still.
-    let mut t = FakeTarget::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write_config(
-        dir.path(),
-        &[("t", t.url("/t"))],
-        &["t"],
+    let (mut t, mut relay) = one_target(
+        &dir,
         // The startup line (service) stays visible so the test can find the port.
         "[log]\nformat = \"json\"\nlevel = \"warn,wechat_relay::service=info\"\n",
-    );
-    let mut relay = Binary::start_with_env(&path, &[("RUST_LOG", "")]);
+        &[("RUST_LOG", "")],
+    )
+    .await;
     let (query, body) = PushBuilder::new(text_xml("quiet", 1)).safe();
     let url = relay.url(&format!("/wechat?{query}"));
     assert_success(&post(&url, body.clone()).await);
@@ -536,16 +537,14 @@ async fn json_logs_carry_the_push_line_and_content_only_when_asked() {
     );
 }
 
-/// A self-signed certificate for 127.0.0.1, written to `dir`: (cert.pem path, key.pem path,
-/// the certificate's DER).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+/// A self-signed certificate for 127.0.0.1, written to `dir/cert.pem` with its key in
+/// `dir/key.pem`; returns the certificate's DER (what a client trusts).
+fn self_signed(dir: &Path) -> Vec<u8> {
     let certified =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, certified.cert.pem()).expect("cert");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
-    (cert, key, certified.cert.der().to_vec())
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).expect("cert");
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).expect("key");
+    certified.cert.der().to_vec()
 }
 
 /// POSTs over HTTPS, trusting only `root`.
@@ -588,16 +587,14 @@ async fn post_https(url: &str, body: String, root: &[u8]) -> Result<Answer, Stri
 
 #[tokio::test]
 async fn https_with_a_self_signed_certificate_swapped_on_reload() {
-    let mut t = FakeTarget::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_, _, first) = self_signed(dir.path());
-    let path = write_config(
-        dir.path(),
-        &[("t", t.url("/t"))],
-        &["t"],
+    let first = self_signed(dir.path());
+    let (mut t, relay) = one_target(
+        &dir,
         "[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
-    );
-    let relay = Binary::start(&path);
+        &[],
+    )
+    .await;
     let https = relay.url("/wechat").replace("http://", "https://");
     let (query, body) = PushBuilder::new(text_xml("over tls", 1)).safe();
     let answer = post_https(&format!("{https}?{query}"), body, &first)
@@ -622,7 +619,7 @@ async fn https_with_a_self_signed_certificate_swapped_on_reload() {
     );
 
     // A new certificate in the same files, then SIGHUP: new connections get it.
-    let (_, _, second) = self_signed(dir.path());
+    let second = self_signed(dir.path());
     relay.signal("HUP");
     relay.wait_for("config reloaded");
     let (query, body) = PushBuilder::new(text_xml("new cert", 3)).safe();
