@@ -12,12 +12,13 @@
 //! most `max_connections` are open. Per-client limits belong in the proxy in front.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -146,43 +147,19 @@ impl Server {
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(WRITE_STALL_TIMEOUT));
             let stream = Box::pin(stream);
-            match &acceptor {
-                None => {
-                    let connection =
-                        graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        let _slot = connection_slot;
-                        // A client that goes away mid-request is routine, not an error.
-                        if let Err(e) = connection.await {
-                            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-                        }
-                    });
+            let (builder, watcher, acceptor) =
+                (builder.clone(), graceful.watcher(), acceptor.clone());
+            tokio::spawn(async move {
+                let _slot = connection_slot;
+                let Some(acceptor) = acceptor else {
+                    return serve_connection(&builder, watcher, stream, service, peer).await;
+                };
+                match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => serve_connection(&builder, watcher, tls, service, peer).await,
+                    Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
                 }
-                Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
-                    let builder = builder.clone();
-                    let watcher = graceful.watcher();
-                    tokio::spawn(async move {
-                        let _slot = connection_slot;
-                        let tls = match tokio::time::timeout(HEADER_READ_TIMEOUT, handshake).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(peer = %peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                        let connection =
-                            watcher.watch(builder.serve_connection(TokioIo::new(tls), service));
-                        if let Err(e) = connection.await {
-                            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-            }
+            });
         }
         drop(listener);
         let grace = handle.current.get().config().server.shutdown_grace;
@@ -300,6 +277,23 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", new.log.format).to_lowercase(),
     );
     changes
+}
+
+/// Serves one connection (plain or TLS) until it ends or the graceful shutdown closes it.
+async fn serve_connection<I>(
+    builder: &http1::Builder,
+    watcher: Watcher,
+    io: I,
+    service: TowerToHyperService<stack::RelayService>,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+    // A client that goes away mid-request is routine, not an error.
+    if let Err(e) = connection.await {
+        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+    }
 }
 
 /// Serves `config` on `listener` until `shutdown` (what tests and the benchmark call).
