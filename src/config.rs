@@ -61,6 +61,9 @@ pub struct Config {
     pub accounts: Vec<Account>,
     pub targets: Vec<Target>,
     pub routes: Vec<Route>,
+    /// What is allowed but probably wrong (a file others can read, a replay window left
+    /// open): `check` prints each line, `serve` logs it as a warning.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -614,6 +617,7 @@ struct Reported;
 struct Checker<'a> {
     base: &'a Path,
     problems: Vec<String>,
+    warnings: Vec<String>,
     /// `$CREDENTIALS_DIRECTORY`, set by systemd for `LoadCredential=`.
     credentials: Option<PathBuf>,
 }
@@ -623,6 +627,7 @@ impl<'a> Checker<'a> {
         Self {
             base,
             problems,
+            warnings: Vec::new(),
             credentials,
         }
     }
@@ -644,6 +649,11 @@ impl<'a> Checker<'a> {
 
     fn problem(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
         self.problems.push(format!("{at}: {why}"));
+    }
+
+    /// Something allowed that is probably a mistake: said by `check` and at start.
+    fn warn(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
+        self.warnings.push(format!("{at}: {why}"));
     }
 
     fn check(mut self, mut root: Dict) -> Result<Config, ConfigError> {
@@ -725,6 +735,7 @@ impl<'a> Checker<'a> {
                 accounts: accounts.into_iter().flatten().collect(),
                 targets: targets.into_iter().flatten().collect(),
                 routes: routes.into_iter().flatten().collect(),
+                warnings: self.warnings,
             }),
             _ => Err(ConfigError(vec!["invalid config".into()])),
         }
@@ -816,6 +827,12 @@ impl<'a> Checker<'a> {
             1,
             MAX_PERMITS,
         );
+        if raw.timestamp_skew_s == 0 {
+            self.warn(
+                "server.timestamp_skew_s",
+                "0 turns the freshness check off: a captured push can be replayed at any time once its dedupe record has expired",
+            );
+        }
         let tls = raw.tls.and_then(|tls| {
             let paths = self
                 .secret_path(&tls.cert)

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             stdout(&format!("{}: OK\n{config}", cli.config.display()));
             ExitCode::SUCCESS
         }

@@ -42,6 +42,9 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     // Handlers first: a SIGHUP or SIGTERM that arrives while starting must not kill the
     // process (their default action).
     let signals = Signals::install();
+    for warning in &config.warnings {
+        warn!(warning = %warning, "config warning");
+    }
     // The store first: the first push the relay accepts is already durable.
     let outbox = Outbox::start(&config).await?;
     if config.store.path.is_none() {
@@ -209,6 +212,9 @@ pub fn reload(handle: &Handle, path: &Path, log: Option<&LogHandle>) -> bool {
             Err(())
         }
         Ok(config) => {
+            for warning in &config.warnings {
+                warn!(warning = %warning, "config warning");
+            }
             let level = config.log.level.clone();
             match handle.reload(config) {
                 Ok(()) => {

@@ -418,6 +418,29 @@ fn a_reply_deadline_of_5000_ms_is_refused() {
 }
 
 #[test]
+fn a_timestamp_skew_of_0_is_accepted_with_a_warning() {
+    let (path, run) = check_text(&edit(
+        &shipped(),
+        "timestamp_skew_s = 300",
+        "timestamp_skew_s = 0",
+    ));
+    assert_ok(&run, &path);
+    assert!(
+        run.stderr.lines().any(|line| line
+            .starts_with("warning: server.timestamp_skew_s: 0 turns the freshness check off")),
+        "stderr:\n{}",
+        run.stderr
+    );
+    // The shipped value is not warned about.
+    let run = check(&shipped_path());
+    assert!(
+        !run.stderr.contains("timestamp_skew_s"),
+        "stderr:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn a_json_target_without_secret_is_refused() {
     let secret = value_of(&shipped(), "secret");
     assert_edit_refused(
