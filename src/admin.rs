@@ -18,7 +18,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::server::Handle;
+use crate::server::connections::ConnectionSet;
+use crate::server::descriptors::ADMIN_MAX_CONNECTIONS;
+use crate::server::{self, Handle};
 
 /// How long `/readyz` waits for the store's answer.
 const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -135,33 +137,51 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
+/// Serves the admin endpoints on `listener` until `shutdown`: at most
+/// [`ADMIN_MAX_CONNECTIONS`] at once (the idlest makes room for a newcomer), with the WeChat
+/// listener's header, keep-alive and write-stall timers.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let connections = ConnectionSet::new("admin", ADMIN_MAX_CONNECTIONS);
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+    builder.timer(TokioTimer::new()).header_read_timeout(None);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    let pause = server::accept_failed(&e, &connections);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => continue,
+                        () = &mut shutdown => return,
+                    }
                 }
             },
             () = &mut shutdown => return,
         };
-        let admin = Arc::clone(&admin);
+        let limits = server::connection_limits(&admin.server.relay().config().server);
+        let admitted = tokio::select! {
+            admitted = connections.admit(limits) => match admitted {
+                Some(admitted) => admitted,
+                None => return,
+            },
+            () = &mut shutdown => return,
+        };
+        let (admin, connection) = (Arc::clone(&admin), admitted.connection());
         let service = hyper::service::service_fn(move |request| {
-            let admin = Arc::clone(&admin);
-            async move { Ok::<_, Infallible>(admin.answer(&request).await) }
+            let (admin, connection) = (Arc::clone(&admin), Arc::clone(&connection));
+            async move {
+                connection.begin();
+                let mut response = admin.answer(&request).await;
+                connection.finish(&mut response);
+                Ok::<_, Infallible>(response)
+            }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(server::WRITE_STALL_TIMEOUT));
+        let connection = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            if let Some(Err(e)) = admitted.run(connection).await {
                 debug!(peer = %peer, error = %e, "admin connection ended with an error");
             }
         });

@@ -5,7 +5,7 @@
 //! so that an operator fixes the file in one pass; nothing is bound before it passes.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Value};
 use http::Uri;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::wechat::crypto::AesKey;
@@ -74,8 +75,20 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// `None` turns the freshness check off.
     pub timestamp_skew: Option<Duration>,
-    /// Client connections open at once; more wait in the kernel's backlog.
+    /// Client connections open at once. At the limit a new connection still gets in: the one
+    /// idle longest (or that has not sent its first request) is closed for it.
     pub max_connections: usize,
+    /// Who may connect (by the client's address: the peer, or behind a trusted proxy the
+    /// client `X-Forwarded-For` names); empty: everyone.
+    pub allow_ips: Vec<IpNet>,
+    /// Peers whose `X-Forwarded-For` is believed (the proxies in front of the relay).
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long a keep-alive connection may sit idle between two requests.
+    pub keepalive_timeout: Duration,
+    /// Requests served on one connection before it is closed (after the answer).
+    pub max_requests_per_connection: u64,
+    /// How long one connection may stay open; closed after the answer in progress.
+    pub max_connection_age: Duration,
     /// On SIGTERM, how long requests and forwards in flight may take to finish.
     pub shutdown_grace: Duration,
     /// HTTPS on `listen` instead of HTTP.
@@ -265,6 +278,16 @@ struct RawServer {
     timestamp_skew_s: u64,
     #[serde(default = "default_max_connections")]
     max_connections: u64,
+    #[serde(default)]
+    allow_ips: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default = "default_keepalive_timeout_ms")]
+    keepalive_timeout_ms: u64,
+    #[serde(default = "default_max_requests_per_connection")]
+    max_requests_per_connection: u64,
+    #[serde(default = "default_max_connection_age_s")]
+    max_connection_age_s: u64,
     #[serde(default = "default_shutdown_grace_ms")]
     shutdown_grace_ms: u64,
     tls: Option<RawTls>,
@@ -315,6 +338,15 @@ fn default_timestamp_skew_s() -> u64 {
 }
 fn default_max_connections() -> u64 {
     1024
+}
+fn default_keepalive_timeout_ms() -> u64 {
+    15_000
+}
+fn default_max_requests_per_connection() -> u64 {
+    1000
+}
+fn default_max_connection_age_s() -> u64 {
+    3600
 }
 fn default_shutdown_grace_ms() -> u64 {
     10_000
@@ -543,6 +575,11 @@ const TYPED_KEYS: &[&str] = &[
     "max_body_bytes",
     "timestamp_skew_s",
     "max_connections",
+    "allow_ips",
+    "trusted_proxies",
+    "keepalive_timeout_ms",
+    "max_requests_per_connection",
+    "max_connection_age_s",
     "shutdown_grace_ms",
     "dedupe_ttl_s",
     "timeout_ms",
@@ -827,6 +864,26 @@ impl<'a> Checker<'a> {
             1,
             MAX_PERMITS,
         );
+        self.range(
+            "server.keepalive_timeout_ms",
+            raw.keepalive_timeout_ms,
+            100,
+            MAX_TIMEOUT_MS,
+        );
+        self.range(
+            "server.max_requests_per_connection",
+            raw.max_requests_per_connection,
+            1,
+            MAX_PERMITS,
+        );
+        self.range(
+            "server.max_connection_age_s",
+            raw.max_connection_age_s,
+            1,
+            MAX_AGE_S,
+        );
+        let allow_ips = self.networks("server.allow_ips", &raw.allow_ips);
+        let trusted_proxies = self.networks("server.trusted_proxies", &raw.trusted_proxies);
         if raw.timestamp_skew_s == 0 {
             self.warn(
                 "server.timestamp_skew_s",
@@ -864,8 +921,32 @@ impl<'a> Checker<'a> {
             timestamp_skew: (raw.timestamp_skew_s > 0)
                 .then(|| Duration::from_secs(raw.timestamp_skew_s)),
             max_connections: usize::try_from(raw.max_connections).unwrap_or(1),
+            allow_ips,
+            trusted_proxies,
+            keepalive_timeout: Duration::from_millis(raw.keepalive_timeout_ms),
+            max_requests_per_connection: raw.max_requests_per_connection,
+            max_connection_age: Duration::from_secs(raw.max_connection_age_s),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
         })
+    }
+
+    /// A list of networks (`203.0.113.0/24`, `2001:db8::/32`) or single addresses.
+    fn networks(&mut self, at: &str, raw: &[String]) -> Vec<IpNet> {
+        let mut networks = Vec::with_capacity(raw.len());
+        for (i, text) in raw.iter().enumerate() {
+            let text = text.trim();
+            match text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+            {
+                Ok(net) => networks.push(net.trunc()),
+                Err(_) => self.problem(
+                    format!("{at}[{i}]"),
+                    format!("{text:?} is not an address or a network like 203.0.113.0/24"),
+                ),
+            }
+        }
+        networks
     }
 
     /// Reports `value` outside `min..=max`.
@@ -1300,6 +1381,25 @@ impl fmt::Display for Config {
             s.timestamp_skew
                 .map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
             s.max_connections
+        )?;
+        let networks = |list: &[IpNet], empty: &str| {
+            if list.is_empty() {
+                empty.to_owned()
+            } else {
+                list.iter()
+                    .map(IpNet::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        writeln!(
+            f,
+            "connections: allow {}, trusted proxies {}, keep-alive {} ms, {} requests and {} s each",
+            networks(&s.allow_ips, "everyone"),
+            networks(&s.trusted_proxies, "none"),
+            s.keepalive_timeout.as_millis(),
+            s.max_requests_per_connection,
+            s.max_connection_age.as_secs()
         )?;
         if let Some(tls) = &s.tls {
             writeln!(

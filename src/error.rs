@@ -9,6 +9,8 @@ use crate::wechat::message::XmlError;
 /// A request the relay refuses: nothing is forwarded, and the log says why in one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
+    #[error("the client's address is not in server.allow_ips")]
+    NotAllowed,
     #[error("no account is configured at this path")]
     UnknownPath,
     #[error("method not allowed: WeChat sends GET (URL check) and POST (pushes)")]
@@ -47,7 +49,8 @@ impl Rejection {
         match self {
             Rejection::UnknownPath => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::Unsigned(_)
+            Rejection::NotAllowed
+            | Rejection::Unsigned(_)
             | Rejection::BadSignature
             | Rejection::BadMsgSignature
             | Rejection::StaleTimestamp(_)
@@ -66,6 +69,7 @@ impl Rejection {
     /// A short, stable name for logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            Rejection::NotAllowed => "allow_ips",
             Rejection::UnknownPath => "unknown_path",
             Rejection::MethodNotAllowed => "method",
             Rejection::MissingParam(_) => "missing_param",

@@ -8,8 +8,10 @@
 //!
 //! - [`config`]: relay.toml, loaded and validated into a checked [`config::Config`];
 //! - [`service`]: `serve` as a service: startup order, signals, reload, systemd notify;
-//! - [`server`]: accepts (HTTP or [`tls`]), swaps the relay on reload, shuts down gracefully;
-//!   [`stack`] builds the tower stack;
+//! - [`server`]: accepts (HTTP or [`tls`]), keeps connection slots free for WeChat, swaps the
+//!   relay on reload, shuts down gracefully; [`stack`] builds the tower stack;
+//! - [`peer`]: who is asking (the peer, or the client behind a trusted proxy) and the
+//!   allow-list;
 //! - [`relay`]: the handler: verify, decrypt, route, dedupe, reply, commit;
 //! - [`outbox`]: the durable store of deliveries, its workers (retries, dead letters) and the
 //!   WeChat-retry dedupe;
@@ -31,6 +33,7 @@ pub mod error;
 pub mod forward;
 pub mod metrics;
 pub mod outbox;
+pub mod peer;
 pub mod push;
 pub mod relay;
 pub mod route;

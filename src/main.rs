@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use wechat_relay::cli::{Cli, Command, OutboxCommand, SimulateArgs};
 use wechat_relay::config::Config;
+use wechat_relay::server::descriptors;
 use wechat_relay::{service, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
@@ -29,6 +30,13 @@ fn main() -> ExitCode {
         Command::Check => {
             for warning in &config.warnings {
                 eprintln!("warning: {warning}");
+            }
+            // `serve` raises the soft limit to the hard one: check against that.
+            if let Ok((_, hard)) = descriptors::limits() {
+                let budget = descriptors::Budget::new(&config, hard);
+                if let Some(warning) = budget.warning(&config) {
+                    eprintln!("warning: {warning}");
+                }
             }
             stdout(&format!("{}: OK\n{config}", cli.config.display()));
             ExitCode::SUCCESS

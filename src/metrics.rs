@@ -23,6 +23,9 @@ pub const OUTBOX_PENDING: &str = "wechat_relay_outbox_pending";
 pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
 pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
+pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
+pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
+pub const CONNECTIONS_REFUSED: &str = "wechat_relay_connections_refused_total";
 
 /// Seconds: from a millisecond to past WeChat's 5 s and a slow target's timeout.
 const BUCKETS: [f64; 14] = [
@@ -94,6 +97,15 @@ fn describe() {
     metrics::describe_gauge!(DEAD_LETTERS, "Dead letters in the outbox");
     metrics::describe_counter!(DEDUPE_HITS, "WeChat retries answered from the first push");
     metrics::describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
+    metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by listener");
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections the relay closed to keep slots free, by listener and reason"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at accept, before any HTTP, by reason"
+    );
 }
 
 /// A known name as WeChat spells it, or `other`.
@@ -156,6 +168,22 @@ pub fn reload(success: bool) {
 pub fn outbox(target: &str, pending: u64, dead: u64) {
     gauge!(OUTBOX_PENDING, "target" => target.to_owned()).set(pending as f64);
     gauge!(DEAD_LETTERS, "target" => target.to_owned()).set(dead as f64);
+}
+
+/// Connections open on `listener` (`wechat` or `admin`).
+pub fn connections_open(listener: &'static str, open: usize) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).set(open as f64);
+}
+
+/// A connection the relay closed: `evicted`, `out_of_descriptors`, `header_timeout`,
+/// `keepalive_timeout`, `max_age`.
+pub fn connection_closed(listener: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// A connection closed at accept: `allow_ips` (its address is not allowed).
+pub fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
 #[cfg(test)]

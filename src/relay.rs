@@ -26,6 +26,7 @@ use crate::metrics;
 use crate::outbox::store::{CachedAnswer, Commit, Committed, NewDelivery, Settle, StoreError};
 use crate::outbox::worker::{Verdict, classify, decide};
 use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
+use crate::peer;
 use crate::push::Push;
 use crate::route::{CompiledRoute, RouteTable};
 use crate::wechat::crypto::{self, CryptoError};
@@ -145,6 +146,15 @@ impl Relay {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
+        // Behind a trusted proxy the allow-list applies to the client it names (a peer that is
+        // not allowed and not a trusted proxy was closed at accept).
+        let server = &self.config.server;
+        if !server.allow_ips.is_empty() {
+            let client = peer::client(request.headers(), peer.ip(), &server.trusted_proxies);
+            if !client.is_some_and(|ip| peer::contains(&server.allow_ips, ip)) {
+                return reject(None, peer, Rejection::NotAllowed);
+            }
+        }
         let Some(index) = self
             .config
             .accounts
@@ -214,7 +224,11 @@ impl Relay {
             query: raw_query,
             body,
             content_type: parts.headers.get(CONTENT_TYPE).cloned(),
-            forwarded_for: forwarded_for(&parts.headers, peer),
+            forwarded_for: peer::forwarded_for(
+                &parts.headers,
+                peer.ip(),
+                &self.config.server.trusted_proxies,
+            ),
             message,
             key_index,
             received_at: SystemTime::now(),
@@ -662,20 +676,6 @@ fn decrypt_with_any(account: &Account, encrypt: &str) -> Result<(Vec<u8>, usize)
         }
     }
     Err(first_error.map_or(Rejection::NoKey, Rejection::Crypto))
-}
-
-/// The incoming `X-Forwarded-For` with the peer's address appended.
-fn forwarded_for(headers: &HeaderMap, peer: SocketAddr) -> String {
-    let peer = peer.ip().to_string();
-    match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-    {
-        Some(existing) => format!("{existing}, {peer}"),
-        None => peer,
-    }
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Bytes) -> CachedAnswer {

@@ -7,9 +7,15 @@
 //!
 //! HTTP/1.1 only (over TLS with `[server.tls]`): WeChat and the proxies in front of the relay
 //! speak it, and hyper-util's auto-detecting builder waits for a client's first bytes without a
-//! timeout. Every connection has `HEADER_READ_TIMEOUT` to send its headers (and to finish the
-//! TLS handshake), a write that makes no progress for `WRITE_STALL_TIMEOUT` closes it, and at
-//! most `max_connections` are open. Per-client limits belong in the proxy in front.
+//! timeout. A peer outside `[server] allow_ips` is closed at accept. At most `max_connections`
+//! are open, and at the limit a newcomer gets the slot of the connection idle longest
+//! ([`connections`]); every connection has `HEADER_READ_TIMEOUT` for its first request's
+//! headers (TLS handshake included), `keepalive_timeout_ms` between requests, and a write that
+//! makes no progress for `WRITE_STALL_TIMEOUT` closes it. Running out of file descriptors
+//! closes the idlest connection instead of stalling the accept loop ([`descriptors`]).
+
+pub mod connections;
+pub mod descriptors;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,21 +27,24 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{self, Config};
+use crate::metrics;
 use crate::outbox::Outbox;
 use crate::relay::Relay;
 use crate::stack;
 use crate::tls::CertResolver;
 
-/// How long a client may take to send its request headers (and to finish a TLS handshake).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+use connections::{Closed, ConnectionSet, Limits};
+
+/// How long a new connection may take to send its first request's headers (TLS handshake
+/// included).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write to a client may make no progress: a client that stops reading (a zero TCP
 /// window) would otherwise hold its connection, and a `max_connections` slot, for ever.
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The relay for new requests; swapped by a reload.
 pub struct Current(RwLock<Arc<Relay>>);
@@ -59,6 +68,8 @@ impl Current {
 /// A server ready to run, and the handle that reloads it.
 pub struct Server {
     handle: Handle,
+    /// `max_connections`, or fewer when the file descriptors do not allow as many.
+    max_connections: usize,
 }
 
 /// What a reload needs: the current relay, the outbox and the certificate.
@@ -81,8 +92,10 @@ impl Server {
             .tls
             .as_ref()
             .map(|tls| Arc::new(CertResolver::new(Arc::clone(&tls.certified))));
+        let max_connections = config.server.max_connections;
         let relay = Relay::new(config, Arc::clone(&outbox), pushes.clone());
         Server {
+            max_connections,
             handle: Handle {
                 current: Arc::new(Current(RwLock::new(Arc::new(relay)))),
                 outbox,
@@ -96,12 +109,15 @@ impl Server {
         self.handle.clone()
     }
 
+    /// Serves at most `max` connections at once (fewer than `max_connections`: what the file
+    /// descriptors allow).
+    pub fn limit_connections(&mut self, max: usize) {
+        self.max_connections = self.max_connections.min(max.max(1));
+    }
+
     /// Serves on an already-bound `listener` until `shutdown` completes, then drains.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let handle = self.handle;
-        let first = handle.current.get();
-        let max_connections = first.config().server.max_connections;
-        drop(first);
         let acceptor = match &handle.certificate {
             Some(resolver) => match crate::tls::acceptor(Arc::clone(resolver)) {
                 Ok(acceptor) => Some(acceptor),
@@ -112,52 +128,70 @@ impl Server {
             },
             None => None,
         };
-        let connections = Arc::new(Semaphore::new(max_connections));
+        let connections = ConnectionSet::new("wechat", self.max_connections);
+        // The header and keep-alive timers are the connection set's (hyper's own would restart
+        // its header timer after each answer, whatever keepalive_timeout_ms says).
         let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.timer(TokioTimer::new()).header_read_timeout(None);
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
-            // At the connection limit, stop accepting until one closes.
-            let connection_slot = tokio::select! {
-                slot = Arc::clone(&connections).acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-                () = &mut shutdown => break,
-            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
+                        let pause = accept_failed(&e, &connections);
                         tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                            () = tokio::time::sleep(pause) => continue,
                             () = &mut shutdown => break,
                         }
                     }
                 },
                 () = &mut shutdown => break,
             };
+            let relay = handle.current.get();
+            let server = &relay.config().server;
+            if !admitted_at_accept(server, peer) {
+                metrics::connection_refused("allow_ips");
+                continue;
+            }
+            let limits = connection_limits(server);
+            drop(relay);
+            // At the limit: the idlest connection makes room (waits only while all are busy).
+            let admitted = tokio::select! {
+                admitted = connections.admit(limits) => match admitted {
+                    Some(admitted) => admitted,
+                    None => break,
+                },
+                () = &mut shutdown => break,
+            };
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(stack::build(Arc::clone(&handle.current), peer));
+            let service = TowerToHyperService::new(stack::build(
+                Arc::clone(&handle.current),
+                peer,
+                admitted.connection(),
+            ));
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(WRITE_STALL_TIMEOUT));
             let stream = Box::pin(stream);
             let (builder, watcher, acceptor) =
                 (builder.clone(), graceful.watcher(), acceptor.clone());
             tokio::spawn(async move {
-                let _slot = connection_slot;
                 let Some(acceptor) = acceptor else {
-                    return serve_connection(&builder, watcher, stream, service, peer).await;
+                    let serving = serve_connection(&builder, watcher, stream, service, peer);
+                    admitted.run(serving).await;
+                    return;
                 };
-                match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_connection(&builder, watcher, tls, service, peer).await,
-                    Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                // The handshake counts against the first request's header time.
+                match admitted.run(acceptor.accept(stream)).await {
+                    Some(Ok(tls)) => {
+                        let serving = serve_connection(&builder, watcher, tls, service, peer);
+                        admitted.run(serving).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    }
+                    None => tracing::debug!(peer = %peer, "TLS handshake cut"),
                 }
             });
         }
@@ -279,6 +313,39 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     changes
 }
 
+/// Whether a connection from `peer` is served at all: everyone without `allow_ips`; else an
+/// allowed peer, or a trusted proxy (whose clients are checked per request).
+fn admitted_at_accept(server: &config::Server, peer: SocketAddr) -> bool {
+    let ip = peer.ip();
+    server.allow_ips.is_empty()
+        || crate::peer::contains(&server.allow_ips, ip)
+        || crate::peer::contains(&server.trusted_proxies, ip)
+}
+
+pub fn connection_limits(server: &config::Server) -> Limits {
+    Limits {
+        header_timeout: HEADER_READ_TIMEOUT,
+        keepalive_timeout: server.keepalive_timeout,
+        max_requests: server.max_requests_per_connection,
+        max_age: server.max_connection_age,
+    }
+}
+
+/// After a failed accept: out of file descriptors, close the idlest connection and try again
+/// at once; other errors (a connection reset before it was accepted) back off a little.
+pub fn accept_failed(error: &std::io::Error, connections: &ConnectionSet) -> Duration {
+    if descriptors::is_exhaustion(error) {
+        if connections.close_idlest(Closed::OutOfDescriptors) {
+            return Duration::from_millis(1);
+        }
+        warn!(error = %error, open = connections.len(),
+            "out of file descriptors and no idle connection to close");
+        return Duration::from_millis(50);
+    }
+    tracing::debug!(error = %error, "accept failed");
+    Duration::from_millis(10)
+}
+
 /// Serves one connection (plain or TLS) until it ends or the graceful shutdown closes it.
 async fn serve_connection<I>(
     builder: &http1::Builder,
@@ -304,4 +371,39 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     Server::new(config, outbox).run(listener, shutdown).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn out_of_descriptors_closes_the_idlest_connection_and_retries_at_once() {
+        let limits = Limits {
+            header_timeout: HEADER_READ_TIMEOUT,
+            keepalive_timeout: Duration::from_secs(15),
+            max_requests: 10,
+            max_age: Duration::from_secs(60),
+        };
+        let connections = ConnectionSet::new("test", 4);
+        let idle = connections.admit(limits).await.expect("slot");
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(
+            accept_failed(&emfile, &connections),
+            Duration::from_millis(1)
+        );
+        // Told to close: its task ends at once.
+        assert!(idle.run(std::future::pending::<()>()).await.is_none());
+        drop(idle);
+        // Nothing left to close: back off instead of spinning.
+        assert_eq!(
+            accept_failed(&emfile, &connections),
+            Duration::from_millis(50)
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionAborted);
+        assert_eq!(
+            accept_failed(&reset, &connections),
+            Duration::from_millis(10)
+        );
+    }
 }

@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::outbox::Outbox;
-use crate::server::{Handle, Server};
+use crate::server::{Handle, Server, descriptors};
 use crate::telemetry::LogHandle;
 
 /// How often histogram samples are folded into the metrics when nobody scrapes.
@@ -65,7 +65,10 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     info!(listen = %bound, tls = config.server.tls.is_some(), accounts = config.accounts.len(),
         targets = config.targets.len(), routes = config.routes.len(), "wechat-relay listening");
 
-    let server = Server::new(config, outbox);
+    let mut server = Server::new(config, outbox);
+    if let Some(max) = connection_budget(server.handle().relay().config()) {
+        server.limit_connections(max);
+    }
     let handle = server.handle();
     let stop_admin = CancellationToken::new();
     let mut admin_state = None;
@@ -108,6 +111,32 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
         .await;
     stop_admin.cancel();
     Ok(())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the connections the
+/// descriptors allow, when that is fewer than `max_connections` (said in one warn line).
+fn connection_budget(config: &Config) -> Option<usize> {
+    let limit = match descriptors::raise() {
+        Ok((before, after)) => {
+            if after > before {
+                info!(from = before, to = after, "file descriptor limit raised");
+            }
+            after
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the file descriptor limit");
+            return None;
+        }
+    };
+    let budget = descriptors::Budget::new(config, limit);
+    let warning = budget.warning(config)?;
+    warn!(
+        limit = budget.limit,
+        needed = budget.needed,
+        max_connections = budget.max_connections,
+        "{warning}"
+    );
+    Some(budget.max_connections)
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {

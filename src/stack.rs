@@ -12,6 +12,7 @@ use tower::{ServiceBuilder, service_fn};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::server::Current;
+use crate::server::connections::Connection;
 
 pub type Body = hyper::body::Incoming;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -20,8 +21,20 @@ pub type RelayService = BoxCloneService<Request<Body>, Response<ResponseBody>, I
 
 /// The service for one connection from `peer`. Each request is handled by the relay current
 /// when it arrives (a reload between two requests of a keep-alive connection applies).
-pub fn build(current: Arc<Current>, peer: SocketAddr) -> RelayService {
+pub fn build(current: Arc<Current>, peer: SocketAddr, connection: Arc<Connection>) -> RelayService {
+    let finished = Arc::clone(&connection);
     let service = ServiceBuilder::new()
+        // The connection's state for its slot and timers: in a request from here until the
+        // answer, idle after it; a refused request, or the connection's last, answers
+        // `Connection: close`.
+        .map_response(move |mut response: Response<ResponseBody>| {
+            finished.finish(&mut response);
+            response
+        })
+        .map_request(move |request: Request<Body>| {
+            connection.begin();
+            request
+        })
         // A bug must answer 500, not drop the connection (WeChat would retry the same push into
         // the same bug) nor take other connections down. The payload is not logged: it could
         // hold message content.

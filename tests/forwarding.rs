@@ -275,9 +275,17 @@ async fn a_wechat_retry_with_a_new_nonce_is_not_forwarded_again() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn forwarded_for_appends_the_peer() {
-    let (relay, mut target) = one_raw_target().await;
+/// What a target gets as `X-Forwarded-For` when the peer sent `203.0.113.9`, with
+/// `server_keys` added to `[server]`.
+async fn forwarded_for_with(server_keys: &str) -> Option<String> {
+    let mut target = FakeTarget::start().await;
+    let toml = config(
+        "safe",
+        &[("t", &target, "raw")],
+        "[[route]]\nto = [\"t\"]\n",
+    )
+    .replacen("[server]\n", &format!("[server]\n{server_keys}"), 1);
+    let relay = TestRelay::start(&toml).await;
     let (query, body) = PushBuilder::new(text_xml("x", 1)).safe();
     let answer = send(
         "POST",
@@ -290,11 +298,25 @@ async fn forwarded_for_appends_the_peer() {
     )
     .await;
     assert_eq!(answer.status, 200);
+    let got = target
+        .next()
+        .await
+        .header("x-forwarded-for")
+        .map(str::to_owned);
+    relay.stop().await;
+    got
+}
+
+#[tokio::test]
+async fn forwarded_for_appends_the_peer_only_behind_a_trusted_proxy() {
+    // An untrusted peer's X-Forwarded-For is not passed on as truth.
+    assert_eq!(forwarded_for_with("").await.as_deref(), Some("127.0.0.1"));
     assert_eq!(
-        target.next().await.header("x-forwarded-for"),
+        forwarded_for_with("trusted_proxies = [\"127.0.0.1\"]\n")
+            .await
+            .as_deref(),
         Some("203.0.113.9, 127.0.0.1")
     );
-    relay.stop().await;
 }
 
 #[tokio::test]

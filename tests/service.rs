@@ -198,31 +198,6 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
     );
 }
 
-/// The admin listener's address, from its startup line.
-fn admin_addr(relay: &Binary) -> String {
-    let line = relay.wait_for("admin listening");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("admin=")
-        .to_owned()
-}
-
-/// The value of the sample of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 #[tokio::test]
 async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -535,54 +510,6 @@ async fn json_logs_carry_the_push_line_and_content_only_when_asked() {
         !rest.iter().any(|l| l.contains("\"message\":\"push\"")),
         "{rest:?}"
     );
-}
-
-/// A self-signed certificate for 127.0.0.1, written to `dir/cert.pem` with its key in
-/// `dir/key.pem`; returns the certificate's DER (what a client trusts).
-fn self_signed(dir: &Path) -> Vec<u8> {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).expect("cert");
-    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).expect("key");
-    certified.cert.der().to_vec()
-}
-
-/// POSTs over HTTPS, trusting only `root`.
-async fn post_https(url: &str, body: String, root: &[u8]) -> Result<Answer, String> {
-    use http_body_util::{BodyExt, Full};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(root.to_vec()))
-        .expect("root");
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
-    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https);
-    let request = http::Request::post(url)
-        .header("content-type", "text/xml")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let (parts, body) = response.into_parts();
-    Ok(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
-    })
 }
 
 #[tokio::test]

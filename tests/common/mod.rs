@@ -136,9 +136,26 @@ impl Binary {
     /// [`Binary::start`] with more environment variables (`RUST_LOG` is `info` unless given).
     pub fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wechat-relay"));
+        command.args(["serve", "--config"]).arg(config);
+        Self::spawn(command, env)
+    }
+
+    /// [`Binary::start`] from a shell that first runs `ulimit {limit}` (`-n 256`, `-Sn 200`).
+    pub fn start_under_ulimit(config: &std::path::Path, limit: &str) -> Binary {
+        let mut command = Command::new("sh");
         command
-            .args(["serve", "--config"])
-            .arg(config)
+            .arg("-c")
+            .arg(format!(
+                "ulimit {limit} && exec \"$0\" serve --config \"$1\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_wechat-relay"))
+            .arg(config);
+        Self::spawn(command, &[])
+    }
+
+    /// Runs `command` (that execs `wechat-relay serve`) and waits for its "listening" line.
+    fn spawn(mut command: Command, env: &[(&str, &str)]) -> Binary {
+        command
             .env("RUST_LOG", "info")
             .env_remove("WECHAT_RELAY_CONFIG")
             .env_remove("NOTIFY_SOCKET")
@@ -628,4 +645,81 @@ pub fn open_reply(body: &str) -> String {
 pub fn vectors(name: &str) -> serde_json::Value {
     let path = format!("{}/tests/vectors/{name}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(path).expect("vector file")).expect("json")
+}
+
+// ---- the admin listener --------------------------------------------------------------------
+
+/// The admin listener's address, from its startup line.
+pub fn admin_addr(relay: &Binary) -> String {
+    let line = relay.wait_for("admin listening");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .expect("admin=")
+        .to_owned()
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+// ---- TLS ----------------------------------------------------------------------------------
+
+/// A self-signed certificate for 127.0.0.1, written to `dir/cert.pem` with its key in
+/// `dir/key.pem`; returns the certificate's DER (what a client trusts).
+pub fn self_signed(dir: &std::path::Path) -> Vec<u8> {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).expect("cert");
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).expect("key");
+    certified.cert.der().to_vec()
+}
+
+/// POSTs over HTTPS, trusting only `root`.
+pub async fn post_https(url: &str, body: String, root: &[u8]) -> Result<Answer, String> {
+    use http_body_util::{BodyExt, Full};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(root.to_vec()))
+        .expect("root");
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let request = http::Request::post(url)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = response.into_parts();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.map_err(|e| e.to_string())?.to_bytes(),
+    })
 }

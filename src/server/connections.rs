@@ -1,0 +1,401 @@
+//! The open client connections of one listener, and the rules that keep a slot free for WeChat.
+//!
+//! At most `max` connections are open. At the limit a newcomer is still accepted: the open
+//! connection that has been idle longest (a keep-alive connection between two requests, or one
+//! that has not sent its first request yet) is closed for it. Only connections in the middle of
+//! a request are never closed that way; when every connection is, the newcomer waits for one to
+//! finish. Each connection also has its own timers: the first request's headers (TLS handshake
+//! included) within `header_timeout` of the accept, each later request within
+//! `keepalive_timeout` of the last answer, and at most `max_requests` requests and `max_age`
+//! in all (then `Connection: close` on the answer). A refused request's answer also closes its
+//! connection, so a client that only probes holds no slot.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::CONNECTION;
+use http::{HeaderValue, Response, StatusCode};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::metrics;
+
+/// The limits every connection of a listener has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// From the accept to the end of the first request's headers (TLS handshake included).
+    pub header_timeout: Duration,
+    /// From an answer to the end of the next request's headers.
+    pub keepalive_timeout: Duration,
+    pub max_requests: u64,
+    pub max_age: Duration,
+}
+
+/// Why a connection was closed by the relay rather than by its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Made room for a new connection at the limit.
+    Evicted,
+    /// Made room because the process ran out of file descriptors.
+    OutOfDescriptors,
+    /// No complete first request within the header timeout.
+    HeaderTimeout,
+    /// Idle past the keep-alive timeout.
+    KeepaliveTimeout,
+    /// Idle past its maximum age.
+    MaxAge,
+}
+
+impl Closed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Closed::Evicted => "evicted",
+            Closed::OutOfDescriptors => "out_of_descriptors",
+            Closed::HeaderTimeout => "header_timeout",
+            Closed::KeepaliveTimeout => "keepalive_timeout",
+            Closed::MaxAge => "max_age",
+        }
+    }
+}
+
+/// At the limit with every connection in a request, how often to look for one gone idle.
+const BUSY_RECHECK: Duration = Duration::from_millis(50);
+
+const FRESH: u8 = 0;
+const BUSY: u8 = 1;
+const IDLE: u8 = 2;
+/// Told to close (evicted): never chosen again.
+const CLOSING: u8 = 3;
+
+/// The connections of one listener.
+pub struct ConnectionSet {
+    listener: &'static str,
+    slots: Arc<Semaphore>,
+    open: Mutex<HashMap<u64, Arc<Connection>>>,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+/// One open connection, as the set and its request handler see it.
+pub struct Connection {
+    id: u64,
+    accepted: Instant,
+    epoch: Instant,
+    state: AtomicU8,
+    /// Milliseconds from `epoch` to the last change of `state`.
+    since_ms: AtomicU64,
+    requests: AtomicU64,
+    limits: Limits,
+    /// Why the set wants it closed (an index into [`Closed`]), rung through `close`.
+    close_reason: AtomicU8,
+    close: Notify,
+}
+
+/// Holds a connection's place in the set (and its slot) for as long as it is open.
+pub struct Admitted {
+    set: Arc<ConnectionSet>,
+    connection: Arc<Connection>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl ConnectionSet {
+    /// A set of at most `max` connections, named `listener` in metrics (`wechat`, `admin`).
+    pub fn new(listener: &'static str, max: usize) -> Arc<ConnectionSet> {
+        Arc::new(ConnectionSet {
+            listener,
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            open: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// A slot for a connection just accepted: a free one, or at the limit the one the idlest
+    /// connection leaves (it is told to close). Waits only while every connection is in the
+    /// middle of a request.
+    pub async fn admit(self: &Arc<Self>, limits: Limits) -> Option<Admitted> {
+        let accepted = Instant::now();
+        let slot = loop {
+            if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
+                break slot;
+            }
+            // The victim frees its slot as soon as its task sees the word. When every
+            // connection is in a request, look again shortly: one that goes idle can go.
+            let wait = if self.close_idlest(Closed::Evicted) {
+                Duration::from_secs(1)
+            } else {
+                BUSY_RECHECK
+            };
+            if let Ok(slot) =
+                tokio::time::timeout(wait, Arc::clone(&self.slots).acquire_owned()).await
+            {
+                break slot.ok()?;
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let connection = Arc::new(Connection {
+            id,
+            accepted,
+            epoch: self.epoch,
+            state: AtomicU8::new(FRESH),
+            since_ms: AtomicU64::new(ms_between(self.epoch, accepted)),
+            requests: AtomicU64::new(0),
+            limits,
+            close_reason: AtomicU8::new(0),
+            close: Notify::new(),
+        });
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, Arc::clone(&connection));
+            metrics::connections_open(self.listener, open.len());
+        }
+        Some(Admitted {
+            set: Arc::clone(self),
+            connection,
+            _slot: slot,
+        })
+    }
+
+    /// Tells the connection idle longest (fresh or between requests) to close; false when
+    /// every open connection is in the middle of a request.
+    pub fn close_idlest(&self, reason: Closed) -> bool {
+        let Ok(open) = self.open.lock() else {
+            return false;
+        };
+        let victim = open
+            .values()
+            .filter(|c| matches!(c.state.load(Ordering::Acquire), FRESH | IDLE))
+            .min_by_key(|c| c.since_ms.load(Ordering::Acquire));
+        let Some(victim) = victim else {
+            return false;
+        };
+        // Lost a race with its own request starting: it is busy now; try again next time.
+        if victim
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                matches!(s, FRESH | IDLE).then_some(CLOSING)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        victim.close_reason.store(reason as u8, Ordering::Release);
+        victim.close.notify_one();
+        metrics::connection_closed(self.listener, reason.as_str());
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.lock().map_or(0, |open| open.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Admitted {
+    pub fn connection(&self) -> Arc<Connection> {
+        Arc::clone(&self.connection)
+    }
+
+    /// Runs `work` (the TLS handshake, then serving the connection) until it ends, or until the
+    /// connection is to be closed: told so by the set, or past its header or keep-alive
+    /// timeout. `None` then: `work` is dropped, which closes the socket.
+    pub async fn run<F: Future>(&self, work: F) -> Option<F::Output> {
+        let connection = &self.connection;
+        tokio::pin!(work);
+        loop {
+            let check_at = connection.next_check();
+            tokio::select! {
+                output = &mut work => return Some(output),
+                () = connection.close.notified() => return None,
+                () = tokio::time::sleep_until(check_at) => {
+                    if let Some(reason) = connection.expired(Instant::now()) {
+                        metrics::connection_closed(self.set.listener, reason.as_str());
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.set.open.lock() {
+            open.remove(&self.connection.id);
+            metrics::connections_open(self.set.listener, open.len());
+        }
+    }
+}
+
+impl Connection {
+    /// Marks a request as started; call [`Connection::finish`] with its answer.
+    pub fn begin(&self) {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        // A connection told to close stays closing.
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s != CLOSING).then_some(BUSY)
+            });
+    }
+
+    /// The request's answer is ready: the connection is idle from now, and the answer says
+    /// `Connection: close` when the request was refused or the connection has served its
+    /// number of requests or its time.
+    pub fn finish<B>(&self, response: &mut Response<B>) {
+        let now = Instant::now();
+        if closes_connection(response.status())
+            || self.requests.load(Ordering::Acquire) >= self.limits.max_requests
+            || now.saturating_duration_since(self.accepted) >= self.limits.max_age
+        {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.since_ms
+            .store(ms_between(self.epoch, now), Ordering::Release);
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s != CLOSING).then_some(IDLE)
+            });
+    }
+
+    /// When to look at this connection's timers next. Checking early is harmless; checking
+    /// late is not, so a state that can end sooner than its own deadline (a fresh connection
+    /// that gets its request answered and goes idle) is looked at again within the keep-alive
+    /// timeout.
+    fn next_check(&self) -> Instant {
+        let since = self.epoch + Duration::from_millis(self.since_ms.load(Ordering::Acquire));
+        let soon = Instant::now() + self.limits.keepalive_timeout;
+        match self.state.load(Ordering::Acquire) {
+            FRESH => (self.accepted + self.limits.header_timeout).min(soon),
+            IDLE => {
+                (since + self.limits.keepalive_timeout).min(self.accepted + self.limits.max_age)
+            }
+            // In a request: the request has deadlines of its own; look again later.
+            _ => soon,
+        }
+    }
+
+    /// Whether a timer has run out at `now`, and which.
+    fn expired(&self, now: Instant) -> Option<Closed> {
+        let since = self.epoch + Duration::from_millis(self.since_ms.load(Ordering::Acquire));
+        match self.state.load(Ordering::Acquire) {
+            FRESH if now >= self.accepted + self.limits.header_timeout => {
+                Some(Closed::HeaderTimeout)
+            }
+            IDLE if now >= since + self.limits.keepalive_timeout => Some(Closed::KeepaliveTimeout),
+            IDLE if now.saturating_duration_since(self.accepted) >= self.limits.max_age => {
+                Some(Closed::MaxAge)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A refused request (400, 403, 404, 405, 413, 431, ...) closes its connection: a client that
+/// sends junk does not keep a slot for its next try.
+fn closes_connection(status: StatusCode) -> bool {
+    status.is_client_error()
+}
+
+fn ms_between(epoch: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(15),
+            max_requests: 3,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_the_idlest_connection_is_closed_for_a_newcomer() {
+        let set = ConnectionSet::new("test", 2);
+        let first = set.admit(limits()).await.expect("slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = set.admit(limits()).await.expect("slot");
+        // The first is in a request: the second (fresh) is the one to go.
+        first.connection.begin();
+        let third = {
+            let set = Arc::clone(&set);
+            tokio::spawn(async move { set.admit(limits()).await })
+        };
+        assert!(second.run(std::future::pending::<()>()).await.is_none());
+        drop(second);
+        let third = third.await.expect("task");
+        assert!(third.is_some(), "the newcomer got the freed slot");
+        assert_eq!(set.len(), 2);
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn busy_connections_are_never_closed_for_a_newcomer() {
+        let set = ConnectionSet::new("test", 1);
+        let only = set.admit(limits()).await.expect("slot");
+        only.connection.begin();
+        assert!(!set.close_idlest(Closed::Evicted));
+        let mut response = Response::new(());
+        only.connection.finish(&mut response);
+        assert!(response.headers().get(CONNECTION).is_none());
+        assert!(set.close_idlest(Closed::Evicted), "idle now");
+    }
+
+    #[test]
+    fn refused_requests_and_the_last_allowed_request_close_the_connection() {
+        let set = ConnectionSet::new("test", 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let admitted = runtime.block_on(set.admit(limits())).expect("slot");
+        let connection = admitted.connection();
+        let answer = |status: StatusCode| {
+            connection.begin();
+            let mut response = Response::new(());
+            *response.status_mut() = status;
+            connection.finish(&mut response);
+            response.headers().get(CONNECTION).cloned()
+        };
+        assert_eq!(
+            answer(StatusCode::FORBIDDEN),
+            Some(HeaderValue::from_static("close"))
+        );
+        assert_eq!(answer(StatusCode::OK), None);
+        // The third request is the last one allowed.
+        assert_eq!(
+            answer(StatusCode::OK),
+            Some(HeaderValue::from_static("close"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_connection_is_closed_at_the_header_timeout_and_an_idle_one_at_keepalive() {
+        let set = ConnectionSet::new("test", 4);
+        let fresh = set.admit(limits()).await.expect("slot");
+        let started = Instant::now();
+        assert!(fresh.run(std::future::pending::<()>()).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        let idle = set.admit(limits()).await.expect("slot");
+        idle.connection.begin();
+        let mut response = Response::new(());
+        idle.connection.finish(&mut response);
+        let started = Instant::now();
+        assert!(idle.run(std::future::pending::<()>()).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+    }
+}
