@@ -32,26 +32,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A TCP connection to `addr`, with a TLS handshake when `root` is given.
 async fn open(addr: &str, root: Option<&[u8]>) -> std::io::Result<Box<dyn Io>> {
     let tcp = TcpStream::connect(addr).await?;
-    let Some(root) = root else {
-        return Ok(Box::new(tcp));
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(root.to_vec()))
-        .map_err(std::io::Error::other)?;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name =
-        rustls_pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await?;
-    Ok(Box::new(tls))
+    match root {
+        None => Ok(Box::new(tcp)),
+        Some(root) => handshake(tcp, root).await,
+    }
 }
 
 /// Sends `request` and reads until the connection ends or `wait` passes; returns what came.
@@ -404,4 +388,51 @@ async fn a_low_soft_descriptor_limit_is_raised_and_a_low_hard_one_lowers_max_con
         stderr.contains("warning: server.max_connections: 1024 needs about"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn the_tls_handshake_counts_against_the_first_requests_header_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = self_signed(dir.path());
+    let target = FakeTarget::start().await;
+    let path = write_config(
+        dir.path(),
+        "",
+        "[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n",
+        &target,
+    );
+    let relay = Binary::start(&path);
+    let addr = relay.url("").trim_start_matches("http://").to_owned();
+    // Connect, wait 6 s, then shake hands and send nothing: the 10 s header time started at the
+    // accept, so the connection ends about 4 s after the handshake (not 10 s after it).
+    let accepted = tokio::time::Instant::now();
+    let tcp = TcpStream::connect(&addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut tls = handshake(tcp, &root).await.expect("handshake in time");
+    assert!(
+        closed_within(&mut tls, Duration::from_millis(5500)).await,
+        "still open {:?} after the accept",
+        accepted.elapsed()
+    );
+}
+
+/// A TLS handshake on `tcp`, trusting `root`.
+async fn handshake(tcp: TcpStream, root: &[u8]) -> std::io::Result<Box<dyn Io>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(root.to_vec()))
+        .map_err(std::io::Error::other)?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name =
+        rustls_pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    Ok(Box::new(tls))
 }
