@@ -488,14 +488,6 @@ async fn a_doctype_around_a_genuine_encrypted_push_is_refused() {
 
 /// `wechat_relay_rejected_total` for account `main` and `reason`, from a rendered scrape.
 fn rejected(rendered: &str, reason: &str) -> u64 {
-    let label = format!("reason=\"{reason}\"");
-    rendered
-        .lines()
-        .filter(|line| {
-            line.starts_with("wechat_relay_rejected_total{")
-                && line.contains(&label)
-                && line.contains("account=\"main\"")
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    let labels = [("account", "main"), ("reason", reason)];
+    metric(rendered, "wechat_relay_rejected_total", &labels).unwrap_or(0.0) as u64
 }

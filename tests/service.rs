@@ -198,31 +198,6 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
     );
 }
 
-/// The admin listener's address, from its startup line.
-fn admin_addr(relay: &Binary) -> String {
-    let line = relay.wait_for("admin listening");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("admin=")
-        .to_owned()
-}
-
-/// The value of the sample of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 #[tokio::test]
 async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
     let dir = tempfile::tempdir().expect("tempdir");
