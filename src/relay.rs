@@ -553,9 +553,11 @@ impl Relay {
                 &Err(ForwardError::Timeout),
                 attempt_started.elapsed(),
             );
-            warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
-                deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
-                "reply target missed the deadline; answered success, delivery queued");
+            if limit::DELIVERY_FAILURES.admit(&target.name) {
+                warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
+                    deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
+                    "reply target missed the deadline; answered success, delivery queued");
+            }
             let verdict = Verdict::Retry {
                 error: "no answer within the reply deadline".into(),
                 after: None,

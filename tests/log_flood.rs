@@ -12,19 +12,45 @@ use common::*;
 use wechat_relay::telemetry::limit::{BURST, PER_SECOND};
 
 const REFUSED: usize = 10_000;
+const SUMMARY: &str = "similar refusals suppressed";
 /// Requests in flight at once.
 const CLIENTS: usize = 32;
 
-/// A plaintext account routing everything to `target_url`, with the admin listener on.
-fn start(dir: &tempfile::TempDir, target_url: &str, target_extra: &str) -> Binary {
+/// A plaintext account routing everything to target `t` at `target_url` (with `route_extra`
+/// in the route), with the admin listener on: the relay, with its startup lines read, and the
+/// admin address.
+fn start(
+    dir: &tempfile::TempDir,
+    target_url: &str,
+    target_extra: &str,
+    route_extra: &str,
+) -> (Binary, String) {
     let mut toml = server_section(2000, 300);
     toml.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
     toml.push_str(&account_section("main", "/wechat", "plaintext"));
     toml.push_str(&target_section("t", target_url, "plain", target_extra));
-    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    toml.push_str(&format!("[[route]]\nto = [\"t\"]\n{route_extra}"));
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, toml).expect("write relay.toml");
-    Binary::start(&path)
+    let relay = Binary::start(&path);
+    let admin = admin_addr(&relay);
+    let _ = relay.drain_lines();
+    (relay, admin)
+}
+
+/// `count` distinct genuine pushes, each answered `success`.
+async fn push_many(relay: &Binary, count: usize) {
+    for i in 0..count {
+        let (query, body) = PushBuilder::new(text_xml("push", i as u64)).plaintext();
+        assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
+    }
+}
+
+/// The summary lines among `lines` that contain `needle`, and what they sum up.
+fn summaries<'a>(lines: &'a [String], needle: &str) -> (Vec<&'a String>, usize) {
+    let found: Vec<&String> = lines.iter().filter(|l| l.contains(needle)).collect();
+    let summed = found.iter().map(|l| suppressed(l)).sum();
+    (found, summed)
 }
 
 /// The most lines a limited key may write in `elapsed`: its burst, its rate, and one summary
@@ -46,9 +72,7 @@ fn suppressed(line: &str) -> usize {
 async fn ten_thousand_bad_signatures_write_a_few_dozen_lines_and_are_all_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut target = FakeTarget::start().await;
-    let relay = start(&dir, &target.url("/"), "");
-    let admin = admin_addr(&relay);
-    let _ = relay.drain_lines();
+    let (relay, admin) = start(&dir, &target.url("/"), "", "");
 
     let (query, body) = PushBuilder::new(text_xml("forged", 1)).plaintext();
     let url = Arc::new(relay.url(&format!(
@@ -82,25 +106,25 @@ async fn ten_thousand_bad_signatures_write_a_few_dozen_lines_and_are_all_counted
 
     // Every refusal is either a line or in a summary; the limiter's thread sums up the rest
     // within a second or so of the flood's end.
+    let logged = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("request refused"))
+            .count()
+    };
     let mut lines = Vec::new();
-    let (mut logged, mut summed) = (0, 0);
     let patience = Instant::now() + Duration::from_secs(10);
-    while logged + summed < REFUSED && Instant::now() < patience {
+    while logged(&lines) + summaries(&lines, SUMMARY).1 < REFUSED && Instant::now() < patience {
         std::thread::sleep(Duration::from_millis(200));
-        for line in relay.drain_lines() {
-            if line.contains("request refused") {
-                logged += 1;
-            } else if line.contains("similar refusals suppressed") {
-                assert!(line.contains("reason=signature"), "{line}");
-                summed += suppressed(&line);
-            }
-            lines.push(line);
-        }
+        lines.extend(relay.drain_lines());
     }
-    let summaries = lines
-        .iter()
-        .filter(|l| l.contains("similar refusals suppressed"))
-        .count();
+    let (summaries, summed) = summaries(&lines, SUMMARY);
+    let logged = logged(&lines);
+    assert!(
+        summaries.iter().all(|l| l.contains("reason=signature")),
+        "{summaries:#?}"
+    );
+    let summaries = summaries.len();
     println!(
         "{REFUSED} refusals in {} ms: {} log lines ({logged} refusals, {summaries} summaries of {summed})",
         flood.as_millis(),
@@ -133,21 +157,17 @@ async fn a_target_that_is_down_does_not_flood_the_log_with_its_failures() {
     let url = format!("http://{}/", down.local_addr().expect("addr"));
     drop(down);
     let dir = tempfile::tempdir().expect("tempdir");
-    // Retries come fast (10 ms, doubling to 1 s) so that there are many failures.
-    let relay = start(
+    // Retries come fast (10 ms, doubling to 1 s) so that there are many failures. The target
+    // is also the reply target: each push's synchronous attempt fails too (`forward failed`).
+    let (relay, admin) = start(
         &dir,
         &url,
         "retry_initial_ms = 10\nretry_max_ms = 1000\nmax_attempts = 1000\n",
+        "reply = \"t\"\n",
     );
-    let admin = admin_addr(&relay);
-    let _ = relay.drain_lines();
 
     let started = Instant::now();
-    for i in 0..PUSHES {
-        let (query, body) =
-            PushBuilder::new(text_xml("to a target that is down", i as u64)).plaintext();
-        assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
-    }
+    push_many(&relay, PUSHES).await;
     // Let the retries run for a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let metrics = get(&format!("http://{admin}/metrics")).await.text();
@@ -163,13 +183,13 @@ async fn a_target_that_is_down_does_not_flood_the_log_with_its_failures() {
 
     let failures: Vec<&String> = lines
         .iter()
-        .filter(|l| l.contains("delivery failed; will retry"))
+        .filter(|l| l.contains("delivery failed; will retry") || l.contains("forward failed"))
         .collect();
-    let summaries: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains("similar delivery failures suppressed"))
-        .collect();
-    let summed: usize = summaries.iter().map(|l| suppressed(l)).sum();
+    assert!(
+        failures.iter().any(|l| l.contains("forward failed")),
+        "the reply target's attempts are logged (and limited) too: {failures:#?}"
+    );
+    let (summaries, summed) = summaries(&lines, "similar delivery failures suppressed");
     println!(
         "{attempts} failed attempts in {} ms: {} failure lines, {} summaries of {summed}",
         elapsed.as_millis(),
@@ -198,5 +218,53 @@ async fn a_target_that_is_down_does_not_flood_the_log_with_its_failures() {
     assert!(
         lines.iter().all(|l| !l.contains("dead letter")),
         "no dead letter yet"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_limited_per_target_and_all_kept() {
+    const PUSHES: usize = 100;
+    // A 400 is final: every push becomes a dead letter at its first attempt.
+    let target = FakeTarget::with(Behaviour {
+        status: http::StatusCode::BAD_REQUEST,
+        ..Behaviour::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay, admin) = start(&dir, &target.url("/"), "", "");
+
+    let started = Instant::now();
+    push_many(&relay, PUSHES).await;
+    let labels = [("target", "t")];
+    let patience = Instant::now() + Duration::from_secs(10);
+    let mut dead = 0.0;
+    while dead < PUSHES as f64 && Instant::now() < patience {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let metrics = get(&format!("http://{admin}/metrics")).await.text();
+        dead = metric(&metrics, "wechat_relay_dead_letters", &labels).unwrap_or(0.0);
+    }
+    assert_eq!(dead, PUSHES as f64, "every push is a dead letter");
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = relay.drain_lines();
+    let logged = lines
+        .iter()
+        .filter(|l| l.contains("dead letter (see"))
+        .count();
+    let (summaries, summed) = summaries(&lines, "similar dead letters suppressed");
+    println!(
+        "{PUSHES} dead letters in {} ms: {logged} lines, {} summaries of {summed}",
+        started.elapsed().as_millis(),
+        summaries.len()
+    );
+    assert_eq!(logged + summed, PUSHES, "{lines:#?}");
+    assert!(
+        logged + summaries.len() <= allowed_lines(started.elapsed()),
+        "{lines:#?}"
+    );
+    assert!(
+        summaries
+            .iter()
+            .all(|l| l.contains("target=t") && l.contains("ERROR")),
+        "{summaries:#?}"
     );
 }
