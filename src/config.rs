@@ -739,6 +739,9 @@ impl<'a> Checker<'a> {
 
         let server = server.and_then(|s| self.server(s));
         let store = store.and_then(|s| self.store(s));
+        if let (Some(server), Some(store)) = (&server, &store) {
+            self.replay_window(server, store);
+        }
         let log = log.and_then(|l| self.log(l));
         let admin = match admin {
             None => Some(None),
@@ -947,6 +950,25 @@ impl<'a> Checker<'a> {
             }
         }
         networks
+    }
+
+    /// A push replayed inside `timestamp_skew_s` must still find its dedupe record: past
+    /// `dedupe_ttl_s` it would be forwarded again.
+    fn replay_window(&mut self, server: &Server, store: &Store) {
+        let Some(skew) = server.timestamp_skew else {
+            return;
+        };
+        if store.dedupe_ttl < skew {
+            self.problem(
+                "store.dedupe_ttl_s",
+                format!(
+                    "{} is shorter than server.timestamp_skew_s = {}: a push replayed after its dedupe record expired but inside the timestamp window would be forwarded again (make dedupe_ttl_s at least {})",
+                    store.dedupe_ttl.as_secs(),
+                    skew.as_secs(),
+                    skew.as_secs()
+                ),
+            );
+        }
     }
 
     /// Reports `value` outside `min..=max`.

@@ -80,11 +80,37 @@ impl Rejection {
             Rejection::StaleTimestamp(_) => "stale",
             Rejection::TooLarge => "too_large",
             Rejection::BodyRead(_) => "body",
+            Rejection::Xml(XmlError::Doctype) => "doctype",
+            Rejection::Xml(XmlError::Entity) => "entity",
+            Rejection::Xml(XmlError::ProcessingInstruction) => "processing_instruction",
+            Rejection::Xml(XmlError::InvalidChar(_)) => "invalid_char",
             Rejection::Xml(_) | Rejection::MissingEncrypt => "xml",
             Rejection::Downgrade => "downgrade",
             Rejection::NoKey => "no_key",
             Rejection::Crypto(CryptoError::AppId) => "app_id",
             Rejection::Crypto(_) => "decrypt",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_input_refusals_have_reasons_of_their_own() {
+        for (error, reason) in [
+            (XmlError::Doctype, "doctype"),
+            (XmlError::Entity, "entity"),
+            (XmlError::ProcessingInstruction, "processing_instruction"),
+            (XmlError::InvalidChar(0), "invalid_char"),
+            (XmlError::NoRoot, "xml"),
+        ] {
+            let rejection = Rejection::Xml(error);
+            assert_eq!(
+                (rejection.status(), rejection.reason()),
+                (StatusCode::BAD_REQUEST, reason)
+            );
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
 use crate::peer;
 use crate::push::Push;
 use crate::route::{CompiledRoute, RouteTable};
+use crate::telemetry::limit;
 use crate::wechat::crypto::{self, CryptoError};
 use crate::wechat::message::{Envelope, Fields, Message, text_reply};
 use crate::wechat::signature::{verify_msg_signature, verify_signature};
@@ -566,9 +567,11 @@ impl Relay {
                 &Err(ForwardError::Timeout),
                 attempt_started.elapsed(),
             );
-            warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
-                deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
-                "reply target missed the deadline; answered success, delivery queued");
+            if limit::DELIVERY_FAILURES.admit(&target.name) {
+                warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
+                    deadline_ms = self.config.server.reply_deadline.as_millis() as u64,
+                    "reply target missed the deadline; answered success, delivery queued");
+            }
             let verdict = Verdict::Retry {
                 error: "no answer within the reply deadline".into(),
                 after: None,
@@ -715,8 +718,12 @@ fn reject(
     let status = rejection.status();
     let name = account.map_or("-", |a| a.name.as_str());
     metrics::rejected(name, rejection.reason());
-    warn!(account = %name, peer = %peer.ip(),
-        status = status.as_u16(), reason = %rejection.reason(), "request refused: {rejection}");
+    // Counted every time; logged at most a few times a second per reason (a flood of forged
+    // requests must not flood the journal).
+    if limit::REFUSALS.admit(rejection.reason()) {
+        warn!(account = %name, peer = %peer.ip(),
+            status = status.as_u16(), reason = %rejection.reason(), "request refused: {rejection}");
+    }
     let mut response = response(&respond(
         status,
         TEXT_PLAIN,
@@ -746,6 +753,8 @@ fn log_forward(target: &Target, push: &Push, result: &ForwardResult, started: In
         Ok(answer) if answer.status.is_success() => {
             debug!(target = %target.name, status = answer.status.as_u16(), ms, event_id = %push.event_id, "forwarded")
         }
+        // Rate limited per target, like the outbox's retries.
+        _ if !limit::DELIVERY_FAILURES.admit(&target.name) => {}
         Ok(answer) => {
             warn!(target = %target.name, status = answer.status.as_u16(), ms, event_id = %push.event_id, "forward failed")
         }

@@ -338,8 +338,10 @@ pub fn accept_failed(error: &std::io::Error, connections: &ConnectionSet) -> Dur
         if connections.close_idlest(Closed::OutOfDescriptors) {
             return Duration::from_millis(1);
         }
-        warn!(error = %error, open = connections.len(),
-            "out of file descriptors and no idle connection to close");
+        if crate::telemetry::limit::CONNECTION_PRESSURE.admit("out_of_descriptors") {
+            warn!(error = %error, open = connections.len(),
+                "out of file descriptors and no idle connection to close");
+        }
         return Duration::from_millis(50);
     }
     tracing::debug!(error = %error, "accept failed");

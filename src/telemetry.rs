@@ -1,6 +1,9 @@
 //! Logging: tracing-subscriber to stderr (journald takes it from there), as text (colours only
 //! on a terminal) or one JSON object per line (`[log] format = "json"`). The level comes from
-//! `RUST_LOG` when it is set, else from `[log] level`, and follows a reload.
+//! `RUST_LOG` when it is set, else from `[log] level`, and follows a reload. Lines a flood
+//! could repeat are rate limited ([`limit`]).
+
+pub mod limit;
 
 use std::io::IsTerminal;
 

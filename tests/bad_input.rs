@@ -385,3 +385,109 @@ async fn other_methods_get_405_with_allow() {
     );
     relay.stop().await;
 }
+
+/// What a target's XML parser might act on: a DTD (with an external entity), a processing
+/// instruction, and characters XML 1.0 does not allow, raw or as character references. Each
+/// comes as the whole body of a plaintext push (the outer document) and as the decrypted
+/// message of a safe-mode push (the inner one); each is refused 400 with its reason, counted
+/// under that reason, and nothing is forwarded.
+#[tokio::test]
+async fn dtds_processing_instructions_and_forbidden_characters_are_refused() {
+    let metrics = wechat_relay::metrics::install().expect("metrics recorder");
+    let xml = text_xml("hello", 1);
+    let with_content = |content: &str| xml.replace("hello", content);
+    let prolog = |prolog: &str| format!("{prolog}{xml}");
+    // A reference is one outside CDATA (Content is CDATA, where `&#0;` is four characters).
+    let with_field = |text: &str| xml.replace("</xml>", &format!("<Note>{text}</Note></xml>"));
+    // (shape, document, the reason's text in the answer, its metrics label)
+    let shapes: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "DOCTYPE with an external DTD",
+            prolog("<!DOCTYPE xml SYSTEM \"http://127.0.0.1:9/x.dtd\">"),
+            "body has a <!DOCTYPE>",
+            "doctype",
+        ),
+        (
+            "ENTITY: an external parameter entity",
+            prolog("<!DOCTYPE xml [<!ENTITY % ext SYSTEM \"http://127.0.0.1:9/x.dtd\"> %ext;]>"),
+            "body declares an entity",
+            "entity",
+        ),
+        (
+            "a processing instruction",
+            prolog("<?xml version=\"1.0\"?><?xml-stylesheet href=\"http://127.0.0.1:9/x.xsl\"?>"),
+            "processing instruction other than the XML declaration",
+            "processing_instruction",
+        ),
+        ("a NUL", with_content("nul\0here"), "U+0000", "invalid_char"),
+        (
+            "an escape character",
+            with_content("esc\u{1b}"),
+            "U+001B",
+            "invalid_char",
+        ),
+        ("&#0;", with_field("nul&#0;ref"), "U+0000", "invalid_char"),
+        ("&#x1;", with_field("ref&#x1;"), "U+0001", "invalid_char"),
+    ];
+    let before = |reason: &str| rejected(&metrics.render(), reason);
+    let counts_before: Vec<u64> = shapes.iter().map(|s| before(s.3)).collect();
+    for mode in ["plaintext", "safe"] {
+        let (relay, mut target) = relay(mode, 300).await;
+        for (shape, document, why, _) in &shapes {
+            let push = PushBuilder::new(document.as_str());
+            let (query, body) = if mode == "plaintext" {
+                push.plaintext()
+            } else {
+                push.safe()
+            };
+            let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+            assert_eq!(answer.status, 400, "{mode}, {shape}: {}", answer.text());
+            assert!(
+                answer.text().contains(why) && answer.text().lines().count() == 1,
+                "{mode}, {shape}: {:?}",
+                answer.text()
+            );
+        }
+        target.expect_none(Duration::from_millis(300)).await;
+        still_serving(&relay, &mut target, mode == "safe").await;
+        relay.stop().await;
+    }
+    // Each shape was refused twice (outer and inner), under its own reason.
+    let rendered = metrics.render();
+    for (i, (shape, _, _, reason)) in shapes.iter().enumerate() {
+        let same_reason = shapes.iter().filter(|s| s.3 == *reason).count() as u64;
+        let first_of_reason = shapes.iter().position(|s| s.3 == *reason) == Some(i);
+        if first_of_reason {
+            assert_eq!(
+                rejected(&rendered, reason) - counts_before[i],
+                2 * same_reason,
+                "{shape}: wechat_relay_rejected_total{{reason=\"{reason}\"}}"
+            );
+        }
+    }
+}
+
+/// The envelope of a safe-mode push is checked the same way: a DOCTYPE in front of a genuine
+/// `<Encrypt>` is refused before anything is decrypted.
+#[tokio::test]
+async fn a_doctype_around_a_genuine_encrypted_push_is_refused() {
+    let (relay, mut target) = relay("safe", 300).await;
+    let (query, body) = PushBuilder::new(text_xml("hi", 1)).safe();
+    let body = format!("<!DOCTYPE xml [<!ENTITY e SYSTEM \"file:///etc/passwd\">]>{body}");
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert!(
+        answer.text().contains("body declares an entity"),
+        "{}",
+        answer.text()
+    );
+    target.expect_none(Duration::from_millis(300)).await;
+    still_serving(&relay, &mut target, true).await;
+    relay.stop().await;
+}
+
+/// `wechat_relay_rejected_total` for account `main` and `reason`, from a rendered scrape.
+fn rejected(rendered: &str, reason: &str) -> u64 {
+    let labels = [("account", "main"), ("reason", reason)];
+    metric(rendered, "wechat_relay_rejected_total", &labels).unwrap_or(0.0) as u64
+}

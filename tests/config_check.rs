@@ -441,6 +441,48 @@ fn a_timestamp_skew_of_0_is_accepted_with_a_warning() {
 }
 
 #[test]
+fn a_dedupe_ttl_shorter_than_the_timestamp_skew_is_refused_by_check_and_serve() {
+    // A push captured and replayed 67 s later is inside a 300 s window but past a 60 s dedupe
+    // record: it would be forwarded again.
+    let expected = "store.dedupe_ttl_s: 60 is shorter than server.timestamp_skew_s = 300";
+    let short = edit(&shipped(), "dedupe_ttl_s = 300", "dedupe_ttl_s = 60");
+    let (path, checked) = check_text(&short);
+    assert_invalid(&checked, &path, &[expected]);
+    let (_dir, path) = write_config(&short);
+    let served = run_serve(&path);
+    assert_invalid(&served, &path, &[expected]);
+    // The same through the environment, which overrides the file.
+    let overridden = run(relay()
+        .env("WECHAT_RELAY_SERVER__TIMESTAMP_SKEW_S", "301")
+        .arg("--config")
+        .arg(shipped_path())
+        .arg("check"));
+    assert_invalid(
+        &overridden,
+        &shipped_path(),
+        &["store.dedupe_ttl_s: 300 is shorter than server.timestamp_skew_s = 301"],
+    );
+    // Equal is enough, and so is a window that is off (warned about, not refused).
+    for (from, to) in [
+        ("timestamp_skew_s = 300", "timestamp_skew_s = 60"),
+        ("timestamp_skew_s = 300", "timestamp_skew_s = 0"),
+    ] {
+        let (path, run) = check_text(&edit(&short, from, to));
+        assert_ok(&run, &path);
+    }
+}
+
+/// `wechat-relay serve --config <path>` on 127.0.0.1:0 (for a config it should refuse).
+fn run_serve(path: &Path) -> Run {
+    run(relay()
+        .env("RUST_LOG", "info")
+        .env("WECHAT_RELAY_SERVER__LISTEN", "127.0.0.1:0")
+        .arg("serve")
+        .arg("--config")
+        .arg(path))
+}
+
+#[test]
 fn a_json_target_without_secret_is_refused() {
     let secret = value_of(&shipped(), "secret");
     assert_edit_refused(

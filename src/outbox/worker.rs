@@ -23,6 +23,7 @@ use super::store::{Delivery, DeliveryId, Settle, Store};
 use crate::config::Target;
 use crate::error::ForwardError;
 use crate::forward::{Answer, Forwarder};
+use crate::telemetry::limit;
 
 /// How often an idle dispatcher looks at the store anyway: deliveries replayed by the `outbox`
 /// command from another process show up within this.
@@ -337,6 +338,10 @@ fn log_settle(delivery: &Delivery, attempt: u32, settle: &Settle, started: Insta
         Settle::Delivered => {
             info!(target = %target, id, event_id = %event_id, attempt, ms, "delivered after retries")
         }
+        // Failures and dead letters are rate limited per target: a target that is down during
+        // a flood fails every attempt.
+        Settle::Retry { .. } if !limit::DELIVERY_FAILURES.admit(target) => {}
+        Settle::Dead { .. } if !limit::DEAD_LETTERS.admit(target) => {}
         Settle::Retry { at_ms, error, .. } => {
             warn!(target = %target, id, event_id = %event_id, attempt, ms, error = %error,
                 retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry")

@@ -22,6 +22,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics;
+use crate::telemetry::limit::CONNECTION_PRESSURE;
+use tracing::warn;
 
 /// The limits every connection of a listener has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +91,7 @@ pub struct Connection {
     since_ms: AtomicU64,
     requests: AtomicU64,
     limits: Limits,
-    /// Why the set wants it closed (an index into [`Closed`]), rung through `close`.
-    close_reason: AtomicU8,
+    /// Rung when the set wants it closed.
     close: Notify,
 }
 
@@ -144,7 +145,6 @@ impl ConnectionSet {
             since_ms: AtomicU64::new(ms_between(self.epoch, accepted)),
             requests: AtomicU64::new(0),
             limits,
-            close_reason: AtomicU8::new(0),
             close: Notify::new(),
         });
         if let Ok(mut open) = self.open.lock() {
@@ -181,9 +181,16 @@ impl ConnectionSet {
         {
             return false;
         }
-        victim.close_reason.store(reason as u8, Ordering::Release);
         victim.close.notify_one();
         metrics::connection_closed(self.listener, reason.as_str());
+        if CONNECTION_PRESSURE.admit(self.listener) {
+            warn!(
+                listener = self.listener,
+                reason = reason.as_str(),
+                open = open.len(),
+                "connection limit reached: closed the connection idle longest to make room"
+            );
+        }
         true
     }
 

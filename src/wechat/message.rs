@@ -4,6 +4,11 @@
 //! Parsing is structural (quick-xml), never text matching: bodies come with or without CDATA,
 //! with newlines and indentation between elements, in any element order, and sometimes with a
 //! byte-order mark. Unknown message types and events parse like any other.
+//!
+//! Strict where a target's parser could read more than the relay does: no DTD (`<!DOCTYPE`,
+//! `<!ENTITY`: an external entity would make a target fetch a file or a URL), no processing
+//! instruction but the XML declaration, and only the characters XML 1.0 allows, also when
+//! written as a character reference. WeChat sends none of these.
 
 use bytes::Bytes;
 use quick_xml::Reader;
@@ -48,6 +53,16 @@ pub enum XmlError {
     Repeated(&'static str),
     #[error("body's {0} element holds elements, not text (-40002)")]
     NotText(&'static str),
+    /// A target's parser could resolve what it declares (external entities, entity bombs).
+    #[error("body has a <!DOCTYPE> (-40002)")]
+    Doctype,
+    #[error("body declares an entity (<!ENTITY>) (-40002)")]
+    Entity,
+    #[error("body has a processing instruction other than the XML declaration (-40002)")]
+    ProcessingInstruction,
+    /// The code point, never the text around it.
+    #[error("body has a character XML 1.0 does not allow: U+{0:04X} (-40002)")]
+    InvalidChar(u32),
 }
 
 /// One element's content: text (CDATA and character data joined) or child elements.
@@ -103,16 +118,18 @@ impl Fields {
     /// Parses a document and returns its root's children. A leading BOM is skipped.
     pub fn parse(xml: &[u8]) -> Result<Self, XmlError> {
         let xml = xml.strip_prefix(BOM).unwrap_or(xml);
+        check_chars(utf8(xml)?)?;
         let mut reader = Reader::from_reader(xml);
         let mut stack: Vec<Frame> = Vec::new();
         let mut root: Option<Vec<(String, Node)>> = None;
         let mut root_name = String::new();
+        let mut first = true;
         loop {
-            let event = reader
-                .read_event()
-                .map_err(|e| XmlError::Malformed(syntax_error(&e)))?;
+            let event = reader.read_event().map_err(|e| read_error(&e))?;
+            let at_start = std::mem::replace(&mut first, false);
             match event {
                 Event::Start(start) => {
+                    check_attributes(&start)?;
                     if root.is_some() {
                         return Err(XmlError::TrailingContent);
                     }
@@ -126,6 +143,7 @@ impl Fields {
                     stack.push((name, Vec::new(), String::new()));
                 }
                 Event::Empty(empty) => {
+                    check_attributes(&empty)?;
                     let name = utf8(empty.name().as_ref())?.to_owned();
                     match stack.last_mut() {
                         Some((_, children, _)) => children.push((name, Node::Text(String::new()))),
@@ -183,7 +201,17 @@ impl Fields {
                     }
                 }
                 Event::Eof => break,
-                Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_) => {}
+                // The declaration only where XML allows it: first, at most once.
+                Event::Decl(_) if at_start => {}
+                Event::Decl(_) | Event::PI(_) => return Err(XmlError::ProcessingInstruction),
+                Event::DocType(doctype) => {
+                    return Err(if contains_ignore_case(&doctype, b"<!ENTITY") {
+                        XmlError::Entity
+                    } else {
+                        XmlError::Doctype
+                    });
+                }
+                Event::Comment(_) => {}
             }
         }
         if !stack.is_empty() {
@@ -231,6 +259,49 @@ impl Fields {
     }
 }
 
+/// Whether XML 1.0 allows `ch` in a document (its `Char` production): tab, newline, carriage
+/// return, and everything from U+0020 except surrogates, U+FFFE and U+FFFF.
+pub fn allowed_char(ch: char) -> bool {
+    matches!(ch, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// The first character of `text` that XML 1.0 does not allow (NUL among them).
+fn check_chars(text: &str) -> Result<(), XmlError> {
+    match text.chars().find(|&ch| !allowed_char(ch)) {
+        Some(ch) => Err(XmlError::InvalidChar(u32::from(ch))),
+        None => Ok(()),
+    }
+}
+
+/// Attributes are not read, but a target's parser reads them: each must parse, and its
+/// references must resolve to allowed characters.
+fn check_attributes(start: &quick_xml::events::BytesStart<'_>) -> Result<(), XmlError> {
+    for attribute in start.attributes() {
+        let attribute = attribute.map_err(|_| XmlError::Malformed("bad attribute"))?;
+        let value = attribute.unescape_value().map_err(|e| read_error(&e))?;
+        check_chars(&value)?;
+    }
+    Ok(())
+}
+
+fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// A quick-xml error as a refusal: a character reference to a character XML does not allow is
+/// [`XmlError::InvalidChar`]; anything else is [`XmlError::Malformed`].
+fn read_error(error: &quick_xml::Error) -> XmlError {
+    use quick_xml::escape::{EscapeError, ParseCharRefError};
+    match error {
+        quick_xml::Error::Escape(EscapeError::InvalidCharRef(
+            ParseCharRefError::IllegalCharacter(code) | ParseCharRefError::InvalidCodepoint(code),
+        )) => XmlError::InvalidChar(*code),
+        _ => XmlError::Malformed(syntax_error(error)),
+    }
+}
+
 /// The kind of a quick-xml error, without the names or text it quotes.
 fn syntax_error(error: &quick_xml::Error) -> &'static str {
     match error {
@@ -249,8 +320,14 @@ fn utf8(bytes: &[u8]) -> Result<&str, XmlError> {
 fn resolve_reference(reference: &quick_xml::events::BytesRef<'_>) -> Result<char, XmlError> {
     if let Some(ch) = reference
         .resolve_char_ref()
-        .map_err(|_| XmlError::Malformed("bad character reference"))?
+        .map_err(|e| match read_error(&e) {
+            invalid @ XmlError::InvalidChar(_) => invalid,
+            _ => XmlError::Malformed("bad character reference"),
+        })?
     {
+        if !allowed_char(ch) {
+            return Err(XmlError::InvalidChar(u32::from(ch)));
+        }
         return Ok(ch);
     }
     let name = utf8(reference.as_ref())?;
@@ -506,6 +583,110 @@ mod tests {
             a.dedupe_key().event_id("other")
         );
         assert_eq!(a.dedupe_key().event_id("main").len(), 32);
+    }
+
+    #[test]
+    fn dtds_entities_and_processing_instructions_are_refused() {
+        let external = "<?xml version=\"1.0\"?><!DOCTYPE xml [<!ENTITY % ext SYSTEM \"http://127.0.0.1/x.dtd\"> %ext;]><xml><a>1</a></xml>";
+        for (bad, expected) in [
+            (&b"<!DOCTYPE xml><xml><a>1</a></xml>"[..], XmlError::Doctype),
+            (
+                b"<!DOCTYPE xml SYSTEM \"file:///etc/passwd\"><xml/>",
+                XmlError::Doctype,
+            ),
+            (external.as_bytes(), XmlError::Entity),
+            (
+                b"<!doctype xml [<!entity e \"x\">]><xml>&e;</xml>",
+                XmlError::Entity,
+            ),
+            (
+                b"<?xml-stylesheet href=\"x\"?><xml/>",
+                XmlError::ProcessingInstruction,
+            ),
+            (
+                b"<xml><a><?php echo 1; ?></a></xml>",
+                XmlError::ProcessingInstruction,
+            ),
+            // The declaration is allowed only first.
+            (
+                b"<xml/><?xml version=\"1.0\"?>",
+                XmlError::ProcessingInstruction,
+            ),
+            (
+                b"\n<?xml version=\"1.0\"?><xml/>",
+                XmlError::ProcessingInstruction,
+            ),
+        ] {
+            assert_eq!(
+                Fields::parse(bad),
+                Err(expected),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // An <!ENTITY outside a DOCTYPE is not XML at all.
+        assert!(matches!(
+            Fields::parse(b"<!ENTITY e \"x\"><xml/>"),
+            Err(XmlError::Malformed(_))
+        ));
+        // The declaration first, after a BOM, and comments are fine.
+        assert!(Fields::parse(b"\xEF\xBB\xBF<?xml version=\"1.0\"?><!-- c --><xml/>").is_ok());
+    }
+
+    #[test]
+    fn characters_xml_does_not_allow_are_refused() {
+        for (bad, code) in [
+            (&b"<xml><a>\0</a></xml>"[..], 0),
+            (b"<xml>\0<a>1</a></xml>", 0),
+            (b"<xml><!-- \x01 --></xml>", 1),
+            (b"<xml><a><![CDATA[\x1f]]></a></xml>", 0x1F),
+            (b"<xml><a>\xEF\xBF\xBE</a></xml>", 0xFFFE),
+            (b"<xml><a>&#0;</a></xml>", 0),
+            (b"<xml><a>&#x1;</a></xml>", 1),
+            (b"<xml><a>&#x0000;</a></xml>", 0),
+            (b"<xml><a>&#8;</a></xml>", 8),
+            (b"<xml><a>&#xFFFF;</a></xml>", 0xFFFF),
+            (b"<xml><a>&#xD800;</a></xml>", 0xD800),
+            (b"<xml><a>&#x110000;</a></xml>", 0x11_0000),
+            (b"<xml a=\"&#1;\"/>", 1),
+            (b"<xml><a b=\"x&#0;\">1</a></xml>", 0),
+        ] {
+            assert_eq!(
+                Fields::parse(bad),
+                Err(XmlError::InvalidChar(code)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Tab, newline, carriage return and the ranges XML allows, raw or as references.
+        let fields = Fields::parse(
+            "<xml a=\"&#9;\"><a>\t\r\n&#x9;&#xA;&#xD;&#x20;&#xD7FF;&#xE000;&#xFFFD;&#x10000;&#x10FFFF;\u{10FFFF}</a></xml>"
+                .as_bytes(),
+        )
+        .expect("allowed characters");
+        assert_eq!(fields.get("a").map(|a| a.chars().count()), Some(13));
+    }
+
+    #[test]
+    fn allowed_chars_are_xml_1_0s() {
+        for ch in [
+            '\u{0}', '\u{8}', '\u{B}', '\u{C}', '\u{1F}', '\u{FFFE}', '\u{FFFF}',
+        ] {
+            assert!(!allowed_char(ch), "{:?}", ch);
+        }
+        for ch in [
+            '\u{9}',
+            '\u{A}',
+            '\u{D}',
+            ' ',
+            '\u{D7FF}',
+            '\u{E000}',
+            '\u{FFFD}',
+            '\u{10000}',
+            '\u{10FFFF}',
+        ] {
+            assert!(allowed_char(ch), "{:?}", ch);
+        }
     }
 
     #[test]

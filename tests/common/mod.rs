@@ -283,6 +283,31 @@ impl Drop for Binary {
     }
 }
 
+/// The admin listener's address, from its startup line.
+pub fn admin_addr(relay: &Binary) -> String {
+    let line = relay.wait_for("admin listening");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .expect("admin=")
+        .to_owned()
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// `wechat-relay <args>` (an `outbox` command, say): exit code, stdout, stderr.
 pub fn cli(args: &[&str]) -> (Option<i32>, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
@@ -645,33 +670,6 @@ pub fn open_reply(body: &str) -> String {
 pub fn vectors(name: &str) -> serde_json::Value {
     let path = format!("{}/tests/vectors/{name}", env!("CARGO_MANIFEST_DIR"));
     serde_json::from_str(&std::fs::read_to_string(path).expect("vector file")).expect("json")
-}
-
-// ---- the admin listener --------------------------------------------------------------------
-
-/// The admin listener's address, from its startup line.
-pub fn admin_addr(relay: &Binary) -> String {
-    let line = relay.wait_for("admin listening");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("admin=")
-        .to_owned()
-}
-
-/// The value of the sample of `name` whose labels include all of `labels`.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 // ---- TLS ----------------------------------------------------------------------------------
