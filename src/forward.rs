@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -143,13 +143,18 @@ impl Forwarder {
             ForwardFormat::Plain => (push.plain_query(), XML, push.message.xml().clone()),
             ForwardFormat::Json => (String::new(), JSON, json_body(push)),
         };
-        let uri = with_query(&target.url, &query)?;
+        let uri = with_query(target.url.uri(), &query)?;
         let mut builder = Request::post(uri)
             .header(CONTENT_TYPE, content_type)
             .header(USER_AGENT, self.user_agent.clone())
             .header(EVENT_ID_HEADER, push.event_id.as_str())
             .header(ATTEMPT_HEADER, attempt)
             .header(X_FORWARDED_FOR, push.forwarded_for.as_str());
+        // The URL's user info, as the sensitive header built at load (a clone shares its
+        // zeroed buffer); the URI above never carries it.
+        if let Some(authorization) = target.url.authorization() {
+            builder = builder.header(AUTHORIZATION, authorization.clone());
+        }
         if let (ForwardFormat::Json, Some(secret)) = (target.format, &target.secret) {
             let id = push.event_id.as_str();
             let timestamp = now.to_string();
@@ -179,7 +184,8 @@ fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`: the Standard Webhooks signature.
 pub fn sign_webhook(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
-    // HMAC takes a key of any length: new_from_slice cannot fail for it.
+    // HMAC takes a key of any length: new_from_slice cannot fail for it. Its key blocks are
+    // zeroed on drop (the `zeroize` feature of hmac and sha2).
     let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
         Ok(mac) => mac,
         Err(_) => return String::new(),
