@@ -292,6 +292,49 @@ mod tests {
     }
 
     #[test]
+    fn url_credentials_go_in_a_sensitive_header_not_the_uri() {
+        let target = Target {
+            name: "t".into(),
+            url: "http://user:pw@127.0.0.1:9/h?k=v".parse().expect("url"),
+            format: ForwardFormat::Raw,
+            timeout: Duration::from_secs(1),
+            secret: None,
+            concurrency: 1,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+            max_attempts: 1,
+            max_age: Duration::from_secs(1),
+        };
+        let push = Push {
+            account: "main".into(),
+            event_id: "0".repeat(32),
+            query: "signature=x".into(),
+            body: Bytes::from_static(b"<xml></xml>"),
+            content_type: None,
+            forwarded_for: "127.0.0.1".into(),
+            message: crate::wechat::message::Message::parse(Bytes::from_static(
+                b"<xml><MsgType>text</MsgType></xml>",
+            ))
+            .expect("xml"),
+            key_index: None,
+            received_at: UNIX_EPOCH,
+        };
+        for attempt in [1, 2] {
+            let request = Forwarder::new()
+                .request(&target, &push, 0, attempt)
+                .expect("request");
+            assert_eq!(
+                request.uri().to_string(),
+                "http://127.0.0.1:9/h?k=v&signature=x"
+            );
+            let auth = request.headers().get(AUTHORIZATION).expect("authorization");
+            // base64("user:pw")
+            assert_eq!(auth.as_bytes(), b"Basic dXNlcjpwdw==");
+            assert!(auth.is_sensitive());
+        }
+    }
+
+    #[test]
     fn query_is_appended() {
         let url: Uri = "http://h:1/a/b".parse().expect("uri");
         assert_eq!(
