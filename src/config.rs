@@ -1420,11 +1420,17 @@ mod tests {
         const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         const PASSWORD: &str = "s3cretPassw0rd";
         let dir = tempfile::tempdir().expect("tempdir");
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+        let key_pem = certified.signing_key.serialize_pem();
+        std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).expect("cert");
+        std::fs::write(dir.path().join("key.pem"), &key_pem).expect("key");
         let path = dir.path().join("relay.toml");
         std::fs::write(
             &path,
             format!(
-                "[[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"wx0123456789abcdef\"\n\
+                "[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+                 [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"wx0123456789abcdef\"\n\
                  token = \"{TOKEN}\"\nencoding_aes_key = \"{KEY}\"\n\
                  previous_encoding_aes_key = \"{PREVIOUS}\"\n\
                  [[target]]\nname = \"crm\"\nurl = \"https://relay:{PASSWORD}@crm.example.com/h\"\n\
@@ -1450,6 +1456,13 @@ mod tests {
         let basic = target.url.authorization().expect("a credential");
         secrets.push(String::from_utf8_lossy(basic.as_bytes()).into_owned());
         secrets.push(base64::engine::general_purpose::STANDARD.encode(format!("relay:{PASSWORD}")));
+        // Every line of the TLS key's PEM body.
+        secrets.extend(
+            key_pem
+                .lines()
+                .filter(|line| !line.starts_with("-----"))
+                .map(str::to_owned),
+        );
         let shown = [
             format!("{config:?}"),
             format!("{config}"),
@@ -1460,6 +1473,7 @@ mod tests {
             format!("{:?}", target.secret),
             format!("{:?}", target.url),
             format!("{}", target.url),
+            format!("{:?}", config.server.tls),
         ];
         for text in &shown {
             for secret in &secrets {
