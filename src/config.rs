@@ -14,11 +14,18 @@ use base64::Engine;
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Value};
-use http::Uri;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use zeroize::Zeroizing;
+
+pub use crate::secret::Secret;
 use crate::wechat::crypto::AesKey;
+
+mod file_mode;
+mod target_url;
+
+pub use target_url::{TargetUrl, UrlError};
 
 /// Set by systemd to the folder of the unit's `LoadCredential=` files.
 const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
@@ -202,7 +209,8 @@ impl ForwardFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub name: String,
-    pub url: Uri,
+    /// Without user info: a `user:password@` is sent as `Authorization: Basic`.
+    pub url: TargetUrl,
     pub format: ForwardFormat,
     pub timeout: Duration,
     /// The HMAC key decoded from `whsec_...` (json targets only).
@@ -240,27 +248,6 @@ pub struct Route {
     pub content: Option<Vec<String>>,
     pub to: Vec<String>,
     pub reply: Reply,
-}
-
-/// A token, key or HMAC secret: never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The secret as text (tokens are ASCII by validation).
-    pub fn expose_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 // ---- raw shape ---------------------------------------------------------------------------
@@ -477,7 +464,9 @@ impl Config {
             .iter()
             .find(|(name, _)| name == CREDENTIALS_DIRECTORY)
             .map(|(_, value)| PathBuf::from(value));
-        Checker::new(base, problems, credentials).check(root)
+        let mut checker = Checker::new(base, problems, credentials);
+        checker.warn_loose_mode("relay.toml", path);
+        checker.check(root)
     }
 }
 
@@ -693,6 +682,13 @@ impl<'a> Checker<'a> {
         self.warnings.push(format!("{at}: {why}"));
     }
 
+    /// Warns when others can read `path`, or anyone but its owner can write it.
+    fn warn_loose_mode(&mut self, at: impl fmt::Display, path: &Path) {
+        if let Some(why) = file_mode::loose_mode(path) {
+            self.warn(at, why);
+        }
+    }
+
     fn check(mut self, mut root: Dict) -> Result<Config, ConfigError> {
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
@@ -905,11 +901,14 @@ impl<'a> Checker<'a> {
                 }
             };
             match crate::tls::load_certified_key(&cert, &key) {
-                Ok(certified) => Some(Tls {
-                    cert,
-                    key,
-                    certified: Arc::new(certified),
-                }),
+                Ok(certified) => {
+                    self.warn_loose_mode("server.tls.key", &key);
+                    Some(Tls {
+                        cert,
+                        key,
+                        certified: Arc::new(certified),
+                    })
+                }
                 Err(why) => {
                     self.problem("server.tls", why);
                     None
@@ -1032,7 +1031,8 @@ impl<'a> Checker<'a> {
         })
     }
 
-    /// A secret given inline or as `<key>_file` (relative to the config's folder), not both.
+    /// A secret given inline or as `<key>_file` (relative to the config's folder), not both,
+    /// in memory that is zeroed on drop; a file that others can read is warned about.
     /// `Err` means a problem was already reported for it.
     fn secret(
         &mut self,
@@ -1040,13 +1040,13 @@ impl<'a> Checker<'a> {
         key: &str,
         inline: Option<String>,
         file: Option<PathBuf>,
-    ) -> Result<Option<String>, Reported> {
+    ) -> Result<Option<Zeroizing<String>>, Reported> {
         match (inline, file) {
             (Some(_), Some(_)) => {
                 self.problem(at, format!("give {key} or {key}_file, not both"));
                 Err(Reported)
             }
-            (Some(value), None) => Ok(Some(value)),
+            (Some(value), None) => Ok(Some(Zeroizing::new(value))),
             (None, Some(file)) => {
                 let path = match self.secret_path(&file) {
                     Ok(path) => path,
@@ -1055,8 +1055,11 @@ impl<'a> Checker<'a> {
                         return Err(Reported);
                     }
                 };
-                match std::fs::read_to_string(&path) {
-                    Ok(text) => Ok(Some(text.trim().to_owned())),
+                match std::fs::read_to_string(&path).map(Zeroizing::new) {
+                    Ok(text) => {
+                        self.warn_loose_mode(format!("{at}.{key}_file"), &path);
+                        Ok(Some(Zeroizing::new(text.trim().to_owned())))
+                    }
                     Err(e) => {
                         self.problem(
                             format!("{at}.{key}_file"),
@@ -1176,7 +1179,7 @@ impl<'a> Checker<'a> {
             name: raw.name,
             path: raw.path,
             app_id: raw.app_id,
-            token: Secret(token.ok()??.into_bytes()),
+            token: Secret::from(token.ok()??),
             keys,
             mode,
         })
@@ -1186,18 +1189,11 @@ impl<'a> Checker<'a> {
         let at = format!("target[{i}]");
         let before = self.problems.len();
         self.name(&at, &raw.name);
-        let url = match raw.url.parse::<Uri>() {
-            Ok(uri)
-                if matches!(uri.scheme_str(), Some("http" | "https"))
-                    && uri.host().is_some_and(|h| !h.is_empty()) =>
-            {
-                Some(uri)
-            }
-            _ => {
-                self.problem(
-                    format!("{at}.url"),
-                    "must be an http:// or https:// URL with a host (not shown: it may hold a credential)",
-                );
+        // The text may hold a password: zeroed once parsed.
+        let url = match Zeroizing::new(raw.url).parse::<TargetUrl>() {
+            Ok(url) => Some(url),
+            Err(why) => {
+                self.problem(format!("{at}.url"), why);
                 None
             }
         };
@@ -1247,14 +1243,15 @@ impl<'a> Checker<'a> {
                 let decoded = secret
                     .strip_prefix("whsec_")
                     .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-                    .filter(|key| key.len() >= 16);
+                    .map(Secret::new)
+                    .filter(|key| key.expose().len() >= 16);
                 if decoded.is_none() {
                     self.problem(
                         format!("{at}.secret"),
                         "must be \"whsec_\" followed by the base64 of a key of at least 16 bytes",
                     );
                 }
-                decoded.map(Secret)
+                decoded
             }
             (format, Some(_)) => {
                 self.problem(
@@ -1372,24 +1369,6 @@ impl<'a> Checker<'a> {
 
 // ---- summary -----------------------------------------------------------------------------
 
-/// A target URL without what may be a credential: user info and the query.
-pub fn redacted_url(url: &Uri) -> String {
-    let scheme = url.scheme_str().unwrap_or("http");
-    let host = url.host().unwrap_or_default();
-    let port = url.port_u16().map_or(String::new(), |p| format!(":{p}"));
-    let userinfo = if url.authority().is_some_and(|a| a.as_str().contains('@')) {
-        "<redacted>@"
-    } else {
-        ""
-    };
-    let query = if url.query().is_some() {
-        "?<redacted>"
-    } else {
-        ""
-    };
-    format!("{scheme}://{userinfo}{host}{port}{}{query}", url.path())
-}
-
 impl fmt::Display for Config {
     /// The effective configuration, secrets redacted (what `wechat-relay check` prints).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1483,7 +1462,7 @@ impl fmt::Display for Config {
                 "target {}: {} {} timeout {} ms, {} at once, retry {}-{} ms, {} attempts, {} s max age{}",
                 t.name,
                 t.format.as_str(),
-                redacted_url(&t.url),
+                t.url,
                 t.timeout.as_millis(),
                 t.concurrency,
                 t.retry_initial.as_millis(),
@@ -1544,19 +1523,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacted_url_hides_credentials() {
-        let url: Uri = "https://user:pw@hooks.example.com:8443/a/b?token=s3cret"
-            .parse()
-            .expect("uri");
-        assert_eq!(
-            redacted_url(&url),
-            "https://<redacted>@hooks.example.com:8443/a/b?<redacted>"
-        );
-        let url: Uri = "http://127.0.0.1:9000/wechat".parse().expect("uri");
-        assert_eq!(redacted_url(&url), "http://127.0.0.1:9000/wechat");
-    }
-
-    #[test]
     fn env_values_keep_text_for_text_keys() {
         assert_eq!(typed_like("token", None, "12345").as_str(), Some("12345"));
         assert_eq!(
@@ -1566,5 +1532,76 @@ mod tests {
             Some(12345)
         );
         assert_eq!(typed_like("ticket", None, "true").to_bool(), Some(true));
+    }
+
+    #[test]
+    fn debug_of_a_loaded_config_shows_no_secret() {
+        const TOKEN: &str = "debugToken2024";
+        const KEY: &str = "DebugEncodingAESKey0123456789abcdefghijklmn";
+        const PREVIOUS: &str = "PreviousEncodingAESKey0123456789abcdefghijk";
+        const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        const PASSWORD: &str = "s3cretPassw0rd";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+        let key_pem = certified.signing_key.serialize_pem();
+        std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).expect("cert");
+        std::fs::write(dir.path().join("key.pem"), &key_pem).expect("key");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+                 [[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"wx0123456789abcdef\"\n\
+                 token = \"{TOKEN}\"\nencoding_aes_key = \"{KEY}\"\n\
+                 previous_encoding_aes_key = \"{PREVIOUS}\"\n\
+                 [[target]]\nname = \"crm\"\nurl = \"https://relay:{PASSWORD}@crm.example.com/h\"\n\
+                 format = \"json\"\nsecret = \"{WHSEC}\"\n\
+                 [[route]]\nto = [\"crm\"]\n"
+            ),
+        )
+        .expect("write");
+        let config = Config::load_with_env(&path, &[]).expect("valid");
+        let account = &config.accounts[0];
+        let target = &config.targets[0];
+        let mut secrets: Vec<String> = [TOKEN, KEY, PREVIOUS, WHSEC, PASSWORD]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        for key in &account.keys {
+            secrets.push(format!("{:?}", key.as_bytes()));
+            secrets.push(hex::encode(key.as_bytes()));
+        }
+        let hmac_key = target.secret.as_ref().expect("a json secret").expose();
+        secrets.push(format!("{hmac_key:?}"));
+        secrets.push(hex::encode(hmac_key));
+        let basic = target.url.authorization().expect("a credential");
+        secrets.push(String::from_utf8_lossy(basic.as_bytes()).into_owned());
+        secrets.push(base64::engine::general_purpose::STANDARD.encode(format!("relay:{PASSWORD}")));
+        // Every line of the TLS key's PEM body.
+        secrets.extend(
+            key_pem
+                .lines()
+                .filter(|line| !line.starts_with("-----"))
+                .map(str::to_owned),
+        );
+        let shown = [
+            format!("{config:?}"),
+            format!("{config}"),
+            format!("{account:?}"),
+            format!("{target:?}"),
+            format!("{:?}", account.token),
+            format!("{:?}", account.keys),
+            format!("{:?}", target.secret),
+            format!("{:?}", target.url),
+            format!("{}", target.url),
+            format!("{:?}", config.server.tls),
+        ];
+        for text in &shown {
+            for secret in &secrets {
+                assert!(!text.contains(secret.as_str()), "{secret:?} in {text}");
+            }
+        }
+        assert!(shown[0].contains("<redacted>"), "{}", shown[0]);
     }
 }

@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -143,13 +143,18 @@ impl Forwarder {
             ForwardFormat::Plain => (push.plain_query(), XML, push.message.xml().clone()),
             ForwardFormat::Json => (String::new(), JSON, json_body(push)),
         };
-        let uri = with_query(&target.url, &query)?;
+        let uri = with_query(target.url.uri(), &query)?;
         let mut builder = Request::post(uri)
             .header(CONTENT_TYPE, content_type)
             .header(USER_AGENT, self.user_agent.clone())
             .header(EVENT_ID_HEADER, push.event_id.as_str())
             .header(ATTEMPT_HEADER, attempt)
             .header(X_FORWARDED_FOR, push.forwarded_for.as_str());
+        // The URL's user info, as the sensitive header built at load (a clone shares its
+        // zeroed buffer); the URI above never carries it.
+        if let Some(authorization) = target.url.authorization() {
+            builder = builder.header(AUTHORIZATION, authorization.clone());
+        }
         if let (ForwardFormat::Json, Some(secret)) = (target.format, &target.secret) {
             let id = push.event_id.as_str();
             let timestamp = now.to_string();
@@ -179,7 +184,8 @@ fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>`: the Standard Webhooks signature.
 pub fn sign_webhook(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
-    // HMAC takes a key of any length: new_from_slice cannot fail for it.
+    // HMAC takes a key of any length: new_from_slice cannot fail for it. Its key blocks are
+    // zeroed on drop (the `zeroize` feature of hmac and sha2).
     let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
         Ok(mac) => mac,
         Err(_) => return String::new(),
@@ -283,6 +289,49 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn url_credentials_go_in_a_sensitive_header_not_the_uri() {
+        let target = Target {
+            name: "t".into(),
+            url: "http://user:pw@127.0.0.1:9/h?k=v".parse().expect("url"),
+            format: ForwardFormat::Raw,
+            timeout: Duration::from_secs(1),
+            secret: None,
+            concurrency: 1,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+            max_attempts: 1,
+            max_age: Duration::from_secs(1),
+        };
+        let push = Push {
+            account: "main".into(),
+            event_id: "0".repeat(32),
+            query: "signature=x".into(),
+            body: Bytes::from_static(b"<xml></xml>"),
+            content_type: None,
+            forwarded_for: "127.0.0.1".into(),
+            message: crate::wechat::message::Message::parse(Bytes::from_static(
+                b"<xml><MsgType>text</MsgType></xml>",
+            ))
+            .expect("xml"),
+            key_index: None,
+            received_at: UNIX_EPOCH,
+        };
+        for attempt in [1, 2] {
+            let request = Forwarder::new()
+                .request(&target, &push, 0, attempt)
+                .expect("request");
+            assert_eq!(
+                request.uri().to_string(),
+                "http://127.0.0.1:9/h?k=v&signature=x"
+            );
+            let auth = request.headers().get(AUTHORIZATION).expect("authorization");
+            // base64("user:pw")
+            assert_eq!(auth.as_bytes(), b"Basic dXNlcjpwdw==");
+            assert!(auth.is_sensitive());
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! - [`push`]: a verified push as every later step reads it;
 //! - [`route`]: the route table, first match wins;
 //! - [`forward`]: the HTTP client and the `raw` / `plain` / `json` request shapes;
+//! - [`secret`]: tokens, keys and credentials in zeroed memory, compared in constant time;
 //! - [`error`]: refusals and forward failures, and their HTTP statuses;
 //! - [`simulate`]: WeChat's side from the command line: a signed push or URL check sent to a
 //!   running relay, its answer opened (`wechat-relay simulate`);
@@ -37,6 +38,7 @@ pub mod peer;
 pub mod push;
 pub mod relay;
 pub mod route;
+pub mod secret;
 pub mod server;
 pub mod service;
 pub mod simulate;

@@ -72,7 +72,7 @@ pub async fn run(config: &Config, args: &SimulateArgs) -> Result<Report, Simulat
         None => default_url(config.server.listen, &account.path)?,
     };
     let sender = Sender {
-        token: account.token.expose_str().to_owned(),
+        token: account.token.clone(),
         app_id: account.app_id.clone(),
         key: account.keys.first().cloned(),
     };

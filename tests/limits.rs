@@ -46,25 +46,18 @@ async fn a_client_that_stops_reading_loses_its_connection() {
     let echo = "e".repeat(16 * 1024);
     let query = plain_query(&now(), "7");
     let request = format!("GET /wechat?{query}&echostr={echo} HTTP/1.1\r\nhost: relay\r\n\r\n");
+    // Keep writing until the relay closes the connection: its receive buffer (autotuned, up
+    // to tens of MiB) fills first, then the client's send buffer.
     let writer = tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
-        for _ in 0..1000 {
-            if stalled.write_all(request.as_bytes()).await.is_err() {
-                // The relay closed the connection.
-                return true;
-            }
-        }
-        false
+        while stalled.write_all(request.as_bytes()).await.is_ok() {}
+        // The relay closed the connection.
     });
 
     // The write stall timeout (10 s) closes it, without another client asking for the slot.
-    let closed = tokio::time::timeout(Duration::from_secs(30), writer)
+    tokio::time::timeout(Duration::from_secs(30), writer)
         .await
         .expect("the stalled client's connection was closed")
         .expect("task");
-    assert!(
-        closed,
-        "every request was answered: the writes never stalled"
-    );
     relay.stop().await;
 }

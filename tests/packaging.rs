@@ -415,6 +415,10 @@ fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
             "/usr/share/doc/wechat-relay/README.md",
             "-rw-r--r-- root/root",
         ),
+        (
+            "/usr/share/doc/wechat-relay/SECURITY.md",
+            "-rw-r--r-- root/root",
+        ),
     ] {
         assert_eq!(
             entry(path).as_deref(),

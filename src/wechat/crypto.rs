@@ -9,6 +9,8 @@ use base64::Engine;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use cbc::cipher::block_padding::NoPadding;
 use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 /// WeChat pads to 32 bytes, not to the AES block of 16.
 const PAD_BLOCK: usize = 32;
@@ -47,9 +49,19 @@ pub enum CryptoError {
     AppId,
 }
 
-/// The 32-byte AES key decoded from an account's `EncodingAESKey`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AesKey([u8; 32]);
+/// The 32-byte AES key decoded from an account's `EncodingAESKey`: zeroed on drop, compared in
+/// constant time, never printed. (The AES key schedules built from it are zeroed on drop too:
+/// the `zeroize` features of `aes` and `cbc`.)
+#[derive(Clone)]
+pub struct AesKey(Zeroizing<[u8; 32]>);
+
+impl PartialEq for AesKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&*other.0).into()
+    }
+}
+
+impl Eq for AesKey {}
 
 impl std::fmt::Debug for AesKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,9 +79,19 @@ impl AesKey {
         if !encoding_aes_key.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(KeyError::Alphabet);
         }
-        let padded = format!("{encoding_aes_key}=");
-        let bytes = KEY_ENGINE.decode(padded).map_err(|_| KeyError::Alphabet)?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Length(chars))?;
+        // Every copy is zeroed: the padded text, the decoding buffer and the key.
+        let mut padded = Zeroizing::new(String::with_capacity(44));
+        padded.push_str(encoding_aes_key);
+        padded.push('=');
+        let mut decoded = Zeroizing::new([0u8; 33]);
+        let len = KEY_ENGINE
+            .decode_slice(padded.as_bytes(), &mut decoded[..])
+            .map_err(|_| KeyError::Alphabet)?;
+        let mut key = Zeroizing::new([0u8; 32]);
+        match decoded.get(..len) {
+            Some(bytes) if len == 32 => key.copy_from_slice(bytes),
+            _ => return Err(KeyError::Length(chars)),
+        }
         Ok(Self(key))
     }
 

@@ -5,11 +5,12 @@
 use super::crypto::{self, AesKey};
 use super::message::cdata;
 use super::signature::sign;
+use crate::secret::Secret;
 
 /// What an account shares with WeChat: the token, the app id and, outside plaintext mode, the key.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    pub token: String,
+    pub token: Secret,
     pub app_id: String,
     pub key: Option<AesKey>,
 }
@@ -87,7 +88,7 @@ pub struct Outgoing {
 impl Sender {
     /// The query of a URL check (`GET`).
     pub fn url_check(&self, timestamp: &str, nonce: &str, echostr: &str) -> String {
-        let signature = sign(&[&self.token, timestamp, nonce]);
+        let signature = sign(&[self.token.expose_str(), timestamp, nonce]);
         format!("signature={signature}&echostr={echostr}&timestamp={timestamp}&nonce={nonce}")
     }
 
@@ -98,7 +99,7 @@ impl Sender {
             nonce,
             openid,
         } = *stamp;
-        let signature = sign(&[&self.token, timestamp, nonce]);
+        let signature = sign(&[self.token.expose_str(), timestamp, nonce]);
         format!("signature={signature}&timestamp={timestamp}&nonce={nonce}&openid={openid}")
     }
 
@@ -118,7 +119,12 @@ impl Sender {
 
     /// The query of an encrypted push carrying `encrypt`.
     pub fn encrypted_query(&self, encrypt: &str, stamp: &Stamp<'_>) -> String {
-        let msg_signature = sign(&[&self.token, stamp.timestamp, stamp.nonce, encrypt]);
+        let msg_signature = sign(&[
+            self.token.expose_str(),
+            stamp.timestamp,
+            stamp.nonce,
+            encrypt,
+        ]);
         format!(
             "{}&encrypt_type=aes&msg_signature={msg_signature}",
             self.plain_query(stamp)
@@ -152,7 +158,7 @@ impl Sender {
         let field = |name: &'static str| fields.get(name).ok_or(ReplyError::Missing(name));
         let (encrypt, timestamp, nonce) = (field("Encrypt")?, field("TimeStamp")?, field("Nonce")?);
         if !super::signature::verify(
-            &[&self.token, timestamp, nonce, encrypt],
+            &[self.token.expose_str(), timestamp, nonce, encrypt],
             field("MsgSignature")?,
         ) {
             return Err(ReplyError::Signature);
@@ -212,7 +218,7 @@ mod tests {
         let reply = crypto::seal_reply(
             sender.key.as_ref().expect("key"),
             &sender.app_id,
-            &sender.token,
+            sender.token.expose_str(),
             b"<xml>hi</xml>",
             "1",
             "2",
@@ -287,5 +293,26 @@ mod tests {
             "signature=f464b24fc39322e44b38aa78f5edd27bd1441696&echostr=4375120948345356249&timestamp=1714036504&nonce=1514711492"
         );
         assert!(sender.encrypt("<xml/>", &[0; 16]).is_none());
+    }
+
+    #[test]
+    fn debug_shows_no_token_or_key() {
+        let key = AesKey::from_encoding_aes_key("RelayVectorsEncodingAESKey0123456789abcdefZ")
+            .expect("key");
+        let bytes = *key.as_bytes();
+        let sender = Sender {
+            token: "relayToken2024".into(),
+            app_id: "wxa1b2c3d4e5f60789".into(),
+            key: Some(key),
+        };
+        let debug = format!("{sender:?}");
+        assert!(debug.contains("wxa1b2c3d4e5f60789"), "{debug}");
+        for secret in [
+            "relayToken2024".to_owned(),
+            format!("{bytes:?}"),
+            hex::encode(bytes),
+        ] {
+            assert!(!debug.contains(&secret), "{secret} in {debug}");
+        }
     }
 }
