@@ -242,8 +242,9 @@ impl Relay {
     /// Route -> dedupe -> reply -> commit, for a verified push.
     ///
     /// Dedupe compares the message too: a push whose event id is claimed or recorded for
-    /// another message is not a retry. It is logged and counted as a collision, given an event
-    /// id of its own ([`collided`]) and handled as a new push under it.
+    /// another message is not a retry. It is given an event id of its own
+    /// ([`Relay::collided`]) and handled as a new push under it, and logged and counted as a
+    /// collision once committed.
     async fn handle_push(
         &self,
         account_index: usize,
@@ -324,21 +325,21 @@ impl Relay {
                 }
                 Err(e) => return self.store_failed(&push, guards, e),
             }
+            if collisions > 0 {
+                // Logged and counted once, when committed: its retries are duplicates.
+                metrics::dedupe_collision(&push.account);
+                warn!(account = %push.account, event_id = %push.event_id,
+                    "dedupe collision: another message had this push's dedupe key; routed as a new push under this event id");
+            }
             self.log_push(&push, Some(route), "forwarded", outcome, started);
             finish(guards, &answer);
             return answer;
         }
     }
 
-    /// A push whose event id belongs to another message: logged (once per push, no content)
-    /// and counted, and given its own id, the first one plus `~` and 16 hex digits of its
-    /// message's digest (stable across WeChat's retries of it).
+    /// A push whose event id belongs to another message gets its own: the first one plus `~`
+    /// and 16 hex digits of its message's digest (the same for WeChat's retries of it).
     fn collided(&self, push: Arc<Push>, digest: &Digest, collisions: &mut u32) -> Arc<Push> {
-        if *collisions == 0 {
-            metrics::dedupe_collision(&push.account);
-            warn!(account = %push.account, event_id = %push.event_id,
-                "dedupe collision: another message has this push's dedupe key; routed as a new push");
-        }
         *collisions += 1;
         let mut own = (*push).clone();
         own.event_id = format!("{}~{}", push.event_id, digest.short());

@@ -146,7 +146,7 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
         "[admin]\nlisten = \"127.0.0.1:0\"\n",
     );
     let relay = Binary::start(&path);
-    let admin = admin_addr(&relay);
+    let admin = relay.admin_addr();
     let good = std::fs::read_to_string(&path).expect("read");
 
     // Invalid: a target with a bad URL, a route naming a target that does not exist.
@@ -199,35 +199,11 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
 }
 
 /// The admin listener's address, from its startup line.
-fn admin_addr(relay: &Binary) -> String {
-    let line = relay.wait_for("admin listening");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("admin=")
-        .to_owned()
-}
-
-/// The value of the sample of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 #[tokio::test]
 async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut t, relay) = one_target(&dir, "[admin]\nlisten = \"127.0.0.1:0\"\n", &[]).await;
-    let admin = admin_addr(&relay);
+    let admin = relay.admin_addr();
     let health = get(&format!("http://{admin}/healthz")).await;
     assert_eq!(
         (health.status.as_u16(), health.text().as_str()),

@@ -258,6 +258,33 @@ impl Binary {
     }
 }
 
+impl Binary {
+    /// The admin listener's address, from its "admin listening" line.
+    pub fn admin_addr(&self) -> String {
+        let line = self.wait_for("admin listening");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .expect("admin=")
+            .to_owned()
+    }
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`, in Prometheus text.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 impl Drop for Binary {
     /// A failed assertion must not leave the relay running.
     fn drop(&mut self) {
