@@ -5,15 +5,21 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
     Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
+use crate::wechat::message::Message;
 
-/// What an entry or a dedupe record costs beside its variable parts (the maps' nodes, the
-/// push's fixed fields): an estimate, so that many tiny entries still count.
-const ENTRY_OVERHEAD: u64 = 256;
+/// What an entry costs beside the bytes of its parts: the push's fixed fields and small
+/// allocations, the maps' and the index's nodes. Estimated from the process's resident memory
+/// under a flood of pushes for a target that is down (about 3.5 KiB a push in all).
+const ENTRY_OVERHEAD: u64 = 1024;
+/// The same for a dedupe record.
+const RECORD_OVERHEAD: u64 = 256;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -79,11 +85,34 @@ impl Entry {
     }
 }
 
+/// `push` with its body and `Content-Type` in allocations of their own: read from a
+/// connection they are slices of its read buffer (kilobytes), which they would otherwise keep
+/// alive for as long as the delivery waits, far past what [`entry_bytes`] counts.
+fn compact(push: &Push) -> Arc<Push> {
+    let body = Bytes::copy_from_slice(&push.body);
+    let content_type = push
+        .content_type
+        .as_ref()
+        .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok());
+    let message = if push.encrypted() {
+        push.message.clone()
+    } else {
+        // A plaintext push's message is its body.
+        Message::from_parts(body.clone(), push.message.fields().clone())
+    };
+    Arc::new(Push {
+        body,
+        content_type,
+        message,
+        ..push.clone()
+    })
+}
+
 /// The bytes a delivery of `push` to `target` holds: the push as received and as read, its
-/// fields, and a margin for its last error.
+/// parsed fields (about the size of the message again), the rest of its fields.
 fn entry_bytes(push: &Push, target: &str) -> u64 {
     let variable = push.body.len()
-        + push.message.xml().len()
+        + 2 * push.message.xml().len()
         + push.query.len()
         + push.forwarded_for.len()
         + push.account.len()
@@ -95,7 +124,7 @@ fn entry_bytes(push: &Push, target: &str) -> u64 {
 
 fn record_bytes(event_id: &str, answer: &CachedAnswer) -> u64 {
     let variable = event_id.len() + answer.body.len() + answer.content_type.len() + 32;
-    ENTRY_OVERHEAD.saturating_add(variable as u64)
+    RECORD_OVERHEAD.saturating_add(variable as u64)
 }
 
 impl MemoryStore {
@@ -222,13 +251,18 @@ impl Store for MemoryStore {
                     bytes,
                 },
             );
+            let push = if commit.deliveries.is_empty() {
+                commit.push
+            } else {
+                compact(&commit.push)
+            };
             for delivery in commit.deliveries {
                 state.next_id += 1;
                 let id = state.next_id;
                 let entry = Entry {
-                    bytes: entry_bytes(&commit.push, &delivery.target),
+                    bytes: entry_bytes(&push, &delivery.target),
                     target: delivery.target,
-                    push: Arc::clone(&commit.push),
+                    push: Arc::clone(&push),
                     attempts: delivery.attempts,
                     enqueued_ms: commit.now_ms,
                     at_ms: delivery.at_ms,
@@ -422,11 +456,8 @@ impl Store for MemoryStore {
 mod tests {
     use std::time::SystemTime;
 
-    use bytes::Bytes;
-
     use super::*;
     use crate::outbox::store::NewDelivery;
-    use crate::wechat::message::Message;
 
     fn push(msg_id: u32) -> Arc<Push> {
         let xml = format!("<xml><FromUserName>o</FromUserName><MsgId>{msg_id}</MsgId></xml>");
@@ -514,6 +545,48 @@ mod tests {
         // Replayed: due now again.
         assert_eq!(store.replay(Selection::Id(1), 60).await, Ok(1));
         assert_eq!(due_ids(&store, "a", 100, vec![]).await, [1, 5, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_pending_push_does_not_keep_the_connection_buffer_it_was_read_from() {
+        let store = MemoryStore::new();
+        // A body and a Content-Type as hyper hands them over: slices of one large buffer.
+        let buffer = Bytes::from(vec![b' '; 16 << 10]);
+        let original = push(1);
+        let mut read = (*original).clone();
+        read.body = buffer.slice(0..original.body.len());
+        read.content_type = http::HeaderValue::from_maybe_shared(buffer.slice(0..10)).ok();
+        let read = Arc::new(read);
+        store
+            .commit(Commit {
+                digest: Digest::of(read.message.xml()),
+                push: Arc::clone(&read),
+                answer: CachedAnswer {
+                    status: 200,
+                    content_type: "text/plain".into(),
+                    body: Bytes::from_static(b"success"),
+                },
+                deliveries: vec![NewDelivery {
+                    target: "a".into(),
+                    attempts: 0,
+                    last_error: None,
+                    at_ms: 0,
+                    dead: false,
+                }],
+                now_ms: 1,
+                dedupe_since_ms: 0,
+            })
+            .await
+            .expect("commit");
+        let due = store.due("a", 1, 1, vec![]).await.expect("due");
+        let Ok(kept) = &due[0].push else {
+            panic!("a push")
+        };
+        assert_eq!(kept.body, read.body);
+        let inside = |p: *const u8| buffer.as_ptr_range().contains(&p);
+        assert!(!inside(kept.body.as_ptr()), "the body is its own");
+        let content_type = kept.content_type.as_ref().expect("content type");
+        assert!(!inside(content_type.as_bytes().as_ptr()), "so is the type");
     }
 
     #[tokio::test]
