@@ -10,7 +10,9 @@
 //! Options: `--mode safe|plaintext`, `--reply` (the route waits for the target's reply, which
 //! the relay seals for WeChat), `--format raw|plain|json`, `--store sqlite|memory` (sqlite,
 //! the default, is the durable path: every acknowledged push was fsynced first; memory is the
-//! same path with the store off).
+//! same path with the store off), `--target-down` (the target's port refuses connections:
+//! every push stays pending, which measures the outbox with a growing backlog), `--max-bytes N`
+//! (`[store] max_bytes`, for a backlog larger than the default budget).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,6 +31,8 @@ use wechat_relay::wechat::crypto::AesKey;
 use wechat_relay::wechat::sender::{Sender, Stamp};
 
 const TOKEN: &str = "loadToken2024";
+/// Pushes per line of the running rate.
+const CHUNK: usize = 10_000;
 const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
 const APP_ID: &str = "wx0123456789abcdef";
 const REPLY: &str = "<xml><ToUserName><![CDATA[o]]></ToUserName><FromUserName><![CDATA[gh]]></FromUserName>\
@@ -41,6 +45,8 @@ struct Options {
     format: String,
     reply: bool,
     store: String,
+    target_down: bool,
+    max_bytes: Option<u64>,
 }
 
 fn options() -> Options {
@@ -51,6 +57,8 @@ fn options() -> Options {
         format: "plain".into(),
         reply: false,
         store: "sqlite".into(),
+        target_down: false,
+        max_bytes: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -62,6 +70,8 @@ fn options() -> Options {
             "--format" => options.format = value(),
             "--reply" => options.reply = true,
             "--store" => options.store = value(),
+            "--target-down" => options.target_down = true,
+            "--max-bytes" => options.max_bytes = Some(value().parse().expect("--max-bytes N")),
             // `cargo bench` passes --bench; anything else is a mistake.
             "--bench" => {}
             other => panic!("unknown option {other}"),
@@ -109,7 +119,14 @@ async fn main() {
     wechat_relay::telemetry::init();
     let options = options();
     let received = Arc::new(AtomicUsize::new(0));
-    let target = start_target(Arc::clone(&received)).await;
+    let target = if options.target_down {
+        // Bound and dropped: nobody listens there now.
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+    } else {
+        start_target(Arc::clone(&received)).await
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let key_line = if options.mode == "plaintext" {
         String::new()
@@ -122,9 +139,12 @@ async fn main() {
     } else {
         ""
     };
+    let budget = options
+        .max_bytes
+        .map_or(String::new(), |n| format!("max_bytes = {n}\n"));
     let store = match options.store.as_str() {
-        "sqlite" => "[store]\npath = \"data\"\n",
-        "memory" => "",
+        "sqlite" => format!("[store]\npath = \"data\"\n{budget}"),
+        "memory" => format!("[store]\n{budget}"),
         other => panic!("--store sqlite|memory, not {other}"),
     };
     let toml = format!(
@@ -179,10 +199,29 @@ async fn main() {
     let next = Arc::new(AtomicUsize::new(0));
 
     let started = Instant::now();
+    // Every 10,000 acknowledged pushes: how fast those were taken (a rate that falls as the
+    // backlog grows is a scan somewhere).
+    let acked = Arc::new(AtomicUsize::new(0));
+    let chunks = {
+        let acked = Arc::clone(&acked);
+        let total = options.pushes;
+        tokio::spawn(async move {
+            let (mut mark, mut at) = (0usize, Instant::now());
+            while mark + CHUNK <= total {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if acked.load(Ordering::Relaxed) >= mark + CHUNK {
+                    let rate = CHUNK as f64 / at.elapsed().as_secs_f64();
+                    println!("pushes {}..{}: {rate:.0} pushes/s", mark, mark + CHUNK);
+                    (mark, at) = (mark + CHUNK, Instant::now());
+                }
+            }
+        })
+    };
     let mut workers = Vec::new();
     for _ in 0..options.concurrency {
         let pushes = Arc::clone(&pushes);
         let next = Arc::clone(&next);
+        let acked = Arc::clone(&acked);
         workers.push(tokio::spawn(async move {
             let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(1)
@@ -203,6 +242,7 @@ async fn main() {
                     Ok(response) if response.status().is_success() => {
                         let _ = response.into_body().collect().await;
                         latencies.push(sent.elapsed());
+                        acked.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => failed += 1,
                 }
@@ -218,7 +258,8 @@ async fn main() {
         failed += f;
     }
     let acknowledged_in = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    chunks.abort();
+    let deadline = Instant::now() + Duration::from_secs(if options.target_down { 0 } else { 30 });
     while received.load(Ordering::Relaxed) < latencies.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -229,8 +270,14 @@ async fn main() {
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "mode={} format={} reply={} pushes={} concurrency={}",
-        options.mode, options.format, options.reply, options.pushes, options.concurrency
+        "mode={} format={} reply={} store={} target_down={} pushes={} concurrency={}",
+        options.mode,
+        options.format,
+        options.reply,
+        options.store,
+        options.target_down,
+        options.pushes,
+        options.concurrency
     );
     println!(
         "acknowledged {} (failed {failed}) in {:.2} s: {:.0} pushes/s",
@@ -250,7 +297,8 @@ async fn main() {
         received.load(Ordering::Relaxed),
         delivered_in.as_secs_f64()
     );
-    if failed > 0 || received.load(Ordering::Relaxed) < latencies.len() {
+    let undelivered = !options.target_down && received.load(Ordering::Relaxed) < latencies.len();
+    if failed > 0 || undelivered {
         std::process::exit(1);
     }
 }

@@ -1,6 +1,7 @@
 //! The admin listener (`[admin] listen`, off when absent), for the operator's monitoring and
 //! never exposed to WeChat: `/healthz` (the process answers), `/readyz` (a config is loaded,
-//! the store takes a write, the listener is bound) and `/metrics` (Prometheus text format).
+//! the store takes a write that allocates and is under its budget, the listener is bound) and
+//! `/metrics` (Prometheus text format).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -68,7 +69,8 @@ impl Admin {
         }
     }
 
-    /// Ready when the listener is bound and the store takes a write now.
+    /// Ready when the listener is bound, the store takes a write that allocates now, and it is
+    /// under its budget.
     async fn ready(&self) -> Response<Full<Bytes>> {
         let mut problems = Vec::new();
         if !self.listening.load(Ordering::SeqCst) {
@@ -77,13 +79,7 @@ impl Admin {
         if self.draining.load(Ordering::SeqCst) {
             problems.push("shutting down".to_owned());
         }
-        // A write that changes nothing: proves the store is writable (and fsyncs).
-        let probe = self.server.outbox().store().expire_dedupe(0);
-        match tokio::time::timeout(STORE_PROBE_TIMEOUT, probe).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => problems.push(format!("the store does not take writes: {e}")),
-            Err(_) => problems.push("the store did not answer within 2 s".to_owned()),
-        }
+        problems.extend(self.server.outbox().unready(STORE_PROBE_TIMEOUT).await);
         if problems.is_empty() {
             text(StatusCode::OK, "ready\n".into())
         } else {

@@ -48,6 +48,12 @@ const MAX_PERMITS: u64 = 1 << 20;
 const MIN_DEDUPE_TTL_S: u64 = 60;
 /// A week: the store holds a key (and its answer) per push for this long.
 const MAX_DEDUPE_TTL_S: u64 = 7 * 86_400;
+/// The store's budget: at least 1 MiB; by default 1 GiB on disk, 64 MiB in memory.
+const MIN_STORE_BYTES: u64 = 1 << 20;
+const DEFAULT_SQLITE_BYTES: u64 = 1 << 30;
+const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
+/// Dead letters are kept 1 s to a year (0, "for ever", is refused: the store is bounded).
+const MAX_DEAD_LETTER_RETENTION_S: u64 = 365 * 86_400;
 /// Deliveries at once to one target.
 const MAX_CONCURRENCY: u64 = 1024;
 /// A year: the most a delivery may be retried for.
@@ -152,6 +158,10 @@ pub struct Store {
     pub path: Option<PathBuf>,
     /// How long a push's dedupe key (and the answer WeChat got) is kept.
     pub dedupe_ttl: Duration,
+    /// Past this many bytes a push that needs a delivery is answered 503.
+    pub max_bytes: u64,
+    /// Dead letters older than this are purged in the background.
+    pub dead_letter_retention: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -359,6 +369,9 @@ fn default_max_age_s() -> u64 {
 fn default_dedupe_ttl_s() -> u64 {
     300
 }
+fn default_dead_letter_retention_s() -> u64 {
+    7 * 86_400
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -366,6 +379,10 @@ struct RawStore {
     path: Option<PathBuf>,
     #[serde(default = "default_dedupe_ttl_s")]
     dedupe_ttl_s: u64,
+    /// Default: by backend.
+    max_bytes: Option<u64>,
+    #[serde(default = "default_dead_letter_retention_s")]
+    dead_letter_retention_s: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -571,6 +588,8 @@ const TYPED_KEYS: &[&str] = &[
     "max_connection_age_s",
     "shutdown_grace_ms",
     "dedupe_ttl_s",
+    "max_bytes",
+    "dead_letter_retention_s",
     "timeout_ms",
     "concurrency",
     "retry_initial_ms",
@@ -714,6 +733,8 @@ impl<'a> Checker<'a> {
             None => Some(RawStore {
                 path: None,
                 dedupe_ttl_s: default_dedupe_ttl_s(),
+                max_bytes: None,
+                dead_letter_retention_s: default_dead_letter_retention_s(),
             }),
         };
         // Names and paths come from every entry as written, parsed or not, so that one broken
@@ -1022,12 +1043,40 @@ impl<'a> Checker<'a> {
                 "must name a folder (leave it out to keep deliveries in memory)",
             );
         }
+        let max_bytes = raw.max_bytes.unwrap_or(match raw.path {
+            Some(_) => DEFAULT_SQLITE_BYTES,
+            None => DEFAULT_MEMORY_BYTES,
+        });
+        if max_bytes < MIN_STORE_BYTES {
+            self.problem(
+                "store.max_bytes",
+                format!("must be at least {MIN_STORE_BYTES} (1 MiB), got {max_bytes}"),
+            );
+        }
+        if raw.dead_letter_retention_s == 0 {
+            self.problem(
+                "store.dead_letter_retention_s",
+                format!(
+                    "0 would keep dead letters for ever: give 1 to {MAX_DEAD_LETTER_RETENTION_S} \
+                     (a year), and purge by hand with `wechat-relay outbox purge` sooner"
+                ),
+            );
+        } else {
+            self.range(
+                "store.dead_letter_retention_s",
+                raw.dead_letter_retention_s,
+                1,
+                MAX_DEAD_LETTER_RETENTION_S,
+            );
+        }
         if self.problems.len() > before {
             return None;
         }
         Some(Store {
             path: raw.path.map(|p| self.base.join(p)),
             dedupe_ttl: Duration::from_secs(raw.dedupe_ttl_s),
+            max_bytes,
+            dead_letter_retention: Duration::from_secs(raw.dead_letter_retention_s),
         })
     }
 
@@ -1441,6 +1490,12 @@ impl fmt::Display for Config {
                 self.store.dedupe_ttl.as_secs()
             )?,
         }
+        writeln!(
+            f,
+            "store budget: {} bytes, dead letters kept {} s",
+            self.store.max_bytes,
+            self.store.dead_letter_retention.as_secs()
+        )?;
         for a in &self.accounts {
             writeln!(
                 f,

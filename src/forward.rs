@@ -173,10 +173,15 @@ impl Forwarder {
 }
 
 /// `Retry-After` as a delay from `now`: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+/// Delay-seconds past what a `u64` holds saturate (a target asking for "never" gets
+/// `u64::MAX` seconds, which makes the delivery a dead letter), never wrap or fall back to
+/// retrying soon.
 fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -289,6 +294,10 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after("soon", now), None);
+        // Past u64: saturated, not refused (which would retry at the usual backoff).
+        for huge in ["18446744073709551616", "99999999999999999999999999"] {
+            assert_eq!(retry_after(huge, now), Some(Duration::from_secs(u64::MAX)));
+        }
     }
 
     #[test]

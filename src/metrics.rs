@@ -22,6 +22,8 @@ pub const REPLY_SECONDS: &str = "wechat_relay_reply_seconds";
 pub const OUTBOX_PENDING: &str = "wechat_relay_outbox_pending";
 pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
 pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
+pub const DEDUPE_COLLISIONS: &str = "wechat_relay_dedupe_collisions_total";
+pub const STORE_FULL: &str = "wechat_relay_store_full_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
@@ -96,6 +98,14 @@ fn describe() {
     metrics::describe_gauge!(OUTBOX_PENDING, "Deliveries waiting in the outbox");
     metrics::describe_gauge!(DEAD_LETTERS, "Dead letters in the outbox");
     metrics::describe_counter!(DEDUPE_HITS, "WeChat retries answered from the first push");
+    metrics::describe_counter!(
+        DEDUPE_COLLISIONS,
+        "Pushes with the dedupe key of an earlier one but another message, routed as new"
+    );
+    metrics::describe_counter!(
+        STORE_FULL,
+        "Pushes answered 503 because the store was over max_bytes"
+    );
     metrics::describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by listener");
     metrics::describe_counter!(
@@ -157,6 +167,14 @@ pub fn forward(target: &str, result: &Result<Answer, ForwardError>, elapsed: Dur
 
 pub fn dedupe_hit(account: &str) {
     counter!(DEDUPE_HITS, "account" => account.to_owned()).increment(1);
+}
+
+pub fn dedupe_collision(account: &str) {
+    counter!(DEDUPE_COLLISIONS, "account" => account.to_owned()).increment(1);
+}
+
+pub fn store_full() {
+    counter!(STORE_FULL).increment(1);
 }
 
 pub fn reload(success: bool) {

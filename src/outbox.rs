@@ -11,6 +11,12 @@
 //! Dedupe: a push's key ([`crate::push::Push::event_id`], PROTOCOL.md §6) is claimed in memory
 //! while the push is handled, so a WeChat retry arriving meanwhile waits for the first and gets
 //! its answer; once committed, the store answers retries for `dedupe_ttl_s`, across restarts.
+//! Both compare the [`Digest`] of the message: another message under the same key is not a
+//! retry but a collision, and the relay gives it an event id of its own.
+//!
+//! Bounds: past `[store] max_bytes` a push that needs a delivery is refused (503, WeChat
+//! retries) until deliveries drain or dead letters are purged; dead letters older than
+//! `dead_letter_retention_s` are purged in the background.
 
 pub mod command;
 pub mod memory;
@@ -30,11 +36,15 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Target};
 use crate::forward::Forwarder;
-use store::{CachedAnswer, Commit, Committed, Store, StoreError, StoreResult};
+use store::{CachedAnswer, Commit, Committed, Digest, Recorded, Store, StoreError, StoreResult};
 use worker::TargetWorker;
 
-/// How often expired dedupe records are deleted.
-const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// How often expired dedupe records and old dead letters are deleted (more often when the
+/// retention is short: half of it, down to [`UPKEEP_MIN`]).
+const UPKEEP_EVERY: Duration = Duration::from_secs(60);
+const UPKEEP_MIN: Duration = Duration::from_secs(1);
+/// At most one "store over budget" line per this.
+const FULL_LOG_EVERY_MS: u64 = 1000;
 
 pub fn now_ms() -> u64 {
     sqlite::unix_ms(SystemTime::now())
@@ -52,8 +62,11 @@ pub fn open_store(config: &Config, role: sqlite::Role) -> StoreResult<Arc<dyn St
 /// a reload reconfigures its workers, the store and the claims stay.
 pub struct Outbox {
     store: Arc<dyn Store>,
-    /// The dedupe window, in milliseconds (a reload may change it).
-    dedupe_ttl_ms: Arc<AtomicU64>,
+    /// What a reload may change.
+    limits: Arc<Limits>,
+    /// When the last "over budget" line was written, and how many were left out since.
+    full_logged_ms: AtomicU64,
+    full_suppressed: AtomicU64,
     claims: Claims,
     workers: Mutex<HashMap<String, WorkerSlot>>,
     /// Per target name, for as long as the process lives: what its workers share.
@@ -64,6 +77,32 @@ pub struct Outbox {
     stop: CancellationToken,
     /// Dispatchers and the expiry task.
     tasks: TaskTracker,
+}
+
+/// The `[store]` settings the outbox applies, in milliseconds and bytes.
+#[derive(Default)]
+struct Limits {
+    dedupe_ttl_ms: AtomicU64,
+    retention_ms: AtomicU64,
+    max_bytes: AtomicU64,
+}
+
+impl Limits {
+    fn set(&self, config: &Config) {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let store = &config.store;
+        self.dedupe_ttl_ms
+            .store(ms(store.dedupe_ttl), Ordering::Relaxed);
+        self.retention_ms
+            .store(ms(store.dead_letter_retention), Ordering::Relaxed);
+        self.max_bytes.store(store.max_bytes, Ordering::Relaxed);
+    }
+
+    /// How often the upkeep runs: every minute, or every half retention when that is shorter.
+    fn upkeep_every(&self) -> Duration {
+        let half = Duration::from_millis(self.retention_ms.load(Ordering::Relaxed) / 2);
+        half.clamp(UPKEEP_MIN, UPKEEP_EVERY)
+    }
 }
 
 /// A target's running worker.
@@ -95,7 +134,9 @@ impl Outbox {
     pub fn with_store(config: &Config, store: Arc<dyn Store>) -> Outbox {
         let outbox = Outbox {
             store,
-            dedupe_ttl_ms: Arc::new(AtomicU64::new(config.store.dedupe_ttl.as_millis() as u64)),
+            limits: Arc::default(),
+            full_logged_ms: AtomicU64::new(0),
+            full_suppressed: AtomicU64::new(0),
             claims: Claims::default(),
             workers: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
@@ -105,9 +146,9 @@ impl Outbox {
             tasks: TaskTracker::new(),
         };
         outbox.reconfigure(config);
-        outbox.tasks.spawn(expire_dedupe(
+        outbox.tasks.spawn(upkeep(
             Arc::clone(&outbox.store),
-            Arc::clone(&outbox.dedupe_ttl_ms),
+            Arc::clone(&outbox.limits),
             outbox.stop.clone(),
         ));
         outbox
@@ -119,10 +160,7 @@ impl Outbox {
     /// deliveries they hold, so no delivery is attempted twice at once (for a moment both
     /// workers' attempts count, up to twice `concurrency`).
     pub fn reconfigure(&self, config: &Config) {
-        self.dedupe_ttl_ms.store(
-            config.store.dedupe_ttl.as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        self.limits.set(config);
         let (Ok(mut workers), Ok(mut lanes)) = (self.workers.lock(), self.lanes.lock()) else {
             return;
         };
@@ -186,24 +224,79 @@ impl Outbox {
         &self.forwarder
     }
 
-    /// Claims a push's key: the first claimant handles the push, the others wait for its answer.
-    pub fn claim(&self, event_id: &str) -> Claim {
-        self.claims.claim(event_id)
+    /// Claims a push's key for its message: the first claimant handles the push, the others
+    /// with the same message wait for its answer; another message is a collision.
+    pub fn claim(&self, event_id: &str, digest: &Digest) -> Claim {
+        self.claims.claim(event_id, digest)
     }
 
     /// The oldest commit time that still counts for dedupe.
     pub fn dedupe_since_ms(&self) -> u64 {
-        now_ms().saturating_sub(self.dedupe_ttl_ms.load(Ordering::Relaxed))
+        now_ms().saturating_sub(self.limits.dedupe_ttl_ms.load(Ordering::Relaxed))
     }
 
-    /// The answer committed for `event_id` within the dedupe window, if any.
-    pub async fn answer(&self, event_id: &str) -> StoreResult<Option<CachedAnswer>> {
+    /// The dedupe record committed for `event_id` within the dedupe window, if any.
+    pub async fn answer(&self, event_id: &str) -> StoreResult<Option<Recorded>> {
         self.store.answer(event_id, self.dedupe_since_ms()).await
     }
 
-    /// Commits a push durably (unless it was committed within the dedupe window: then its
-    /// answer comes back), then wakes the workers of its targets.
+    /// `Some` while the store holds `max_bytes` or more.
+    fn over_budget(&self) -> Option<StoreError> {
+        let used = self.store.used_bytes();
+        let max = self.limits.max_bytes.load(Ordering::Relaxed);
+        (used >= max).then_some(StoreError::Full { used, max })
+    }
+
+    /// What keeps the store from taking pushes now: a write that allocates fails, or it is
+    /// over its budget. Empty when it takes them.
+    pub async fn unready(&self, within: Duration) -> Vec<String> {
+        let mut problems = Vec::new();
+        match tokio::time::timeout(within, self.store.probe()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(format!("the store does not take writes: {e}")),
+            Err(_) => problems.push(format!(
+                "the store did not answer within {} ms",
+                within.as_millis()
+            )),
+        }
+        if let Some(full) = self.over_budget() {
+            problems.push(format!(
+                "{full}: pushes that need a delivery are answered 503"
+            ));
+        }
+        problems
+    }
+
+    /// Counts a push refused for the budget; logs it at most once a second, with how many
+    /// were not logged since.
+    fn refused_for_budget(&self, full: &StoreError) {
+        crate::metrics::store_full();
+        let now = now_ms();
+        let last = self.full_logged_ms.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= FULL_LOG_EVERY_MS
+            && self
+                .full_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if due {
+            let suppressed = self.full_suppressed.swap(0, Ordering::Relaxed);
+            warn!(error = %full, suppressed,
+                "store over budget: pushes that need a delivery are answered 503 (WeChat retries) until deliveries drain or dead letters are purged");
+        } else {
+            self.full_suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Commits a push durably (unless its event id was committed within the dedupe window:
+    /// then its answer, or a collision, comes back), then wakes the workers of its targets.
+    /// A push with deliveries is refused while the store is over its budget.
     pub async fn commit(&self, commit: Commit) -> StoreResult<Committed> {
+        if !commit.deliveries.is_empty()
+            && let Some(full) = self.over_budget()
+        {
+            self.refused_for_budget(&full);
+            return Err(full);
+        }
         let targets: Vec<String> = commit.deliveries.iter().map(|d| d.target.clone()).collect();
         let committed = self.store.commit(commit).await?;
         if committed == Committed::New
@@ -239,14 +332,23 @@ impl Outbox {
     }
 }
 
-async fn expire_dedupe(store: Arc<dyn Store>, ttl_ms: Arc<AtomicU64>, stop: CancellationToken) {
+/// At start and then every [`Limits::upkeep_every`]: deletes expired dedupe records and the
+/// dead letters older than the retention.
+async fn upkeep(store: Arc<dyn Store>, limits: Arc<Limits>, stop: CancellationToken) {
     loop {
-        let before = now_ms().saturating_sub(ttl_ms.load(Ordering::Relaxed));
+        let now = now_ms();
+        let before = now.saturating_sub(limits.dedupe_ttl_ms.load(Ordering::Relaxed));
         if let Err(e) = store.expire_dedupe(before).await {
             warn!(error = %e, "cannot expire dedupe records");
         }
+        let died_before = now.saturating_sub(limits.retention_ms.load(Ordering::Relaxed));
+        match store.purge_dead(Some(died_before), None).await {
+            Ok(0) => {}
+            Ok(purged) => info!(purged, "dead letters past dead_letter_retention_s purged"),
+            Err(e) => warn!(error = %e, "cannot purge old dead letters"),
+        }
         tokio::select! {
-            () = tokio::time::sleep(EXPIRE_EVERY) => {}
+            () = tokio::time::sleep(limits.upkeep_every()) => {}
             () = stop.cancelled() => return,
         }
     }
@@ -264,19 +366,21 @@ impl WorkerSlot {
 
 type AnswerSlot = watch::Receiver<Option<Arc<CachedAnswer>>>;
 
-/// Keys of the pushes being handled now.
+/// Keys of the pushes being handled now, with the digest of each one's message.
 #[derive(Default, Clone)]
-struct Claims(Arc<Mutex<HashMap<String, AnswerSlot>>>);
+struct Claims(Arc<Mutex<HashMap<String, (Digest, AnswerSlot)>>>);
 
 pub enum Claim {
     /// This request handles the push; the guard gives its answer to those who wait.
     First(ClaimGuard),
     /// The same push is being handled: wait for its answer.
     Wait(Waiter),
+    /// Another message with this key is being handled: not a retry.
+    Collision,
 }
 
 impl Claims {
-    fn claim(&self, event_id: &str) -> Claim {
+    fn claim(&self, event_id: &str, digest: &Digest) -> Claim {
         let Ok(mut claims) = self.0.lock() else {
             // Poisoned only by a panic while holding it: handle the push unclaimed.
             let (sender, _) = watch::channel(None);
@@ -286,11 +390,14 @@ impl Claims {
                 sender,
             });
         };
-        if let Some(slot) = claims.get(event_id) {
+        if let Some((claimed, slot)) = claims.get(event_id) {
+            if claimed != digest {
+                return Claim::Collision;
+            }
             return Claim::Wait(Waiter(slot.clone()));
         }
         let (sender, slot) = watch::channel(None);
-        claims.insert(event_id.to_owned(), slot);
+        claims.insert(event_id.to_owned(), (*digest, slot));
         Claim::First(ClaimGuard {
             claims: self.clone(),
             event_id: event_id.to_owned(),
@@ -351,28 +458,39 @@ impl From<StoreError> for CachedAnswer {
 mod tests {
     use super::*;
 
+    const A: Digest = Digest([1; 32]);
+    const B: Digest = Digest([2; 32]);
+
     #[tokio::test]
     async fn a_second_claim_waits_for_the_first_answer() {
         let claims = Claims::default();
-        let Claim::First(guard) = claims.claim("e1") else {
+        let Claim::First(guard) = claims.claim("e1", &A) else {
             panic!("first claim");
         };
-        let Claim::Wait(waiter) = claims.claim("e1") else {
+        let Claim::Wait(waiter) = claims.claim("e1", &A) else {
             panic!("second claim waits");
         };
-        assert!(matches!(claims.claim("e2"), Claim::First(_)));
+        assert!(matches!(claims.claim("e2", &A), Claim::First(_)));
         let answer = Arc::new(CachedAnswer::from(StoreError::Closed));
         guard.finish(Arc::clone(&answer));
         assert_eq!(waiter.answer().await, Some(answer));
         // Released: the next claim is a first one again.
-        assert!(matches!(claims.claim("e1"), Claim::First(_)));
+        assert!(matches!(claims.claim("e1", &A), Claim::First(_)));
+    }
+
+    #[test]
+    fn another_message_under_a_claimed_key_is_a_collision() {
+        let claims = Claims::default();
+        let _guard = claims.claim("e1", &A);
+        assert!(matches!(claims.claim("e1", &B), Claim::Collision));
+        assert!(matches!(claims.claim("e1", &A), Claim::Wait(_)));
     }
 
     #[tokio::test]
     async fn a_dropped_claim_releases_its_waiters() {
         let claims = Claims::default();
-        let guard = claims.claim("e1");
-        let Claim::Wait(waiter) = claims.claim("e1") else {
+        let guard = claims.claim("e1", &A);
+        let Claim::Wait(waiter) = claims.claim("e1", &A) else {
             panic!("second claim waits");
         };
         drop(guard);

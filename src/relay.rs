@@ -23,7 +23,9 @@ use crate::config::{Account, Config, ForwardFormat, Mode, Reply, Target};
 use crate::error::{ForwardError, Rejection};
 use crate::forward::{Answer, Forwarder, unix_now};
 use crate::metrics;
-use crate::outbox::store::{CachedAnswer, Commit, Committed, NewDelivery, Settle, StoreError};
+use crate::outbox::store::{
+    CachedAnswer, Commit, Committed, Digest, NewDelivery, Settle, StoreError,
+};
 use crate::outbox::worker::{Verdict, classify, decide};
 use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
 use crate::peer;
@@ -40,6 +42,9 @@ type ForwardResult = Result<Answer, ForwardError>;
 const SUCCESS: &str = "success";
 const TEXT_XML: &str = "text/xml; charset=utf-8";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+/// How many times a push may meet another message under its event id (once is the rule: its
+/// own id holds its digest).
+const MAX_REKEYS: u32 = 2;
 
 /// The relay for one config.
 pub struct Relay {
@@ -250,6 +255,11 @@ impl Relay {
     }
 
     /// Route -> dedupe -> reply -> commit, for a verified push.
+    ///
+    /// Dedupe compares the message too: a push whose event id is claimed or recorded for
+    /// another message is not a retry. It is given an event id of its own
+    /// ([`Relay::collided`]) and handled as a new push under it, and logged and counted as a
+    /// collision once committed.
     async fn handle_push(
         &self,
         account_index: usize,
@@ -261,52 +271,94 @@ impl Relay {
             self.log_push(&push, None, "unrouted", ReplyOutcome::Success, started);
             return Arc::new(success());
         };
-        let guard = match self.outbox.claim(&push.event_id) {
-            Claim::First(guard) => guard,
-            Claim::Wait(waiter) => {
-                // A WeChat retry while the first is handled: the first one's answer.
-                let answer = waiter
-                    .answer()
-                    .await
-                    .unwrap_or_else(|| Arc::new(CachedAnswer::from(StoreError::Closed)));
-                return self.duplicate(&push, route, answer, started);
+        let digest = Digest::of(push.message.xml());
+        let mut push = push;
+        // The claims on the ids tried: the first and, after a collision, the push's own.
+        let mut guards: Vec<ClaimGuard> = Vec::new();
+        let mut collisions = 0;
+        loop {
+            if collisions > MAX_REKEYS {
+                let e = StoreError::Io("event id collisions without end".into());
+                return self.store_failed(&push, guards, e);
             }
-        };
-        // A route with a reply target would ask it again for a retry: look the push up first.
-        // Otherwise the commit itself finds a retry, in the same transaction.
-        if matches!(route.reply, Reply::Target(_)) {
-            match self.outbox.answer(&push.event_id).await {
-                Ok(None) => {}
-                Ok(Some(answer)) => {
-                    // A retry of a push committed before: the answer it got then.
-                    let answer = Arc::new(answer);
-                    guard.finish(Arc::clone(&answer));
+            match self.outbox.claim(&push.event_id, &digest) {
+                Claim::First(guard) => guards.push(guard),
+                Claim::Wait(waiter) => {
+                    // A WeChat retry while the first is handled: the first one's answer.
+                    let answer = waiter
+                        .answer()
+                        .await
+                        .unwrap_or_else(|| Arc::new(CachedAnswer::from(StoreError::Closed)));
+                    finish(guards, &answer);
                     return self.duplicate(&push, route, answer, started);
                 }
-                Err(e) => return self.store_failed(&push, guard, e),
+                Claim::Collision => {
+                    push = self.collided(push, &digest, &mut collisions);
+                    continue;
+                }
             }
-        }
-        let (answer, outcome, deliveries) = self.reply(account, &push, route, started).await;
-        let answer = Arc::new(answer);
-        let commit = Commit {
-            push: Arc::clone(&push),
-            answer: (*answer).clone(),
-            deliveries,
-            now_ms: now_ms(),
-            dedupe_since_ms: self.outbox.dedupe_since_ms(),
-        };
-        match self.outbox.commit(commit).await {
-            Ok(Committed::New) => {}
-            Ok(Committed::Duplicate(earlier)) => {
-                let earlier = Arc::new(earlier);
-                guard.finish(Arc::clone(&earlier));
-                return self.duplicate(&push, route, earlier, started);
+            // A route with a reply target would ask it again for a retry: look the push up
+            // first. Otherwise the commit itself finds a retry, in the same transaction.
+            if matches!(route.reply, Reply::Target(_)) {
+                match self.outbox.answer(&push.event_id).await {
+                    Ok(None) => {}
+                    Ok(Some(recorded)) => match recorded.meet(&digest) {
+                        Committed::Duplicate(answer) => {
+                            // A retry of a push committed before: the answer it got then.
+                            let answer = Arc::new(answer);
+                            finish(guards, &answer);
+                            return self.duplicate(&push, route, answer, started);
+                        }
+                        _ => {
+                            push = self.collided(push, &digest, &mut collisions);
+                            continue;
+                        }
+                    },
+                    Err(e) => return self.store_failed(&push, guards, e),
+                }
             }
-            Err(e) => return self.store_failed(&push, guard, e),
+            let (answer, outcome, deliveries) = self.reply(account, &push, route, started).await;
+            let answer = Arc::new(answer);
+            let commit = Commit {
+                push: Arc::clone(&push),
+                digest,
+                answer: (*answer).clone(),
+                deliveries,
+                now_ms: now_ms(),
+                dedupe_since_ms: self.outbox.dedupe_since_ms(),
+            };
+            match self.outbox.commit(commit).await {
+                Ok(Committed::New) => {}
+                Ok(Committed::Duplicate(earlier)) => {
+                    let earlier = Arc::new(earlier);
+                    finish(guards, &earlier);
+                    return self.duplicate(&push, route, earlier, started);
+                }
+                Ok(Committed::Collision) => {
+                    push = self.collided(push, &digest, &mut collisions);
+                    continue;
+                }
+                Err(e) => return self.store_failed(&push, guards, e),
+            }
+            if collisions > 0 {
+                // Logged and counted once, when committed: its retries are duplicates.
+                metrics::dedupe_collision(&push.account);
+                warn!(account = %push.account, event_id = %push.event_id,
+                    "dedupe collision: another message had this push's dedupe key; routed as a new push under this event id");
+            }
+            self.log_push(&push, Some(route), "forwarded", outcome, started);
+            finish(guards, &answer);
+            return answer;
         }
-        self.log_push(&push, Some(route), "forwarded", outcome, started);
-        guard.finish(Arc::clone(&answer));
-        answer
+    }
+
+    /// A push whose event id belongs to another message gets its own: the first one plus `~`
+    /// and 16 hex digits of its message's digest (the same for WeChat's retries of it).
+    fn collided(&self, push: Arc<Push>, digest: &Digest, collisions: &mut u32) -> Arc<Push> {
+        *collisions += 1;
+        let mut own = (*push).clone();
+        own.event_id = format!("{}~{}", push.event_id, digest.short());
+        Arc::new(own)
     }
 
     /// A WeChat retry, answered as the first push was, and logged as a duplicate.
@@ -366,10 +418,18 @@ impl Relay {
         );
     }
 
-    /// The store could not take the push: 503, so that WeChat tries again; the key is released.
-    fn store_failed(&self, push: &Push, guard: ClaimGuard, e: StoreError) -> Arc<CachedAnswer> {
-        error!(account = %push.account, event_id = %push.event_id, error = %e,
-            "cannot commit the push: answered 503 (WeChat will retry)");
+    /// The store could not take the push: 503, so that WeChat tries again; the keys are
+    /// released. Over the store's budget the outbox has logged it (at most once a second).
+    fn store_failed(
+        &self,
+        push: &Push,
+        guards: Vec<ClaimGuard>,
+        e: StoreError,
+    ) -> Arc<CachedAnswer> {
+        if !matches!(e, StoreError::Full { .. }) {
+            error!(account = %push.account, event_id = %push.event_id, error = %e,
+                "cannot commit the push: answered 503 (WeChat will retry)");
+        }
         metrics::push(
             &push.account,
             push.message.msg_type(),
@@ -378,7 +438,7 @@ impl Relay {
             push.received_at.elapsed().unwrap_or_default(),
         );
         let answer = Arc::new(CachedAnswer::from(e));
-        guard.finish(Arc::clone(&answer));
+        finish(guards, &answer);
         answer
     }
 
@@ -663,6 +723,13 @@ impl Relay {
             }
         };
         respond(StatusCode::OK, TEXT_XML, body)
+    }
+}
+
+/// Gives `answer` to whoever waits on the claims, and releases them.
+fn finish(guards: Vec<ClaimGuard>, answer: &Arc<CachedAnswer>) {
+    for guard in guards {
+        guard.finish(Arc::clone(answer));
     }
 }
 

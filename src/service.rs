@@ -45,6 +45,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     for warning in &config.warnings {
         warn!(warning = %warning, "config warning");
     }
+    let descriptor_limit = raise_descriptor_limit();
     // The store first: the first push the relay accepts is already durable.
     let outbox = Outbox::start(&config).await?;
     if config.store.path.is_none() {
@@ -66,7 +67,9 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
         targets = config.targets.len(), routes = config.routes.len(), "wechat-relay listening");
 
     let mut server = Server::new(config, outbox);
-    if let Some(max) = connection_budget(server.handle().relay().config()) {
+    if let Some(max) = descriptor_limit
+        .and_then(|limit| connection_budget(server.handle().relay().config(), limit))
+    {
         server.limit_connections(max);
     }
     let handle = server.handle();
@@ -113,21 +116,26 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     Ok(())
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the connections the
-/// descriptors allow, when that is fewer than `max_connections` (said in one warn line).
-fn connection_budget(config: &Config) -> Option<usize> {
-    let limit = match descriptors::raise() {
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, before the store and the listeners
+/// take any; returns the limit now in force.
+fn raise_descriptor_limit() -> Option<u64> {
+    match descriptors::raise() {
         Ok((before, after)) => {
             if after > before {
                 info!(from = before, to = after, "file descriptor limit raised");
             }
-            after
+            Some(after)
         }
         Err(e) => {
             warn!(error = %e, "cannot read or raise the file descriptor limit");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// The connections the descriptors under `limit` allow, when that is fewer than
+/// `max_connections` (said in one warn line).
+fn connection_budget(config: &Config, limit: u64) -> Option<usize> {
     let budget = descriptors::Budget::new(config, limit);
     let warning = budget.warning(config)?;
     warn!(

@@ -1028,6 +1028,21 @@ fn outbox_keys_are_checked() {
         &["store.dedupe_ttl_s: must be 60 to 604800, got 10"],
     );
     assert_edit_refused(
+        "# max_bytes = 1073741824",
+        "max_bytes = 1048575",
+        &["store.max_bytes: must be at least 1048576 (1 MiB), got 1048575"],
+    );
+    assert_edit_refused(
+        "dead_letter_retention_s = 604800",
+        "dead_letter_retention_s = 0",
+        &["store.dead_letter_retention_s: 0 would keep dead letters for ever"],
+    );
+    assert_edit_refused(
+        "dead_letter_retention_s = 604800",
+        "dead_letter_retention_s = 31536001",
+        &["store.dead_letter_retention_s: must be 1 to 31536000, got 31536001"],
+    );
+    assert_edit_refused(
         "concurrency = 16",
         "concurrency = 0",
         &["target[0].concurrency: must be 1 to 1024, got 0"],
@@ -1072,6 +1087,13 @@ fn the_store_path_is_relative_to_the_config_folder_and_shown() {
         "{}",
         durable.stdout
     );
+    assert!(
+        durable
+            .stdout
+            .contains("store budget: 1073741824 bytes, dead letters kept 604800 s"),
+        "{}",
+        durable.stdout
+    );
     // Without [store]: in memory, and check says so.
     let start = shipped().find("\n[store]\n").expect("[store]");
     let end = shipped().find("\n[[account]]\n").expect("[[account]]");
@@ -1082,6 +1104,11 @@ fn the_store_path_is_relative_to_the_config_folder_and_shown() {
     assert_ok(&memory, &path);
     assert!(
         memory.stdout.contains("store: none, in memory"),
+        "{}",
+        memory.stdout
+    );
+    assert!(
+        memory.stdout.contains("store budget: 67108864 bytes"),
         "{}",
         memory.stdout
     );

@@ -234,7 +234,7 @@ async fn outsiders_are_closed_at_accept_and_forwarded_for_counts_only_from_a_tru
         admin,
         &target,
     ));
-    let admin_at = admin_addr(&relay);
+    let admin_at = relay.admin_addr();
     let addr = relay.url("").trim_start_matches("http://").to_owned();
     let (query, body) = PushBuilder::new(text_xml("from outside", 1)).plaintext();
     let push = format!(
@@ -307,7 +307,7 @@ async fn admin_connections_past_their_cap_do_not_stop_pushes() {
         &target,
     );
     let relay = Binary::start_under_ulimit(&path, "-n 256");
-    let admin_at = admin_addr(&relay);
+    let admin_at = relay.admin_addr();
     let mut held = Vec::new();
     for _ in 0..300 {
         let Ok(mut io) = open(&admin_at, None).await else {

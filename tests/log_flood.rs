@@ -33,7 +33,7 @@ fn start(
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, toml).expect("write relay.toml");
     let relay = Binary::start(&path);
-    let admin = admin_addr(&relay);
+    let admin = relay.admin_addr();
     let _ = relay.drain_lines();
     (relay, admin)
 }

@@ -13,8 +13,8 @@ use common::*;
 use http::StatusCode;
 use wechat_relay::outbox::memory::MemoryStore;
 use wechat_relay::outbox::store::{
-    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter,
-    Selection, Settle, Stats, Store, StoreError, StoreResult,
+    BoxFuture, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter, Recorded, Selection,
+    Settle, Stats, Store, StoreError, StoreResult,
 };
 
 /// A safe-mode account routing everything to target `t` at `url`, with the store in `store`
@@ -353,8 +353,14 @@ impl Store for FaultyStore {
             self.inner.commit(commit).await
         })
     }
-    fn answer(&self, id: &str, since: u64) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
+    fn answer(&self, id: &str, since: u64) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
         self.inner.answer(id, since)
+    }
+    fn used_bytes(&self) -> u64 {
+        self.inner.used_bytes()
+    }
+    fn probe(&self) -> BoxFuture<'_, StoreResult<()>> {
+        self.inner.probe()
     }
     fn due(
         &self,

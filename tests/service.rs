@@ -146,7 +146,7 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
         "[admin]\nlisten = \"127.0.0.1:0\"\n",
     );
     let relay = Binary::start(&path);
-    let admin = admin_addr(&relay);
+    let admin = relay.admin_addr();
     let good = std::fs::read_to_string(&path).expect("read");
 
     // Invalid: a target with a bad URL, a route naming a target that does not exist.
@@ -202,7 +202,7 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
 async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut t, relay) = one_target(&dir, "[admin]\nlisten = \"127.0.0.1:0\"\n", &[]).await;
-    let admin = admin_addr(&relay);
+    let admin = relay.admin_addr();
     let health = get(&format!("http://{admin}/healthz")).await;
     assert_eq!(
         (health.status.as_u16(), health.text().as_str()),

@@ -1,30 +1,50 @@
 //! The store when relay.toml has no `[store]`: the same deliveries, retries, dead letters and
 //! dedupe, kept in memory. Nothing survives a restart; the relay says so when it starts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 use super::store::{
-    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter,
-    Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
+    Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
+use crate::wechat::message::Message;
 
-/// The most pending deliveries kept: past it a push is answered with an error (WeChat retries)
-/// rather than growing without bound.
-pub const MAX_PENDING: usize = 100_000;
+/// What an entry costs beside the bytes of its parts: the push's fixed fields and small
+/// allocations, the maps' and the index's nodes. Estimated from the process's resident memory
+/// under a flood of pushes for a target that is down (about 3.5 KiB a push in all).
+const ENTRY_OVERHEAD: u64 = 1024;
+/// The same for a dedupe record.
+const RECORD_OVERHEAD: u64 = 256;
 
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// [`State::used`], readable without the lock.
+    used: AtomicU64,
 }
 
 #[derive(Default)]
 struct State {
     next_id: DeliveryId,
     pending: BTreeMap<DeliveryId, Entry>,
+    /// The pending deliveries by target and due time: what `due` and `next_due` read.
+    due: BTreeSet<(String, u64, DeliveryId)>,
     dead: BTreeMap<DeliveryId, Entry>,
-    dedupe: HashMap<String, (u64, CachedAnswer)>,
+    dedupe: HashMap<String, Record>,
+    /// The bytes of every entry and record held, counted as each is added and removed.
+    used: u64,
+}
+
+struct Record {
+    committed_ms: u64,
+    answer: CachedAnswer,
+    digest: Digest,
+    bytes: u64,
 }
 
 #[derive(Clone)]
@@ -35,6 +55,8 @@ struct Entry {
     enqueued_ms: u64,
     at_ms: u64,
     last_error: Option<String>,
+    /// What this entry counts for in [`State::used`].
+    bytes: u64,
 }
 
 impl Entry {
@@ -57,6 +79,52 @@ impl Entry {
         self.at_ms = now_ms;
         self.last_error = None;
     }
+
+    fn due_key(&self, id: DeliveryId) -> (String, u64, DeliveryId) {
+        (self.target.clone(), self.at_ms, id)
+    }
+}
+
+/// `push` with its body and `Content-Type` in allocations of their own: read from a
+/// connection they are slices of its read buffer (kilobytes), which they would otherwise keep
+/// alive for as long as the delivery waits, far past what [`entry_bytes`] counts.
+fn compact(push: &Push) -> Arc<Push> {
+    let body = Bytes::copy_from_slice(&push.body);
+    let content_type = push
+        .content_type
+        .as_ref()
+        .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok());
+    let message = if push.encrypted() {
+        push.message.clone()
+    } else {
+        // A plaintext push's message is its body.
+        Message::from_parts(body.clone(), push.message.fields().clone())
+    };
+    Arc::new(Push {
+        body,
+        content_type,
+        message,
+        ..push.clone()
+    })
+}
+
+/// The bytes a delivery of `push` to `target` holds: the push as received and as read, its
+/// parsed fields (about the size of the message again), the rest of its fields.
+fn entry_bytes(push: &Push, target: &str) -> u64 {
+    let variable = push.body.len()
+        + 2 * push.message.xml().len()
+        + push.query.len()
+        + push.forwarded_for.len()
+        + push.account.len()
+        + push.event_id.len()
+        + push.content_type.as_ref().map_or(0, |v| v.len())
+        + target.len();
+    ENTRY_OVERHEAD.saturating_add(variable as u64)
+}
+
+fn record_bytes(event_id: &str, answer: &CachedAnswer) -> u64 {
+    let variable = event_id.len() + answer.body.len() + answer.content_type.len() + 32;
+    RECORD_OVERHEAD.saturating_add(variable as u64)
 }
 
 impl MemoryStore {
@@ -70,70 +138,163 @@ impl MemoryStore {
             .map_err(|_| StoreError::Io("the in-memory store is poisoned".into()))
     }
 
+    /// Runs `change` on the state and publishes what it then holds.
+    fn change<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut State) -> T,
+    ) -> BoxFuture<'static, StoreResult<T>> {
+        let result = self.state().map(|mut state| {
+            let result = change(&mut state);
+            self.used.store(state.used, Ordering::Relaxed);
+            result
+        });
+        Self::now(result)
+    }
+
     fn now<T: Send + 'static>(result: StoreResult<T>) -> BoxFuture<'static, StoreResult<T>> {
         Box::pin(std::future::ready(result))
     }
 }
 
 impl State {
+    fn add_pending(&mut self, id: DeliveryId, entry: Entry) {
+        self.due.insert(entry.due_key(id));
+        self.used = self.used.saturating_add(entry.bytes);
+        self.pending.insert(id, entry);
+    }
+
+    fn remove_pending(&mut self, id: DeliveryId) -> Option<Entry> {
+        let entry = self.pending.remove(&id)?;
+        self.due.remove(&entry.due_key(id));
+        self.used = self.used.saturating_sub(entry.bytes);
+        Some(entry)
+    }
+
+    fn remove_dead(&mut self, id: DeliveryId) -> Option<Entry> {
+        let entry = self.dead.remove(&id)?;
+        self.used = self.used.saturating_sub(entry.bytes);
+        Some(entry)
+    }
+
     fn bury(&mut self, id: DeliveryId, now_ms: u64) {
-        if let Some(mut entry) = self.pending.remove(&id) {
+        if let Some(mut entry) = self.remove_pending(id) {
             entry.at_ms = now_ms;
+            self.used = self.used.saturating_add(entry.bytes);
             self.dead.insert(id, entry);
         }
+    }
+
+    fn recorded(&self, event_id: &str, since_ms: u64) -> Option<Recorded> {
+        self.dedupe
+            .get(event_id)
+            .filter(|r| r.committed_ms >= since_ms)
+            .map(|r| Recorded {
+                answer: r.answer.clone(),
+                digest: Some(r.digest),
+            })
+    }
+
+    fn remove_record(&mut self, event_id: &str) {
+        if let Some(record) = self.dedupe.remove(event_id) {
+            self.used = self.used.saturating_sub(record.bytes);
+        }
+    }
+
+    /// Up to `limit` due deliveries to `target`, oldest due first, from the index: only the
+    /// due ones are read, and `skip` (at most a target's concurrency) is stepped over.
+    fn due(&self, target: &str, now_ms: u64, limit: usize, skip: &[DeliveryId]) -> Vec<Delivery> {
+        let from = (target.to_owned(), 0, DeliveryId::MIN);
+        let to = (target.to_owned(), now_ms, DeliveryId::MAX);
+        self.due
+            .range(from..=to)
+            .filter(|(_, _, id)| !skip.contains(id))
+            .filter_map(|(_, _, id)| self.pending.get(id).map(|e| (*id, e)))
+            .take(limit)
+            .map(|(id, e)| Delivery {
+                id,
+                target: e.target.clone(),
+                push: Ok(Arc::clone(&e.push)),
+                attempts: e.attempts,
+                enqueued_ms: e.enqueued_ms,
+            })
+            .collect()
+    }
+
+    /// When the first delivery to `target` due after `now_ms` is.
+    fn next_due(&self, target: &str, now_ms: u64) -> Option<u64> {
+        let from = (target.to_owned(), now_ms.saturating_add(1), DeliveryId::MIN);
+        self.due
+            .range(from..)
+            .next()
+            .filter(|(t, _, _)| t == target)
+            .map(|(_, at, _)| *at)
     }
 }
 
 impl Store for MemoryStore {
     fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
-        Self::now(self.state().and_then(|mut state| {
-            if let Some((_, answer)) = state
-                .dedupe
-                .get(&commit.push.event_id)
-                .filter(|(at, _)| *at >= commit.dedupe_since_ms)
-            {
-                return Ok(Committed::Duplicate(answer.clone()));
+        self.change(|state| {
+            let event_id = &commit.push.event_id;
+            if let Some(recorded) = state.recorded(event_id, commit.dedupe_since_ms) {
+                return recorded.meet(&commit.digest);
             }
-            if state.pending.len() + commit.deliveries.len() > MAX_PENDING {
-                return Err(StoreError::Full(MAX_PENDING));
-            }
+            // An expired record of the same id is replaced.
+            state.remove_record(event_id);
+            let bytes = record_bytes(event_id, &commit.answer);
+            state.used = state.used.saturating_add(bytes);
             state.dedupe.insert(
-                commit.push.event_id.clone(),
-                (commit.now_ms, commit.answer.clone()),
+                event_id.clone(),
+                Record {
+                    committed_ms: commit.now_ms,
+                    answer: commit.answer.clone(),
+                    digest: commit.digest,
+                    bytes,
+                },
             );
+            let push = if commit.deliveries.is_empty() {
+                commit.push
+            } else {
+                compact(&commit.push)
+            };
             for delivery in commit.deliveries {
                 state.next_id += 1;
                 let id = state.next_id;
-                state.pending.insert(
-                    id,
-                    Entry {
-                        target: delivery.target,
-                        push: Arc::clone(&commit.push),
-                        attempts: delivery.attempts,
-                        enqueued_ms: commit.now_ms,
-                        at_ms: delivery.at_ms,
-                        last_error: delivery.last_error,
-                    },
-                );
+                let entry = Entry {
+                    bytes: entry_bytes(&push, &delivery.target),
+                    target: delivery.target,
+                    push: Arc::clone(&push),
+                    attempts: delivery.attempts,
+                    enqueued_ms: commit.now_ms,
+                    at_ms: delivery.at_ms,
+                    last_error: delivery.last_error,
+                };
+                state.add_pending(id, entry);
                 if delivery.dead {
                     state.bury(id, commit.now_ms);
                 }
             }
-            Ok(Committed::New)
-        }))
+            Committed::New
+        })
     }
 
     fn answer(
         &self,
         event_id: &str,
         since_ms: u64,
-    ) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
-        Self::now(self.state().map(|state| {
-            state
-                .dedupe
-                .get(event_id)
-                .filter(|(at, _)| *at >= since_ms)
-                .map(|(_, answer)| answer.clone())
+    ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
+        Self::now(self.state().map(|state| state.recorded(event_id, since_ms)))
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn probe(&self) -> BoxFuture<'_, StoreResult<()>> {
+        // The lock is usable and memory can be had for one more entry.
+        Self::now(self.state().and_then(|_| {
+            let mut room: Vec<u8> = Vec::new();
+            room.try_reserve_exact(16 << 10)
+                .map_err(|e| StoreError::Io(format!("cannot allocate: {e}")))
         }))
     }
 
@@ -144,35 +305,14 @@ impl Store for MemoryStore {
         limit: usize,
         skip: Vec<DeliveryId>,
     ) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
-        Self::now(self.state().map(|state| {
-            let mut due: Vec<(&DeliveryId, &Entry)> = state
-                .pending
-                .iter()
-                .filter(|(id, e)| e.target == target && e.at_ms <= now_ms && !skip.contains(id))
-                .collect();
-            due.sort_by_key(|(id, e)| (e.at_ms, **id));
-            due.into_iter()
-                .take(limit)
-                .map(|(id, e)| Delivery {
-                    id: *id,
-                    target: e.target.clone(),
-                    push: Ok(Arc::clone(&e.push)),
-                    attempts: e.attempts,
-                    enqueued_ms: e.enqueued_ms,
-                })
-                .collect()
-        }))
+        Self::now(
+            self.state()
+                .map(|state| state.due(target, now_ms, limit, &skip)),
+        )
     }
 
     fn next_due(&self, target: &str, now_ms: u64) -> BoxFuture<'_, StoreResult<Option<u64>>> {
-        Self::now(self.state().map(|state| {
-            state
-                .pending
-                .values()
-                .filter(|e| e.target == target && e.at_ms > now_ms)
-                .map(|e| e.at_ms)
-                .min()
-        }))
+        Self::now(self.state().map(|state| state.next_due(target, now_ms)))
     }
 
     fn settle(
@@ -181,19 +321,20 @@ impl Store for MemoryStore {
         settle: Settle,
         now_ms: u64,
     ) -> BoxFuture<'_, StoreResult<()>> {
-        Self::now(self.state().map(|mut state| match settle {
+        self.change(move |state| match settle {
             Settle::Delivered => {
-                state.pending.remove(&id);
+                state.remove_pending(id);
             }
             Settle::Retry {
                 attempts,
                 at_ms,
                 error,
             } => {
-                if let Some(entry) = state.pending.get_mut(&id) {
+                if let Some(mut entry) = state.remove_pending(id) {
                     entry.attempts = attempts;
                     entry.at_ms = at_ms;
                     entry.last_error = Some(error);
+                    state.add_pending(id, entry);
                 }
             }
             Settle::Dead { attempts, error } => {
@@ -203,15 +344,22 @@ impl Store for MemoryStore {
                 }
                 state.bury(id, now_ms);
             }
-        }))
+        })
     }
 
     fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
-        Self::now(self.state().map(|mut state| {
-            let before = state.dedupe.len();
-            state.dedupe.retain(|_, (at, _)| *at >= before_ms);
-            (before - state.dedupe.len()) as u64
-        }))
+        self.change(|state| {
+            let expired: Vec<String> = state
+                .dedupe
+                .iter()
+                .filter(|(_, r)| r.committed_ms < before_ms)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &expired {
+                state.remove_record(id);
+            }
+            expired.len() as u64
+        })
     }
 
     fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
@@ -255,7 +403,7 @@ impl Store for MemoryStore {
     }
 
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
-        Self::now(self.state().map(|mut state| {
+        self.change(move |state| {
             let ids: Vec<DeliveryId> = match &selection {
                 Selection::Id(id) => vec![*id],
                 Selection::Dead { target } => state
@@ -267,18 +415,18 @@ impl Store for MemoryStore {
             };
             let mut count = 0;
             for id in ids {
-                let entry = match state.dead.remove(&id) {
+                let entry = match state.remove_dead(id) {
                     Some(entry) => Some(entry),
-                    None => state.pending.remove(&id),
+                    None => state.remove_pending(id),
                 };
                 if let Some(mut entry) = entry {
                     entry.revive(now_ms);
-                    state.pending.insert(id, entry);
+                    state.add_pending(id, entry);
                     count += 1;
                 }
             }
             count
-        }))
+        })
     }
 
     fn purge_dead(
@@ -286,14 +434,177 @@ impl Store for MemoryStore {
         before_ms: Option<u64>,
         target: Option<String>,
     ) -> BoxFuture<'_, StoreResult<u64>> {
-        Self::now(self.state().map(|mut state| {
-            let before = state.dead.len();
-            state.dead.retain(|_, e| {
-                let old = before_ms.is_none_or(|b| e.at_ms < b);
-                let of_target = target.as_ref().is_none_or(|t| *t == e.target);
-                !(old && of_target)
-            });
-            (before - state.dead.len()) as u64
-        }))
+        self.change(move |state| {
+            let purged: Vec<DeliveryId> = state
+                .dead
+                .iter()
+                .filter(|(_, e)| {
+                    before_ms.is_none_or(|b| e.at_ms < b)
+                        && target.as_ref().is_none_or(|t| *t == e.target)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &purged {
+                state.remove_dead(*id);
+            }
+            purged.len() as u64
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::outbox::store::NewDelivery;
+
+    fn push(msg_id: u32) -> Arc<Push> {
+        let xml = format!("<xml><FromUserName>o</FromUserName><MsgId>{msg_id}</MsgId></xml>");
+        Arc::new(Push {
+            account: "main".into(),
+            event_id: format!("e{msg_id}"),
+            query: String::new(),
+            body: Bytes::from(xml.clone()),
+            content_type: None,
+            forwarded_for: "127.0.0.1".into(),
+            message: Message::parse(Bytes::from(xml)).expect("xml"),
+            key_index: None,
+            received_at: SystemTime::now(),
+        })
+    }
+
+    /// Commits push `msg_id` with one delivery per `(target, at_ms)`.
+    async fn commit(store: &MemoryStore, msg_id: u32, deliveries: &[(&str, u64)]) {
+        let push = push(msg_id);
+        let committed = store
+            .commit(Commit {
+                digest: Digest::of(push.message.xml()),
+                push,
+                answer: CachedAnswer {
+                    status: 200,
+                    content_type: "text/plain".into(),
+                    body: Bytes::from_static(b"success"),
+                },
+                deliveries: deliveries
+                    .iter()
+                    .map(|(target, at_ms)| NewDelivery {
+                        target: (*target).into(),
+                        attempts: 0,
+                        last_error: None,
+                        at_ms: *at_ms,
+                        dead: false,
+                    })
+                    .collect(),
+                now_ms: 1,
+                dedupe_since_ms: 0,
+            })
+            .await;
+        assert_eq!(committed, Ok(Committed::New));
+    }
+
+    async fn due_ids(store: &MemoryStore, target: &str, now: u64, skip: Vec<i64>) -> Vec<i64> {
+        let due = store.due(target, now, 10, skip).await.expect("due");
+        due.iter().map(|d| d.id).collect()
+    }
+
+    #[tokio::test]
+    async fn due_deliveries_come_oldest_due_first_per_target_without_the_skipped() {
+        let store = MemoryStore::new();
+        // Ids 1..=5: a at 30, b at 10, a at 10, a at 20, a at 90.
+        commit(&store, 1, &[("a", 30), ("b", 10)]).await;
+        commit(&store, 2, &[("a", 10)]).await;
+        commit(&store, 3, &[("a", 20), ("a", 90)]).await;
+        assert_eq!(due_ids(&store, "a", 50, vec![]).await, [3, 4, 1]);
+        assert_eq!(due_ids(&store, "a", 50, vec![4]).await, [3, 1]);
+        assert_eq!(due_ids(&store, "b", 50, vec![]).await, [2]);
+        assert_eq!(due_ids(&store, "a", 5, vec![]).await, Vec::<i64>::new());
+        let limited = store.due("a", 50, 2, vec![]).await.expect("due");
+        assert_eq!(limited.len(), 2);
+        assert_eq!(store.next_due("a", 50).await, Ok(Some(90)));
+        assert_eq!(store.next_due("a", 90).await, Ok(None));
+        assert_eq!(store.next_due("b", 0).await, Ok(Some(10)));
+
+        // A retry moves a delivery in the index; delivered and dead ones leave it.
+        let retry = Settle::Retry {
+            attempts: 1,
+            at_ms: 95,
+            error: "HTTP 503".into(),
+        };
+        store.settle(3, retry, 50).await.expect("settle");
+        store
+            .settle(4, Settle::Delivered, 50)
+            .await
+            .expect("settle");
+        let dead = Settle::Dead {
+            attempts: 1,
+            error: "HTTP 404".into(),
+        };
+        store.settle(1, dead, 50).await.expect("settle");
+        assert_eq!(due_ids(&store, "a", 100, vec![]).await, [5, 3]);
+        // Replayed: due now again.
+        assert_eq!(store.replay(Selection::Id(1), 60).await, Ok(1));
+        assert_eq!(due_ids(&store, "a", 100, vec![]).await, [1, 5, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_pending_push_does_not_keep_the_connection_buffer_it_was_read_from() {
+        let store = MemoryStore::new();
+        // A body and a Content-Type as hyper hands them over: slices of one large buffer.
+        let buffer = Bytes::from(vec![b' '; 16 << 10]);
+        let original = push(1);
+        let mut read = (*original).clone();
+        read.body = buffer.slice(0..original.body.len());
+        read.content_type = http::HeaderValue::from_maybe_shared(buffer.slice(0..10)).ok();
+        let read = Arc::new(read);
+        store
+            .commit(Commit {
+                digest: Digest::of(read.message.xml()),
+                push: Arc::clone(&read),
+                answer: CachedAnswer {
+                    status: 200,
+                    content_type: "text/plain".into(),
+                    body: Bytes::from_static(b"success"),
+                },
+                deliveries: vec![NewDelivery {
+                    target: "a".into(),
+                    attempts: 0,
+                    last_error: None,
+                    at_ms: 0,
+                    dead: false,
+                }],
+                now_ms: 1,
+                dedupe_since_ms: 0,
+            })
+            .await
+            .expect("commit");
+        let due = store.due("a", 1, 1, vec![]).await.expect("due");
+        let Ok(kept) = &due[0].push else {
+            panic!("a push")
+        };
+        assert_eq!(kept.body, read.body);
+        let inside = |p: *const u8| buffer.as_ptr_range().contains(&p);
+        assert!(!inside(kept.body.as_ptr()), "the body is its own");
+        let content_type = kept.content_type.as_ref().expect("content type");
+        assert!(!inside(content_type.as_bytes().as_ptr()), "so is the type");
+    }
+
+    #[tokio::test]
+    async fn used_bytes_grow_with_each_entry_and_shrink_as_they_go() {
+        let store = MemoryStore::new();
+        assert_eq!(store.used_bytes(), 0);
+        commit(&store, 1, &[("a", 0), ("b", 0)]).await;
+        let one = store.used_bytes();
+        assert!(one > 2 * ENTRY_OVERHEAD, "{one}");
+        commit(&store, 2, &[("a", 0)]).await;
+        assert!(store.used_bytes() > one);
+        for id in 1..=3 {
+            store
+                .settle(id, Settle::Delivered, 5)
+                .await
+                .expect("settle");
+        }
+        assert_eq!(store.expire_dedupe(u64::MAX).await, Ok(2));
+        assert_eq!(store.used_bytes(), 0);
     }
 }

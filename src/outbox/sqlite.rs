@@ -6,9 +6,14 @@
 //! runs in a savepoint of its own, so one failing write does not fail the others; a failed
 //! commit fails them all. Reads use a small pool of read connections on tokio's blocking
 //! threads; WAL lets them run beside the writer.
+//!
+//! The writer also keeps [`Store::used_bytes`] up to date: after each transaction it reads
+//! `(page_count - freelist_count) * page_size`, the bytes the data occupies (pages freed by
+//! deliveries and purges are reused before the file grows).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,8 +24,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::oneshot;
 
 use super::store::{
-    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter,
-    Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
+    Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -29,7 +34,10 @@ use crate::wechat::message::Message;
 pub const DB_FILE: &str = "relay.db";
 /// Held by the running server so that two relays never deliver from one store.
 const LOCK_FILE: &str = "relay.lock";
-const SCHEMA_VERSION: i64 = 1;
+/// 1: the first schema; 2: `dedupe.digest` and the `probe` table.
+const SCHEMA_VERSION: i64 = 2;
+/// The row `/readyz` writes and deletes: a few pages, so that a full disk fails it.
+const PROBE_BYTES: i64 = 16 << 10;
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 1024;
 /// Read connections kept open.
@@ -68,9 +76,16 @@ fn schema() -> String {
              content_type TEXT NOT NULL,
              body BLOB NOT NULL
          ) WITHOUT ROWID;
-         CREATE INDEX dedupe_committed ON dedupe (committed_ms);"
+         CREATE INDEX dedupe_committed ON dedupe (committed_ms);
+         {SCHEMA_2}"
     )
 }
+
+/// From version 1 to 2: the digest of the message beside each dedupe record (NULL for the
+/// records written before: taken for the same message), and the readiness probe's table.
+const SCHEMA_2: &str = "
+    ALTER TABLE dedupe ADD COLUMN digest BLOB;
+    CREATE TABLE probe (id INTEGER PRIMARY KEY, data BLOB NOT NULL);";
 
 /// Every column of both delivery tables, in order: what moves a row from one to the other.
 const ALL_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
@@ -93,6 +108,8 @@ pub enum Role {
 
 enum Op {
     Commit(Commit),
+    /// Applied in transactions of its own: see [`probe`].
+    Probe,
     Settle(DeliveryId, Settle, u64),
     ExpireDedupe(u64),
     Replay(Selection, u64),
@@ -104,12 +121,16 @@ enum Op {
 enum Done {
     Count(u64),
     Duplicate(CachedAnswer),
+    /// Another message is recorded under the push's event id.
+    Collision,
 }
 
 type Job = (Op, oneshot::Sender<StoreResult<Done>>);
 
 pub struct SqliteStore {
     writer: Mutex<Option<std_mpsc::Sender<Job>>>,
+    /// The bytes the data occupies, as the writer last measured it.
+    used: Arc<AtomicU64>,
     readers: Arc<Readers>,
     /// Held open for the server's lifetime: the lock goes with it.
     _lock: Option<File>,
@@ -160,13 +181,16 @@ impl SqliteStore {
         // Prove it is writable now rather than at the first push.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
             .map_err(open_error)?;
+        let used = Arc::new(AtomicU64::new(used_bytes(&conn).map_err(open_error)?));
         let (sender, receiver) = std_mpsc::channel::<Job>();
+        let measured = Arc::clone(&used);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(conn, receiver))
+            .spawn(move || write_loop(conn, receiver, &measured))
             .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(sender)),
+            used,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -197,7 +221,7 @@ impl SqliteStore {
         Box::pin(async move {
             match write.await? {
                 Done::Count(n) => Ok(n),
-                Done::Duplicate(_) => Ok(0),
+                Done::Duplicate(_) | Done::Collision => Ok(0),
             }
         })
     }
@@ -251,6 +275,7 @@ impl Store for SqliteStore {
         Box::pin(async move {
             Ok(match write.await? {
                 Done::Duplicate(answer) => Committed::Duplicate(answer),
+                Done::Collision => Committed::Collision,
                 Done::Count(_) => Committed::New,
             })
         })
@@ -260,9 +285,18 @@ impl Store for SqliteStore {
         &self,
         event_id: &str,
         since_ms: u64,
-    ) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>> {
+    ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
         let event_id = event_id.to_owned();
-        self.read(move |conn| recorded_answer(conn, &event_id, since_ms))
+        self.read(move |conn| recorded(conn, &event_id, since_ms))
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn probe(&self) -> BoxFuture<'_, StoreResult<()>> {
+        let write = self.count(Op::Probe);
+        Box::pin(async move { write.await.map(|_| ()) })
     }
 
     fn due(
@@ -404,8 +438,9 @@ impl Store for SqliteStore {
 
 // ---- the writer ----------------------------------------------------------------------------
 
-/// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each.
-fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>) {
+/// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each;
+/// probes run after it, each on its own. Then measures what the data occupies into `used`.
+fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>, used: &AtomicU64) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -414,9 +449,21 @@ fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let results = apply_batch(&mut conn, batch.iter().map(|(op, _)| op));
-        for ((_, done), result) in batch.into_iter().zip(results) {
-            let _ = done.send(result);
+        let (probes, batch): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|(op, _)| matches!(op, Op::Probe));
+        if !batch.is_empty() {
+            let results = apply_batch(&mut conn, batch.iter().map(|(op, _)| op));
+            for ((_, done), result) in batch.into_iter().zip(results) {
+                let _ = done.send(result);
+            }
+        }
+        for (_, done) in probes {
+            let _ = done.send(probe(&mut conn).map(|()| Done::Count(0)).map_err(io_error));
+        }
+        match used_bytes(&conn) {
+            Ok(bytes) => used.store(bytes, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
         }
     }
     // Every handle is gone: fold the WAL back into the database before closing.
@@ -455,6 +502,31 @@ fn apply_batch<'a>(
     }
 }
 
+/// The bytes the data occupies: the pages in use (not on the free list) times their size.
+fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pragma = |name: &str| -> rusqlite::Result<u64> {
+        conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, i64>(0))
+            .map(unsigned)
+    };
+    let pages = pragma("page_count")?.saturating_sub(pragma("freelist_count")?);
+    Ok(pages.saturating_mul(pragma("page_size")?))
+}
+
+/// Writes a row of [`PROBE_BYTES`] and deletes it again, each in a transaction of its own
+/// (fsynced): the row takes pages as a push would, from the free list first, then by growing
+/// the file, so it fails when the disk has no room for them.
+fn probe(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO probe (data) VALUES (randomblob(?1))",
+        params![PROBE_BYTES],
+    )?;
+    tx.commit()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute("DELETE FROM probe", [])?;
+    tx.commit()
+}
+
 fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<Done> {
     match op {
         Op::Commit(commit) => commit_push(tx, commit),
@@ -465,13 +537,16 @@ fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<Done> {
 /// A push's dedupe record and deliveries, unless the push is recorded already.
 fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
     let push = &commit.push;
-    if let Some(answer) = recorded_answer(tx, &push.event_id, commit.dedupe_since_ms)? {
-        return Ok(Done::Duplicate(answer));
+    if let Some(recorded) = recorded(tx, &push.event_id, commit.dedupe_since_ms)? {
+        return Ok(match recorded.meet(&commit.digest) {
+            Committed::Duplicate(answer) => Done::Duplicate(answer),
+            _ => Done::Collision,
+        });
     }
     {
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO dedupe (event_id, committed_ms, status, content_type, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO dedupe (event_id, committed_ms, status, content_type, body, \
+             digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
             push.event_id,
@@ -479,6 +554,7 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
             commit.answer.status,
             commit.answer.content_type,
             commit.answer.body.as_ref(),
+            commit.digest.0.as_slice(),
         ])?;
         for delivery in &commit.deliveries {
             let xml = push.encrypted().then(|| push.message.xml().as_ref());
@@ -513,7 +589,7 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
 
 fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
     match op {
-        Op::Commit(_) => Ok(0),
+        Op::Commit(_) | Op::Probe => Ok(0),
         Op::Settle(id, settle, now_ms) => match settle {
             Settle::Delivered => tx
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
@@ -580,20 +656,28 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
     }
 }
 
-/// The answer recorded for `event_id` at or after `since_ms`.
-fn recorded_answer(
+/// The dedupe record of `event_id` committed at or after `since_ms`.
+fn recorded(
     conn: &Connection,
     event_id: &str,
     since_ms: u64,
-) -> rusqlite::Result<Option<CachedAnswer>> {
+) -> rusqlite::Result<Option<Recorded>> {
     conn.prepare_cached(
-        "SELECT status, content_type, body FROM dedupe WHERE event_id = ?1 AND committed_ms >= ?2",
+        "SELECT status, content_type, body, digest FROM dedupe \
+         WHERE event_id = ?1 AND committed_ms >= ?2",
     )?
     .query_row(params![event_id, ms(since_ms)], |row| {
-        Ok(CachedAnswer {
-            status: row.get(0)?,
-            content_type: row.get(1)?,
-            body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+        Ok(Recorded {
+            answer: CachedAnswer {
+                status: row.get(0)?,
+                content_type: row.get(1)?,
+                body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+            },
+            // A digest of another length cannot come from this relay: NULL, as before 2.
+            digest: row
+                .get::<_, Option<Vec<u8>>>(3)?
+                .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                .map(Digest),
         })
     })
     .optional()
@@ -711,17 +795,17 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(Migration::Sql)?;
-    match version {
-        0 => {
-            let tx = conn.transaction().map_err(Migration::Sql)?;
-            tx.execute_batch(&schema()).map_err(Migration::Sql)?;
-            tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
-                .map_err(Migration::Sql)?;
-            tx.commit().map_err(Migration::Sql)
-        }
-        SCHEMA_VERSION => Ok(()),
-        newer => Err(Migration::Newer(newer)),
-    }
+    let upgrade = match version {
+        0 => schema(),
+        1 => SCHEMA_2.to_owned(),
+        SCHEMA_VERSION => return Ok(()),
+        newer => return Err(Migration::Newer(newer)),
+    };
+    let tx = conn.transaction().map_err(Migration::Sql)?;
+    tx.execute_batch(&upgrade).map_err(Migration::Sql)?;
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))
+        .map_err(Migration::Sql)?;
+    tx.commit().map_err(Migration::Sql)
 }
 
 // ---- rows --------------------------------------------------------------------------------
@@ -821,6 +905,7 @@ mod tests {
             received_at: SystemTime::now(),
         };
         Op::Commit(Commit {
+            digest: Digest::of(push.message.xml()),
             push: Arc::new(push),
             answer: CachedAnswer {
                 status: 200,
@@ -874,6 +959,96 @@ mod tests {
         // Nothing of the batch was written: delivery 1 is still pending, push 2 unrecorded.
         assert_eq!(count(&conn, "deliveries"), 1);
         assert_eq!(count(&conn, "dedupe"), 1);
+    }
+
+    #[test]
+    fn the_probe_fails_on_a_full_disk_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        // What a full disk looks like to SQLite: no page may be added (and none is free).
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("pages");
+        conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+            .expect("cap");
+        let full = probe(&mut conn).expect_err("a full disk fails the probe");
+        assert!(describe(&full).contains("disk is full"), "{full}");
+        assert_eq!(count(&conn, "probe"), 0);
+        conn.execute_batch("PRAGMA max_page_count = 1073741823")
+            .expect("uncap");
+        probe(&mut conn).expect("a probe on a disk with room");
+        assert_eq!(count(&conn, "probe"), 0);
+    }
+
+    #[test]
+    fn used_bytes_follow_the_data_not_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        let empty = used_bytes(&conn).expect("measure");
+        let batch: Vec<Op> = (0..50).map(|i| commit(i, 4096)).collect();
+        apply_batch(&mut conn, batch.iter());
+        let full = used_bytes(&conn).expect("measure");
+        assert!(full > empty + 50 * 4096, "{empty} -> {full}");
+        // Delivered and expired: the pages go to the free list and no longer count.
+        let done: Vec<Op> = (1..=50)
+            .map(|id| Op::Settle(id, Settle::Delivered, 2))
+            .chain([Op::ExpireDedupe(u64::MAX)])
+            .collect();
+        apply_batch(&mut conn, done.iter());
+        let drained = used_bytes(&conn).expect("measure");
+        assert!(drained < empty + 4 * 4096, "{empty} -> {full} -> {drained}");
+    }
+
+    #[test]
+    fn another_message_under_a_recorded_event_id_is_a_collision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        let Op::Commit(first) = commit(1, 10) else {
+            unreachable!("commit() makes a commit")
+        };
+        let mut other = first.clone();
+        other.digest = Digest([7; 32]);
+        let batch = [
+            Op::Commit(first.clone()),
+            Op::Commit(other),
+            Op::Commit(first),
+        ];
+        let results = apply_batch(&mut conn, batch.iter());
+        assert!(matches!(results[0], Ok(Done::Count(1))));
+        assert!(matches!(results[1], Ok(Done::Collision)));
+        assert!(matches!(results[2], Ok(Done::Duplicate(_))));
+        assert_eq!(count(&conn, "deliveries"), 1);
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_its_records_still_answer_retries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        // The schema as version 1 created it, with one dedupe record.
+        let v1 = schema().replace(SCHEMA_2, "");
+        conn.execute_batch(&format!("{v1} PRAGMA user_version = 1;"))
+            .expect("v1");
+        let Op::Commit(c) = commit(1, 10) else {
+            unreachable!("commit() makes a commit")
+        };
+        conn.execute(
+            "INSERT INTO dedupe (event_id, committed_ms, status, content_type, body) \
+             VALUES (?1, 1, 200, 'text/plain', ?2)",
+            params![c.push.event_id, b"success".as_slice()],
+        )
+        .expect("v1 record");
+        assert!(migrate(&mut conn).is_ok());
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        // A record without a digest is taken for the same message: a retry, as before.
+        let results = apply_batch(&mut conn, [Op::Commit(c)].iter());
+        assert!(matches!(results[0], Ok(Done::Duplicate(_))));
+        probe(&mut conn).expect("the probe table exists");
     }
 
     #[test]

@@ -28,9 +28,10 @@ pub enum StoreError {
     /// A read or a write failed (a full disk, an I/O error).
     #[error("{0}")]
     Io(String),
-    /// The in-memory store holds as many deliveries as it may.
-    #[error("the in-memory store is full ({0} pending deliveries)")]
-    Full(usize),
+    /// The store holds `[store] max_bytes` or more: a push that needs a delivery is refused
+    /// (503, WeChat retries) until deliveries drain or dead letters are purged.
+    #[error("the store is over its budget ({used} of max_bytes {max})")]
+    Full { used: u64, max: u64 },
     #[error("the store has shut down")]
     Closed,
 }
@@ -41,6 +42,43 @@ pub struct CachedAnswer {
     pub status: u16,
     pub content_type: String,
     pub body: Bytes,
+}
+
+/// SHA-256 of a push's message as the relay read it (decrypted, for an encrypted push): a
+/// WeChat retry carries the same message; a different message under the same dedupe key is a
+/// collision, not a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(message: &[u8]) -> Digest {
+        use sha2::Digest as _;
+        Digest(sha2::Sha256::digest(message).into())
+    }
+
+    /// The first 8 bytes in hex: what tells a colliding push's event id apart.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..8])
+    }
+}
+
+/// A push's dedupe record: the answer WeChat got, and the digest of its message (`None` for
+/// a record written before digests were kept: taken for the same message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub answer: CachedAnswer,
+    pub digest: Option<Digest>,
+}
+
+impl Recorded {
+    /// What a commit of a push with `digest` meets in this record.
+    pub fn meet(self, digest: &Digest) -> Committed {
+        if self.digest.is_none_or(|d| d == *digest) {
+            Committed::Duplicate(self.answer)
+        } else {
+            Committed::Collision
+        }
+    }
 }
 
 /// One target's delivery of a push, as the push is committed.
@@ -61,6 +99,8 @@ pub struct NewDelivery {
 #[derive(Debug, Clone)]
 pub struct Commit {
     pub push: Arc<Push>,
+    /// Of the push's message, kept in its dedupe record.
+    pub digest: Digest,
     pub answer: CachedAnswer,
     pub deliveries: Vec<NewDelivery>,
     pub now_ms: u64,
@@ -76,6 +116,8 @@ pub enum Committed {
     New,
     /// The push was committed before (within the dedupe window): this answer was given then.
     Duplicate(CachedAnswer),
+    /// Another message was committed under the push's event id: nothing is written.
+    Collision,
 }
 
 /// A pending delivery, ready to attempt.
@@ -154,16 +196,21 @@ pub enum Selection {
 /// The store. Every method is one transaction; a write has reached the disk when its future
 /// resolves `Ok` (for a durable backend).
 pub trait Store: Send + Sync {
-    /// Writes a push's dedupe record and deliveries, atomically, unless the push is already
-    /// recorded (checked in the same transaction).
+    /// Writes a push's dedupe record and deliveries, atomically, unless its event id is
+    /// already recorded (checked in the same transaction; see [`Recorded::meet`]).
     fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>>;
 
-    /// The answer recorded for `event_id`, if it was committed at or after `since_ms`.
-    fn answer(
-        &self,
-        event_id: &str,
-        since_ms: u64,
-    ) -> BoxFuture<'_, StoreResult<Option<CachedAnswer>>>;
+    /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
+    fn answer(&self, event_id: &str, since_ms: u64)
+    -> BoxFuture<'_, StoreResult<Option<Recorded>>>;
+
+    /// The bytes the store's data occupies now (pending deliveries, dead letters, dedupe
+    /// records), as kept up to date by its writes: cheap, no I/O.
+    fn used_bytes(&self) -> u64;
+
+    /// A write that allocates and is undone (durably, for a durable backend): fails when the
+    /// store cannot take one now (a full disk, an I/O error).
+    fn probe(&self) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Up to `limit` deliveries to `target` due at `now_ms`, oldest due first, leaving out
     /// `skip` (those in flight).

@@ -112,8 +112,9 @@ pub fn decide(
                 };
             }
             let delay = retry_delay(target, attempt, after, rand::rng().random::<f64>());
-            let at_ms = now_ms.saturating_add(delay.as_millis() as u64);
-            let deadline = enqueued_ms.saturating_add(target.max_age.as_millis() as u64);
+            // Saturating: a Retry-After of years lands past max_age, never wraps to "soon".
+            let at_ms = now_ms.saturating_add(millis(delay));
+            let deadline = enqueued_ms.saturating_add(millis(target.max_age));
             if at_ms > deadline {
                 return Settle::Dead {
                     attempts: attempt,
@@ -130,6 +131,11 @@ pub fn decide(
             }
         }
     }
+}
+
+/// A duration in whole milliseconds, `u64::MAX` past it.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One target's dispatcher and what its attempts share.
@@ -258,7 +264,7 @@ impl TargetWorker {
 
     async fn attempt_uncut(&self, delivery: &Delivery) {
         let target = &self.target;
-        let max_age_ms = target.max_age.as_millis() as u64;
+        let max_age_ms = millis(target.max_age);
         let started = Instant::now();
         let attempt = delivery.attempts.saturating_add(1);
         let settle = match &delivery.push {
@@ -427,6 +433,23 @@ mod tests {
         let after = |secs| retry_delay(&t, 1, Some(Duration::from_secs(secs)), 0.0).as_millis();
         assert_eq!(after(3), 3000);
         assert_eq!(after(60), 60_000);
+    }
+
+    #[test]
+    fn a_retry_after_past_max_age_makes_a_dead_letter_now() {
+        let t = target(1000, 1000, 20, 60);
+        // 18446744073709552 s is more milliseconds than a u64 holds: it must not wrap around
+        // to a retry 0.39 s later.
+        for secs in [61, 18_446_744_073_709_552, u64::MAX] {
+            let verdict = Verdict::Retry {
+                error: "HTTP 503".into(),
+                after: Some(Duration::from_secs(secs)),
+            };
+            match decide(&t, 1_000, 1, verdict, 2_000) {
+                Settle::Dead { error, .. } => assert!(error.contains("max_age_s 60"), "{error}"),
+                other => panic!("Retry-After {secs}: expected dead, got {other:?}"),
+            }
+        }
     }
 
     #[test]

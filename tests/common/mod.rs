@@ -275,24 +275,18 @@ impl Binary {
     }
 }
 
-impl Drop for Binary {
-    /// A failed assertion must not leave the relay running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Binary {
+    /// The admin listener's address, from its "admin listening" line.
+    pub fn admin_addr(&self) -> String {
+        let line = self.wait_for("admin listening");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .expect("admin=")
+            .to_owned()
     }
 }
 
-/// The admin listener's address, from its startup line.
-pub fn admin_addr(relay: &Binary) -> String {
-    let line = relay.wait_for("admin listening");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .expect("admin=")
-        .to_owned()
-}
-
-/// The value of the sample of `name` whose labels include all of `labels`.
+/// The value of the sample of `name` whose labels include all of `labels`, in Prometheus text.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
@@ -306,6 +300,14 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
+}
+
+impl Drop for Binary {
+    /// A failed assertion must not leave the relay running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `wechat-relay <args>` (an `outbox` command, say): exit code, stdout, stderr.
