@@ -7,8 +7,8 @@
 # Fails if any target finds a crash, a hang or a leak: libFuzzer writes the input to
 # fuzz/artifacts/<target>/, and tests/fuzz_regressions.rs replays everything there (commit it
 # with the fix). What a run finds beyond the kept corpus goes to a scratch folder, so the
-# working tree stays as it is; to keep it, run `cargo fuzz run <target>` and then
-# `cargo fuzz cmin <target>`.
+# working tree stays as it is; to keep it, run `cargo fuzz run <target>`, then
+# `cargo fuzz cmin <target> -- -set_cover_merge=1` and `python3 fuzz/seed.py`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-30}"
