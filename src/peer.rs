@@ -32,6 +32,15 @@ pub fn client(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> Option<Ip
     if !contains(trusted, client) {
         return Some(client);
     }
+    // A header the proxy sent that is not text: no client can be named (refused, not taken
+    // for the proxy itself).
+    if headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .any(|v| v.to_str().is_err())
+    {
+        return None;
+    }
     let mut entries = forwarded_entries(headers).rev();
     while contains(trusted, client) {
         let Some(entry) = entries.next() else {
@@ -120,6 +129,12 @@ mod tests {
         );
         // Junk where the client should be: no client.
         assert_eq!(client(&headers("junk"), ip("127.0.0.1"), &trusted), None);
+        let mut binary = HeaderMap::new();
+        binary.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"203.0.113.9\xff").expect("header"),
+        );
+        assert_eq!(client(&binary, ip("127.0.0.1"), &trusted), None);
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::outbox::{Claim, ClaimGuard, Outbox, now_ms};
 use crate::peer;
 use crate::push::Push;
 use crate::route::{CompiledRoute, RouteTable};
+use crate::server::connections::Connection;
 use crate::telemetry::limit;
 use crate::wechat::crypto::{self, CryptoError};
 use crate::wechat::message::{Envelope, Fields, Message, text_reply};
@@ -223,6 +224,10 @@ impl Relay {
         self.check_timestamp(&query)?;
         let (parts, body) = request.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
+        // From here the push is handled: its connection keeps its slot.
+        if let Some(connection) = parts.extensions.get::<Arc<Connection>>() {
+            connection.body_read();
+        }
         let (message, key_index) = self.open(account, &query, &body)?;
         let push = Arc::new(Push {
             account: account.name.clone(),

@@ -196,6 +196,9 @@ impl Server {
             });
         }
         drop(listener);
+        // Connections between requests (or that never sent one) go now; requests in flight
+        // are drained.
+        connections.close_all_idle();
         let grace = handle.current.get().config().server.shutdown_grace;
         info!(
             grace_ms = grace.as_millis() as u64,

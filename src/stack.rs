@@ -24,15 +24,17 @@ pub type RelayService = BoxCloneService<Request<Body>, Response<ResponseBody>, I
 pub fn build(current: Arc<Current>, peer: SocketAddr, connection: Arc<Connection>) -> RelayService {
     let finished = Arc::clone(&connection);
     let service = ServiceBuilder::new()
-        // The connection's state for its slot and timers: in a request from here until the
-        // answer, idle after it; a refused request, or the connection's last, answers
+        // The connection's state for its slot and timers: reading a request from here, handling
+        // it once the body is in, idle after the answer; a refused request, or the connection's last, answers
         // `Connection: close`.
         .map_response(move |mut response: Response<ResponseBody>| {
             finished.finish(&mut response);
             response
         })
-        .map_request(move |request: Request<Body>| {
+        .map_request(move |mut request: Request<Body>| {
             connection.begin();
+            // The handler says when the body is in (`Connection::body_read`).
+            request.extensions_mut().insert(Arc::clone(&connection));
             request
         })
         // A bug must answer 500, not drop the connection (WeChat would retry the same push into

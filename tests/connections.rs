@@ -55,6 +55,38 @@ async fn exchange(io: &mut Box<dyn Io>, request: &str, wait: Duration) -> String
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Sends `request` and reads one whole answer (headers and `content-length` bytes), waiting up
+/// to 5 s for it.
+async fn ask(io: &mut Box<dyn Io>, request: &str) -> String {
+    io.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(str::to_owned)
+            })
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        body.len() >= length
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !complete(&got) {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// Whether the relay closed `io` within `wait` (a read returns end of file or an error).
 async fn closed_within(io: &mut Box<dyn Io>, wait: Duration) -> bool {
     let mut buf = [0u8; 4096];
@@ -68,9 +100,16 @@ async fn closed_within(io: &mut Box<dyn Io>, wait: Duration) -> bool {
     }
 }
 
-/// An attacker's keep-alive connection: `GET /x` every 200 ms, reconnecting whenever the relay
-/// closes it, until aborted.
-fn pinger(addr: String, root: Option<Vec<u8>>) -> tokio::task::JoinHandle<()> {
+/// A signed URL check: answered 200, its keep-alive connection stays open.
+fn url_check_request() -> String {
+    let query = plain_query(&now(), "7");
+    format!("GET /wechat?{query}&echostr=hi HTTP/1.1\r\nhost: relay\r\n\r\n")
+}
+
+/// An attacker's keep-alive connection: `request` every 200 ms (a refused `GET /x`, or a URL
+/// check with a signature it captured), reconnecting whenever the relay closes it, until
+/// aborted.
+fn pinger(addr: String, root: Option<Vec<u8>>, request: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok(mut io) = open(&addr, root.as_deref()).await else {
@@ -78,11 +117,7 @@ fn pinger(addr: String, root: Option<Vec<u8>>) -> tokio::task::JoinHandle<()> {
                 continue;
             };
             loop {
-                if io
-                    .write_all(b"GET /x HTTP/1.1\r\nhost: relay\r\n\r\n")
-                    .await
-                    .is_err()
-                {
+                if io.write_all(request.as_bytes()).await.is_err() {
                     break;
                 }
                 let mut buf = [0u8; 1024];
@@ -95,8 +130,8 @@ fn pinger(addr: String, root: Option<Vec<u8>>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// `max_connections = 64`, 64 pingers, then 64 silent connections: a genuine push is still
-/// answered within 1 s.
+/// `max_connections = 64`, 64 pingers (half refused and reconnecting, half idle between
+/// signed URL checks), then 64 silent connections: a genuine push is still answered within 1 s.
 async fn a_genuine_push_gets_a_slot(tls: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = tls.then(|| self_signed(dir.path()));
@@ -110,7 +145,14 @@ async fn a_genuine_push_gets_a_slot(tls: bool) {
     let relay = Binary::start(&path);
     let addr = relay.url("").trim_start_matches("http://").to_owned();
     let pingers: Vec<_> = (0..64)
-        .map(|_| pinger(addr.clone(), root.clone()))
+        .map(|i| {
+            let request = if i % 2 == 0 {
+                "GET /x HTTP/1.1\r\nhost: relay\r\n\r\n".to_owned()
+            } else {
+                url_check_request()
+            };
+            pinger(addr.clone(), root.clone(), request)
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut silent = Vec::new();
@@ -174,9 +216,9 @@ async fn a_refused_request_closes_its_connection_and_an_accepted_one_keeps_it() 
 
     // A URL check with a good signature keeps its connection for the next request.
     let mut io = open(&addr, None).await.expect("connect");
-    let query = plain_query(&now(), "7");
-    let request = format!("GET /wechat?{query}&echostr=hi HTTP/1.1\r\nhost: relay\r\n\r\n");
-    io.write_all(request.as_bytes()).await.expect("write");
+    io.write_all(url_check_request().as_bytes())
+        .await
+        .expect("write");
     assert!(!closed_within(&mut io, Duration::from_millis(500)).await);
 }
 
@@ -191,14 +233,9 @@ async fn keep_alive_connections_end_at_the_idle_timeout_and_after_their_requests
         &target,
     ));
     let addr = relay.url("").trim_start_matches("http://").to_owned();
-    let url_check = || {
-        let query = plain_query(&now(), "7");
-        format!("GET /wechat?{query}&echostr=hi HTTP/1.1\r\nhost: relay\r\n\r\n")
-    };
-
     // Idle after its answer: closed at about 300 ms.
     let mut io = open(&addr, None).await.expect("connect");
-    let first = exchange(&mut io, &url_check(), Duration::from_millis(100)).await;
+    let first = ask(&mut io, &url_check_request()).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     assert!(
         !first.to_ascii_lowercase().contains("connection: close"),
@@ -211,8 +248,8 @@ async fn keep_alive_connections_end_at_the_idle_timeout_and_after_their_requests
 
     // The second request is the last: its answer says so and the connection ends.
     let mut io = open(&addr, None).await.expect("connect");
-    exchange(&mut io, &url_check(), Duration::from_millis(50)).await;
-    let second = exchange(&mut io, &url_check(), Duration::from_millis(100)).await;
+    ask(&mut io, &url_check_request()).await;
+    let second = ask(&mut io, &url_check_request()).await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
     assert!(
         second.to_ascii_lowercase().contains("connection: close"),
@@ -435,4 +472,54 @@ async fn handshake(tcp: TcpStream, root: &[u8]) -> std::io::Result<Box<dyn Io>> 
         .connect(name, tcp)
         .await?;
     Ok(Box::new(tls))
+}
+
+#[tokio::test]
+async fn bodies_trickled_under_a_captured_signature_do_not_hold_the_slots() {
+    // A captured query signs any body for timestamp_skew_s: 8 connections trickle one byte of
+    // their bodies every 200 ms, holding all 8 slots for up to the reply deadline each.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut target = FakeTarget::start().await;
+    let relay = Binary::start(&write_config(
+        dir.path(),
+        "max_connections = 8\nreply_deadline_ms = 4500",
+        "",
+        &target,
+    ));
+    let addr = relay.url("").trim_start_matches("http://").to_owned();
+    let (captured, _) = PushBuilder::new(text_xml("captured", 1)).plaintext();
+    let mut tricklers = Vec::new();
+    for _ in 0..8 {
+        let (addr, captured) = (addr.clone(), captured.clone());
+        tricklers.push(tokio::spawn(async move {
+            let Ok(mut io) = open(&addr, None).await else {
+                return;
+            };
+            let head = format!(
+                "POST /wechat?{captured} HTTP/1.1\r\nhost: relay\r\ncontent-length: 1000\r\n\r\n"
+            );
+            if io.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for _ in 0..1000 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if io.write_all(b" ").await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (query, body) = PushBuilder::new(text_xml("genuine", 2)).plaintext();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        post(&relay.url(&format!("/wechat?{query}")), body),
+    )
+    .await
+    .expect("answered within 1 s");
+    assert_eq!(answer.status, 200);
+    assert!(String::from_utf8_lossy(&target.next().await.body).contains("genuine"));
+    for trickler in tricklers {
+        trickler.abort();
+    }
 }

@@ -26,7 +26,8 @@ fn plaintext_config(server_keys: &str, target: &FakeTarget, target_extra: &str) 
 async fn one_connection_relay() -> (TestRelay, FakeTarget) {
     let target = FakeTarget::start().await;
     let relay = TestRelay::start(&plaintext_config(
-        "shutdown_grace_ms = 2000\nmax_connections = 1\n",
+        // The keep-alive timer must not be what closes the stalled connection.
+        "shutdown_grace_ms = 2000\nmax_connections = 1\nkeepalive_timeout_ms = 300000\n",
         &target,
         "",
     ))
@@ -55,9 +56,15 @@ async fn a_client_that_stops_reading_loses_its_connection() {
     });
 
     // The write stall timeout (10 s) closes it, without another client asking for the slot.
+    let started = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(30), writer)
         .await
         .expect("the stalled client's connection was closed")
         .expect("task");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "closed after {:?}: not by the write stall timeout",
+        started.elapsed()
+    );
     relay.stop().await;
 }

@@ -66,11 +66,22 @@ impl Closed {
 /// At the limit with every connection in a request, how often to look for one gone idle.
 const BUSY_RECHECK: Duration = Duration::from_millis(50);
 
+/// An answer produced this recently may still be on its way out: its connection is closed for
+/// a newcomer only when no other is left.
+const JUST_ANSWERED: Duration = Duration::from_millis(100);
+
+/// Accepted, no request yet (or in the TLS handshake).
 const FRESH: u8 = 0;
+/// A request whose body is complete is being handled: never closed for a newcomer.
 const BUSY: u8 = 1;
+/// Between two requests.
 const IDLE: u8 = 2;
 /// Told to close (evicted): never chosen again.
 const CLOSING: u8 = 3;
+/// A request's headers are in, its body is still arriving: closed for a newcomer when no
+/// fresh or idle connection is left (a client that trickles a body, even with a captured
+/// signature, cannot hold a slot against WeChat).
+const READING: u8 = 4;
 
 /// The connections of one listener.
 pub struct ConnectionSet {
@@ -164,18 +175,32 @@ impl ConnectionSet {
         let Ok(open) = self.open.lock() else {
             return false;
         };
+        // The idlest first; an answer just produced and bodies still arriving last.
+        let recent =
+            ms_between(self.epoch, Instant::now()).saturating_sub(JUST_ANSWERED.as_millis() as u64);
         let victim = open
             .values()
-            .filter(|c| matches!(c.state.load(Ordering::Acquire), FRESH | IDLE))
-            .min_by_key(|c| c.since_ms.load(Ordering::Acquire));
+            .filter_map(|c| {
+                let since = c.since_ms.load(Ordering::Acquire);
+                let tier = match c.state.load(Ordering::Acquire) {
+                    FRESH => 0,
+                    IDLE if since <= recent => 0,
+                    IDLE => 1,
+                    READING => 2,
+                    _ => return None,
+                };
+                Some((tier, since, c))
+            })
+            .min_by_key(|(tier, since, _)| (*tier, *since))
+            .map(|(_, _, c)| c);
         let Some(victim) = victim else {
             return false;
         };
-        // Lost a race with its own request starting: it is busy now; try again next time.
+        // Lost a race with its own request going on: it is busy now; try again next time.
         if victim
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                matches!(s, FRESH | IDLE).then_some(CLOSING)
+                matches!(s, FRESH | IDLE | READING).then_some(CLOSING)
             })
             .is_err()
         {
@@ -192,6 +217,26 @@ impl ConnectionSet {
             );
         }
         true
+    }
+
+    /// At shutdown: tells every connection that is not handling a request to close now (a
+    /// client that sent one byte, or is in its TLS handshake, must not hold the drain for the
+    /// whole grace). Requests being handled finish.
+    pub fn close_all_idle(&self) {
+        let Ok(open) = self.open.lock() else {
+            return;
+        };
+        for connection in open.values() {
+            let closing = connection
+                .state
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    matches!(s, FRESH | IDLE | READING).then_some(CLOSING)
+                })
+                .is_ok();
+            if closing {
+                connection.close.notify_one();
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -240,14 +285,28 @@ impl Drop for Admitted {
 }
 
 impl Connection {
-    /// Marks a request as started; call [`Connection::finish`] with its answer.
+    /// Marks a request as started (its headers are in, its body may still be arriving);
+    /// call [`Connection::body_read`] once the body is, and [`Connection::finish`] with the
+    /// answer.
     pub fn begin(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
-        // A connection told to close stays closing.
+        self.since_ms
+            .store(ms_between(self.epoch, Instant::now()), Ordering::Release);
+        self.set_state(READING);
+    }
+
+    /// The request's body is complete: the request is handled from here on and its
+    /// connection is no longer closed for a newcomer.
+    pub fn body_read(&self) {
+        self.set_state(BUSY);
+    }
+
+    /// Moves to `state`, unless the connection was told to close (it stays closing).
+    fn set_state(&self, state: u8) {
         let _ = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                (s != CLOSING).then_some(BUSY)
+                (s != CLOSING).then_some(state)
             });
     }
 
@@ -266,11 +325,7 @@ impl Connection {
         }
         self.since_ms
             .store(ms_between(self.epoch, now), Ordering::Release);
-        let _ = self
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                (s != CLOSING).then_some(IDLE)
-            });
+        self.set_state(IDLE);
     }
 
     /// When to look at this connection's timers next. Checking early is harmless; checking
@@ -354,11 +409,50 @@ mod tests {
         let set = ConnectionSet::new("test", 1);
         let only = set.admit(limits()).await.expect("slot");
         only.connection.begin();
+        only.connection.body_read();
         assert!(!set.close_idlest(Closed::Evicted));
         let mut response = Response::new(());
         only.connection.finish(&mut response);
         assert!(response.headers().get(CONNECTION).is_none());
         assert!(set.close_idlest(Closed::Evicted), "idle now");
+    }
+
+    #[tokio::test]
+    async fn a_body_still_arriving_goes_after_fresh_and_idle_connections() {
+        let set = ConnectionSet::new("test", 3);
+        let reading = set.admit(limits()).await.expect("slot");
+        reading.connection.begin();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let answered = set.admit(limits()).await.expect("slot");
+        answered.connection.begin();
+        answered.connection.finish(&mut Response::new(()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let fresh = set.admit(limits()).await.expect("slot");
+        // The fresh one goes first although it is the newest; then the one answered a moment
+        // ago (its answer may still be on its way); the body still arriving last.
+        assert!(set.close_idlest(Closed::Evicted));
+        assert!(fresh.run(std::future::pending::<()>()).await.is_none());
+        assert!(set.close_idlest(Closed::Evicted));
+        assert!(answered.run(std::future::pending::<()>()).await.is_none());
+        assert!(set.close_idlest(Closed::Evicted));
+        assert!(reading.run(std::future::pending::<()>()).await.is_none());
+        assert!(
+            !set.close_idlest(Closed::Evicted),
+            "all told to close already"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_every_connection_not_handling_a_request() {
+        let set = ConnectionSet::new("test", 3);
+        let fresh = set.admit(limits()).await.expect("slot");
+        let busy = set.admit(limits()).await.expect("slot");
+        busy.connection.begin();
+        busy.connection.body_read();
+        set.close_all_idle();
+        assert!(fresh.run(std::future::pending::<()>()).await.is_none());
+        let finished = busy.run(async { "answered" }).await;
+        assert_eq!(finished, Some("answered"), "the busy one is left to finish");
     }
 
     #[test]
