@@ -2,9 +2,9 @@
 //!
 //! At most `max` connections are open. At the limit a newcomer is still accepted: the open
 //! connection that has been idle longest (a keep-alive connection between two requests, or one
-//! that has not sent its first request yet) is closed for it. Only connections in the middle of
-//! a request are never closed that way; when every connection is, the newcomer waits for one to
-//! finish. Each connection also has its own timers: the first request's headers (TLS handshake
+//! that has not sent its first request yet) is closed for it; when none is left, one whose
+//! request body is still arriving. Only a request being handled (its body in) is never closed
+//! that way; when every connection has one, the newcomer waits for one to go idle. Each connection also has its own timers: the first request's headers (TLS handshake
 //! included) within `header_timeout` of the accept, each later request within
 //! `keepalive_timeout` of the last answer, and at most `max_requests` requests and `max_age`
 //! in all (then `Connection: close` on the answer). A refused request's answer also closes its
@@ -197,16 +197,9 @@ impl ConnectionSet {
             return false;
         };
         // Lost a race with its own request going on: it is busy now; try again next time.
-        if victim
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                matches!(s, FRESH | IDLE | READING).then_some(CLOSING)
-            })
-            .is_err()
-        {
+        if !victim.tell_to_close() {
             return false;
         }
-        victim.close.notify_one();
         metrics::connection_closed(self.listener, reason.as_str());
         if CONNECTION_PRESSURE.admit(self.listener) {
             warn!(
@@ -227,15 +220,7 @@ impl ConnectionSet {
             return;
         };
         for connection in open.values() {
-            let closing = connection
-                .state
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                    matches!(s, FRESH | IDLE | READING).then_some(CLOSING)
-                })
-                .is_ok();
-            if closing {
-                connection.close.notify_one();
-            }
+            connection.tell_to_close();
         }
     }
 
@@ -299,6 +284,21 @@ impl Connection {
     /// connection is no longer closed for a newcomer.
     pub fn body_read(&self) {
         self.set_state(BUSY);
+    }
+
+    /// Tells the connection to close, unless it is handling a request (or already closing);
+    /// whether it was told.
+    fn tell_to_close(&self) -> bool {
+        let told = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                matches!(s, FRESH | IDLE | READING).then_some(CLOSING)
+            })
+            .is_ok();
+        if told {
+            self.close.notify_one();
+        }
+        told
     }
 
     /// Moves to `state`, unless the connection was told to close (it stays closing).
