@@ -160,12 +160,19 @@ async fn main() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
     let relay = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let outbox = wechat_relay::outbox::Outbox::start(&config)
+    let forwarder = wechat_relay::forward::Forwarder::new();
+    let outbox = wechat_relay::outbox::Outbox::start(&config, forwarder.clone())
         .await
         .expect("store");
-    let server = tokio::spawn(wechat_relay::server::run(config, outbox, listener, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(wechat_relay::server::run(
+        config,
+        outbox,
+        forwarder,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     // Build every push before the clock starts.
     let sender = Sender {

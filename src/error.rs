@@ -1,10 +1,16 @@
-//! Why a request was refused or a forward failed, and the one place that maps a refusal to an
-//! HTTP status.
+//! Why a request was refused or a forward failed, and the one place that maps them to HTTP:
+//! a refusal's 4xx, the store's 503 (WeChat retries) and a bug's 500.
 
-use http::StatusCode;
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
 
+use crate::outbox::store::{CachedAnswer, StoreError};
 use crate::wechat::crypto::CryptoError;
 use crate::wechat::message::XmlError;
+
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// A request the relay refuses: nothing is forwarded, and the log says why in one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +99,48 @@ impl Rejection {
     }
 }
 
+impl Rejection {
+    /// The refusal's answer: its status and its reason in one line (`Allow` for a method
+    /// WeChat does not use).
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let mut response = plain(self.status(), Bytes::from(format!("{self}\n")));
+        if *self == Rejection::MethodNotAllowed {
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, POST"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for CachedAnswer {
+    /// The answer when the store fails: 503, so WeChat tries again. The reason goes to the
+    /// log, not to the client (it names paths).
+    fn from(_: StoreError) -> Self {
+        CachedAnswer {
+            status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+            content_type: "text/plain; charset=utf-8".into(),
+            body: Bytes::from_static(b"store unavailable: the push was not accepted\n"),
+        }
+    }
+}
+
+/// A bug's answer (a handler that panicked): 500, without the panic's payload (it could hold
+/// message content).
+pub fn internal_error() -> Response<Full<Bytes>> {
+    plain(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Bytes::from_static(b"internal error\n"),
+    )
+}
+
+fn plain(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +168,10 @@ mod tests {
 pub enum ForwardError {
     #[error("timed out")]
     Timeout,
+    /// The reply target's synchronous attempt, cut at WeChat's reply deadline (its delivery is
+    /// then retried by the outbox).
+    #[error("no answer within the reply deadline")]
+    Deadline,
     #[error("{0}")]
     Transport(String),
     #[error("answer body larger than {0} bytes")]

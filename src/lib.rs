@@ -12,7 +12,9 @@
 //!   relay on reload, shuts down gracefully; [`stack`] builds the tower stack;
 //! - [`peer`]: who is asking (the peer, or the client behind a trusted proxy) and the
 //!   allow-list;
-//! - [`relay`]: the handler: verify, decrypt, route, dedupe, reply, commit;
+//! - [`relay`]: the handler, as phases over one push ending in one outcome (its log line and
+//!   metrics): [`request`] checks what arrives (query, signature, timestamp, body, decrypt),
+//!   then route, dedupe, [`reply`] (the reply target within the deadline, sealed), commit;
 //! - [`outbox`]: the durable store of deliveries, its workers (retries, dead letters) and the
 //!   WeChat-retry dedupe;
 //! - [`wechat`]: the protocol (signatures, AES, message XML), knowing nothing of routes; its
@@ -21,7 +23,7 @@
 //! - [`route`]: the route table, first match wins;
 //! - [`forward`]: the HTTP client and the `raw` / `plain` / `json` request shapes;
 //! - [`secret`]: tokens, keys and credentials in zeroed memory, compared in constant time;
-//! - [`error`]: refusals and forward failures, and their HTTP statuses;
+//! - [`error`]: refusals and forward failures, and the one mapping to HTTP (4xx, 503, 500);
 //! - [`simulate`]: WeChat's side from the command line: a signed push or URL check sent to a
 //!   running relay, its answer opened (`wechat-relay simulate`);
 //! - [`admin`] and [`metrics`]: health, readiness and the Prometheus metrics;
@@ -37,6 +39,8 @@ pub mod outbox;
 pub mod peer;
 pub mod push;
 pub mod relay;
+pub mod reply;
+pub mod request;
 pub mod route;
 pub mod secret;
 pub mod server;

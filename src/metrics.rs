@@ -158,7 +158,7 @@ pub fn rejected(account: &str, reason: &'static str) {
 pub fn forward(target: &str, result: &Result<Answer, ForwardError>, elapsed: Duration) {
     let status = match result {
         Ok(answer) => answer.status.as_str().to_owned(),
-        Err(ForwardError::Timeout) => "timeout".to_owned(),
+        Err(ForwardError::Timeout | ForwardError::Deadline) => "timeout".to_owned(),
         Err(_) => "error".to_owned(),
     };
     counter!(FORWARDS, "target" => target.to_owned(), "status" => status).increment(1);

@@ -35,9 +35,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, Target};
-use crate::forward::Forwarder;
-use store::{CachedAnswer, Commit, Committed, Digest, Recorded, Store, StoreError, StoreResult};
-use worker::TargetWorker;
+use crate::error::ForwardError;
+use crate::forward::{Answer, Forwarder};
+use crate::push::Push;
+use store::{
+    CachedAnswer, Commit, Committed, Digest, NewDelivery, Recorded, Settle, Store, StoreError,
+    StoreResult,
+};
+use worker::{TargetWorker, classify, decide};
 
 /// How often expired dedupe records and old dead letters are deleted (more often when the
 /// retention is short: half of it, down to [`UPKEEP_MIN`]).
@@ -45,6 +50,9 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 const UPKEEP_MIN: Duration = Duration::from_secs(1);
 /// At most one "store over budget" line per this.
 const FULL_LOG_EVERY_MS: u64 = 1000;
+/// How many times a push may meet another message under its event id (once is the rule: its
+/// own id holds its digest).
+const MAX_REKEYS: u32 = 2;
 
 pub fn now_ms() -> u64 {
     sqlite::unix_ms(SystemTime::now())
@@ -123,15 +131,15 @@ struct Lane {
 impl Outbox {
     /// Opens the store and starts a worker per target: deliveries left pending by the last run
     /// are picked up at once. Call inside the runtime, before binding the listener.
-    pub async fn start(config: &Config) -> StoreResult<Outbox> {
+    pub async fn start(config: &Config, forwarder: Forwarder) -> StoreResult<Outbox> {
         let store = open_store(config, sqlite::Role::Server)?;
-        let outbox = Outbox::with_store(config, store);
+        let outbox = Outbox::with_store(config, store, forwarder);
         outbox.report_leftovers(config).await?;
         Ok(outbox)
     }
 
     /// [`Outbox::start`] on a store already open.
-    pub fn with_store(config: &Config, store: Arc<dyn Store>) -> Outbox {
+    pub fn with_store(config: &Config, store: Arc<dyn Store>, forwarder: Forwarder) -> Outbox {
         let outbox = Outbox {
             store,
             limits: Arc::default(),
@@ -141,7 +149,7 @@ impl Outbox {
             workers: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
             generations: Mutex::new(Vec::new()),
-            forwarder: Forwarder::new(),
+            forwarder,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
@@ -220,24 +228,82 @@ impl Outbox {
         &self.store
     }
 
-    pub fn forwarder(&self) -> &Forwarder {
-        &self.forwarder
+    /// Takes a verified push for handling: claims its event id, so that a WeChat retry
+    /// arriving meanwhile waits for this one's answer. With `look_up` (a route whose reply
+    /// target would be asked again) the store is asked first whether it was committed before.
+    /// A retry comes back with the answer the first one got; another message under the same
+    /// event id is a collision and the push gets an id of its own ([`Ticket::rekey`]).
+    pub async fn admit(&self, push: Arc<Push>, look_up: bool) -> StoreResult<Admitted> {
+        let digest = Digest::of(push.message.xml());
+        let mut ticket = Ticket {
+            push,
+            digest,
+            guards: Vec::new(),
+            collisions: 0,
+        };
+        match self.claim(&mut ticket, look_up).await {
+            Ok(None) => Ok(Admitted::New(ticket)),
+            Ok(Some(answer)) => Ok(Admitted::Retry {
+                push: Arc::clone(&ticket.push),
+                answer,
+            }),
+            Err(e) => Err(ticket.fail(e)),
+        }
     }
 
-    /// Claims a push's key for its message: the first claimant handles the push, the others
-    /// with the same message wait for its answer; another message is a collision.
-    pub fn claim(&self, event_id: &str, digest: &Digest) -> Claim {
-        self.claims.claim(event_id, digest)
-    }
-
-    /// The oldest commit time that still counts for dedupe.
-    pub fn dedupe_since_ms(&self) -> u64 {
-        now_ms().saturating_sub(self.limits.dedupe_ttl_ms.load(Ordering::Relaxed))
+    /// Claims the ticket's event id, re-keying it on a collision; `Some` with the first
+    /// one's answer when the push is a retry.
+    async fn claim(
+        &self,
+        ticket: &mut Ticket,
+        look_up: bool,
+    ) -> StoreResult<Option<Arc<CachedAnswer>>> {
+        loop {
+            if ticket.collisions > MAX_REKEYS {
+                return Err(StoreError::Io("event id collisions without end".into()));
+            }
+            match self.claims.claim(&ticket.push.event_id, &ticket.digest) {
+                Claim::First(guard) => ticket.guards.push(guard),
+                Claim::Wait(waiter) => {
+                    // A WeChat retry while the first is handled: the first one's answer.
+                    let answer = waiter
+                        .answer()
+                        .await
+                        .unwrap_or_else(|| Arc::new(CachedAnswer::from(StoreError::Closed)));
+                    ticket.finish(&answer);
+                    return Ok(Some(answer));
+                }
+                Claim::Collision => {
+                    ticket.rekey();
+                    continue;
+                }
+            }
+            if !look_up {
+                return Ok(None);
+            }
+            let Some(recorded) = self.answer(&ticket.push.event_id).await? else {
+                return Ok(None);
+            };
+            match recorded.meet(&ticket.digest) {
+                Committed::Duplicate(answer) => {
+                    // A retry of a push committed before: the answer it got then.
+                    let answer = Arc::new(answer);
+                    ticket.finish(&answer);
+                    return Ok(Some(answer));
+                }
+                _ => ticket.rekey(),
+            }
+        }
     }
 
     /// The dedupe record committed for `event_id` within the dedupe window, if any.
-    pub async fn answer(&self, event_id: &str) -> StoreResult<Option<Recorded>> {
+    async fn answer(&self, event_id: &str) -> StoreResult<Option<Recorded>> {
         self.store.answer(event_id, self.dedupe_since_ms()).await
+    }
+
+    /// The oldest commit time that still counts for dedupe.
+    fn dedupe_since_ms(&self) -> u64 {
+        now_ms().saturating_sub(self.limits.dedupe_ttl_ms.load(Ordering::Relaxed))
     }
 
     /// `Some` while the store holds `max_bytes` or more.
@@ -287,28 +353,84 @@ impl Outbox {
         }
     }
 
-    /// Commits a push durably (unless its event id was committed within the dedupe window:
-    /// then its answer, or a collision, comes back), then wakes the workers of its targets.
-    /// A push with deliveries is refused while the store is over its budget.
-    pub async fn commit(&self, commit: Commit) -> StoreResult<Committed> {
-        if !commit.deliveries.is_empty()
+    /// Commits an admitted push with the answer WeChat gets: its dedupe record and a delivery
+    /// for each target in `to` that still needs one (the reply target's `attempt` counts as
+    /// attempt 1 of its delivery: delivered, retried later, or dead). Then wakes the workers
+    /// of its targets and gives the answer to the retries waiting on it.
+    ///
+    /// A push committed before within the dedupe window comes back as a retry; another
+    /// message committed under its event id makes it commit under an id of its own. A push
+    /// with deliveries is refused while the store is over its budget.
+    pub async fn commit(
+        &self,
+        mut ticket: Ticket,
+        answer: CachedAnswer,
+        to: &[String],
+        attempt: Option<ReplyAttempt>,
+    ) -> StoreResult<Accepted> {
+        let deliveries = deliveries(to, attempt.as_ref(), now_ms());
+        if !deliveries.is_empty()
             && let Some(full) = self.over_budget()
         {
             self.refused_for_budget(&full);
-            return Err(full);
+            return Err(ticket.fail(full));
         }
-        let targets: Vec<String> = commit.deliveries.iter().map(|d| d.target.clone()).collect();
-        let committed = self.store.commit(commit).await?;
-        if committed == Committed::New
-            && let Ok(lanes) = self.lanes.lock()
-        {
-            for target in targets {
-                if let Some(lane) = lanes.get(&target) {
-                    lane.wake.notify_one();
+        let answer = Arc::new(answer);
+        loop {
+            let commit = Commit {
+                push: Arc::clone(&ticket.push),
+                digest: ticket.digest,
+                answer: (*answer).clone(),
+                deliveries: deliveries.clone(),
+                now_ms: now_ms(),
+                dedupe_since_ms: self.dedupe_since_ms(),
+            };
+            match self.store.commit(commit).await {
+                Ok(Committed::New) => {
+                    self.wake(&deliveries);
+                    ticket.finish(&answer);
+                    return Ok(Accepted::New {
+                        collided: ticket.collisions > 0,
+                        push: ticket.push,
+                        answer,
+                    });
                 }
+                Ok(Committed::Duplicate(earlier)) => {
+                    let earlier = Arc::new(earlier);
+                    ticket.finish(&earlier);
+                    return Ok(Accepted::Retry {
+                        push: Arc::clone(&ticket.push),
+                        answer: earlier,
+                    });
+                }
+                Ok(Committed::Collision) => {
+                    ticket.rekey();
+                    match self.claim(&mut ticket, false).await {
+                        Ok(None) => continue,
+                        Ok(Some(first)) => {
+                            return Ok(Accepted::Retry {
+                                push: Arc::clone(&ticket.push),
+                                answer: first,
+                            });
+                        }
+                        Err(e) => return Err(ticket.fail(e)),
+                    }
+                }
+                Err(e) => return Err(ticket.fail(e)),
             }
         }
-        Ok(committed)
+    }
+
+    /// Rings the workers of the targets that got a pending delivery.
+    fn wake(&self, deliveries: &[NewDelivery]) {
+        let Ok(lanes) = self.lanes.lock() else {
+            return;
+        };
+        for delivery in deliveries.iter().filter(|d| !d.dead) {
+            if let Some(lane) = lanes.get(&delivery.target) {
+                lane.wake.notify_one();
+            }
+        }
     }
 
     /// Stops taking deliveries, lets attempts in flight finish within `grace`, and returns
@@ -362,6 +484,120 @@ impl WorkerSlot {
     }
 }
 
+/// One delivery per target of the route, in route order, except the reply target when its
+/// synchronous attempt delivered the push (a failed one is recorded as attempt 1).
+fn deliveries(to: &[String], attempt: Option<&ReplyAttempt>, now: u64) -> Vec<NewDelivery> {
+    let mut deliveries: Vec<NewDelivery> = to
+        .iter()
+        .map(|target| NewDelivery {
+            target: target.clone(),
+            attempts: 0,
+            last_error: None,
+            at_ms: now,
+            dead: false,
+        })
+        .collect();
+    let Some(attempt) = attempt else {
+        return deliveries;
+    };
+    let Some(at) = deliveries
+        .iter()
+        .position(|d| d.target == attempt.target.name)
+    else {
+        return deliveries;
+    };
+    match decide(&attempt.target, now, 1, classify(&attempt.result), now) {
+        Settle::Delivered => {
+            deliveries.remove(at);
+        }
+        Settle::Retry {
+            attempts,
+            at_ms,
+            error,
+        } => {
+            let d = &mut deliveries[at];
+            (d.attempts, d.at_ms, d.last_error) = (attempts, at_ms, Some(error));
+        }
+        Settle::Dead { attempts, error } => {
+            let d = &mut deliveries[at];
+            (d.attempts, d.last_error, d.dead) = (attempts, Some(error), true);
+        }
+    }
+    deliveries
+}
+
+// ---- admission ---------------------------------------------------------------------------
+
+/// The reply target's synchronous attempt at a push: attempt 1 of its delivery.
+pub struct ReplyAttempt {
+    pub target: Arc<Target>,
+    pub result: Result<Answer, ForwardError>,
+}
+
+/// What [`Outbox::admit`] found.
+pub enum Admitted {
+    /// A push to handle: reply, then [`Outbox::commit`].
+    New(Ticket),
+    /// A WeChat retry (of `push`, re-keyed if it collided): the answer the first one got.
+    Retry {
+        push: Arc<Push>,
+        answer: Arc<CachedAnswer>,
+    },
+}
+
+/// What [`Outbox::commit`] did.
+pub enum Accepted {
+    /// Committed, under the event id of `push` (its own when `collided`).
+    New {
+        push: Arc<Push>,
+        answer: Arc<CachedAnswer>,
+        collided: bool,
+    },
+    /// A WeChat retry after all (of `push`): the answer the first one got.
+    Retry {
+        push: Arc<Push>,
+        answer: Arc<CachedAnswer>,
+    },
+}
+
+/// An admitted push: its event id is claimed until it is committed or dropped (a retry
+/// meanwhile waits for its answer).
+pub struct Ticket {
+    push: Arc<Push>,
+    digest: Digest,
+    /// The claims on the ids tried: the first and, after a collision, the push's own.
+    guards: Vec<ClaimGuard>,
+    collisions: u32,
+}
+
+impl Ticket {
+    pub fn push(&self) -> &Arc<Push> {
+        &self.push
+    }
+
+    /// A push whose event id belongs to another message gets its own: the first one plus
+    /// `~` and 16 hex digits of its message's digest (the same for WeChat's retries of it).
+    fn rekey(&mut self) {
+        self.collisions += 1;
+        let mut own = (*self.push).clone();
+        own.event_id = format!("{}~{}", self.push.event_id, self.digest.short());
+        self.push = Arc::new(own);
+    }
+
+    /// Gives `answer` to whoever waits on the claims, and releases them.
+    fn finish(&mut self, answer: &Arc<CachedAnswer>) {
+        for guard in self.guards.drain(..) {
+            guard.finish(Arc::clone(answer));
+        }
+    }
+
+    /// The store could not take the push: those waiting get the 503 too.
+    fn fail(mut self, error: StoreError) -> StoreError {
+        self.finish(&Arc::new(CachedAnswer::from(error.clone())));
+        error
+    }
+}
+
 // ---- claims ------------------------------------------------------------------------------
 
 type AnswerSlot = watch::Receiver<Option<Arc<CachedAnswer>>>;
@@ -370,7 +606,7 @@ type AnswerSlot = watch::Receiver<Option<Arc<CachedAnswer>>>;
 #[derive(Default, Clone)]
 struct Claims(Arc<Mutex<HashMap<String, (Digest, AnswerSlot)>>>);
 
-pub enum Claim {
+enum Claim {
     /// This request handles the push; the guard gives its answer to those who wait.
     First(ClaimGuard),
     /// The same push is being handled: wait for its answer.
@@ -408,7 +644,7 @@ impl Claims {
 
 /// Held while a push is handled. Dropping it releases the key: a retry after that is handled
 /// afresh (or answered from the store, if the push was committed).
-pub struct ClaimGuard {
+struct ClaimGuard {
     claims: Claims,
     event_id: String,
     sender: watch::Sender<Option<Arc<CachedAnswer>>>,
@@ -416,7 +652,7 @@ pub struct ClaimGuard {
 
 impl ClaimGuard {
     /// Gives `answer` to every request waiting on this push, and releases the key.
-    pub fn finish(self, answer: Arc<CachedAnswer>) {
+    fn finish(self, answer: Arc<CachedAnswer>) {
         self.sender.send_replace(Some(answer));
     }
 }
@@ -430,26 +666,14 @@ impl Drop for ClaimGuard {
 }
 
 /// A request waiting for the answer to the same push.
-pub struct Waiter(AnswerSlot);
+struct Waiter(AnswerSlot);
 
 impl Waiter {
     /// The first request's answer; `None` if it ended without one.
-    pub async fn answer(mut self) -> Option<Arc<CachedAnswer>> {
+    async fn answer(mut self) -> Option<Arc<CachedAnswer>> {
         match self.0.wait_for(Option::is_some).await {
             Ok(answer) => answer.clone(),
             Err(_) => None,
-        }
-    }
-}
-
-impl From<StoreError> for CachedAnswer {
-    /// The answer when the store fails: 503, so WeChat tries again. The reason goes to the
-    /// log, not to the client (it names paths).
-    fn from(_: StoreError) -> Self {
-        CachedAnswer {
-            status: 503,
-            content_type: "text/plain; charset=utf-8".into(),
-            body: bytes::Bytes::from_static(b"store unavailable: the push was not accepted\n"),
         }
     }
 }

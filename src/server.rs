@@ -19,9 +19,10 @@ pub mod descriptors;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -31,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{self, Config};
+use crate::forward::Forwarder;
 use crate::metrics;
 use crate::outbox::Outbox;
 use crate::relay::Relay;
@@ -46,25 +48,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// window) would otherwise hold its connection, and a `max_connections` slot, for ever.
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The relay for new requests; swapped by a reload.
-pub struct Current(RwLock<Arc<Relay>>);
-
-impl Current {
-    pub fn get(&self) -> Arc<Relay> {
-        match self.0.read() {
-            Ok(relay) => Arc::clone(&relay),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-
-    fn set(&self, relay: Arc<Relay>) {
-        match self.0.write() {
-            Ok(mut current) => *current = relay,
-            Err(poisoned) => *poisoned.into_inner() = relay,
-        }
-    }
-}
-
 /// A server ready to run, and the handle that reloads it.
 pub struct Server {
     handle: Handle,
@@ -72,19 +55,22 @@ pub struct Server {
     max_connections: usize,
 }
 
-/// What a reload needs: the current relay, the outbox and the certificate.
+/// What a reload needs: the current relay, the outbox, the HTTP client and the certificate.
 #[derive(Clone)]
 pub struct Handle {
-    current: Arc<Current>,
+    /// The relay for new requests; swapped by a reload.
+    current: Arc<ArcSwap<Relay>>,
     outbox: Arc<Outbox>,
+    forwarder: Forwarder,
     /// Pushes being handled, across every config: drained at shutdown.
     pushes: TaskTracker,
     certificate: Option<Arc<CertResolver>>,
 }
 
 impl Server {
-    /// `outbox` was opened (and its pending deliveries picked up) before the bind.
-    pub fn new(config: Config, outbox: Outbox) -> Server {
+    /// `outbox` was opened (and its pending deliveries picked up) before the bind; the relay
+    /// sends through `forwarder`, the pool the outbox's workers were given.
+    pub fn new(config: Config, outbox: Outbox, forwarder: Forwarder) -> Server {
         let outbox = Arc::new(outbox);
         let pushes = TaskTracker::new();
         let certificate = config
@@ -93,12 +79,18 @@ impl Server {
             .as_ref()
             .map(|tls| Arc::new(CertResolver::new(Arc::clone(&tls.certified))));
         let max_connections = config.server.max_connections;
-        let relay = Relay::new(config, Arc::clone(&outbox), pushes.clone());
+        let relay = Relay::new(
+            config,
+            Arc::clone(&outbox),
+            forwarder.clone(),
+            pushes.clone(),
+        );
         Server {
             max_connections,
             handle: Handle {
-                current: Arc::new(Current(RwLock::new(Arc::new(relay)))),
+                current: Arc::new(ArcSwap::from_pointee(relay)),
                 outbox,
+                forwarder,
                 pushes,
                 certificate,
             },
@@ -149,7 +141,7 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
-            let relay = handle.current.get();
+            let relay = handle.current.load();
             let server = &relay.config().server;
             if !admitted_at_accept(server, peer) {
                 metrics::connection_refused("allow_ips");
@@ -199,7 +191,7 @@ impl Server {
         // Connections between requests (or that never sent one) go now; requests in flight
         // are drained.
         connections.close_all_idle();
-        let grace = handle.current.get().config().server.shutdown_grace;
+        let grace = handle.current.load().config().server.shutdown_grace;
         info!(
             grace_ms = grace.as_millis() as u64,
             "shutting down: no new connections; draining"
@@ -235,7 +227,7 @@ impl Server {
 impl Handle {
     /// The relay serving new requests now.
     pub fn relay(&self) -> Arc<Relay> {
-        self.current.get()
+        self.current.load_full()
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -246,7 +238,7 @@ impl Handle {
     /// matched to its targets, the new certificate for new connections. A change that only a
     /// restart can apply is refused, and nothing changes.
     pub fn reload(&self, config: Config) -> Result<(), Vec<String>> {
-        let running = self.current.get();
+        let running = self.current.load_full();
         let needs_restart = restart_only_changes(running.config(), &config);
         if !needs_restart.is_empty() {
             return Err(needs_restart);
@@ -258,9 +250,10 @@ impl Handle {
         let relay = Arc::new(Relay::new(
             config,
             Arc::clone(&self.outbox),
+            self.forwarder.clone(),
             self.pushes.clone(),
         ));
-        self.current.set(Arc::clone(&relay));
+        self.current.store(Arc::clone(&relay));
         // A target removed (or renamed) leaves its pending deliveries in the store: say so.
         let outbox = Arc::clone(&self.outbox);
         tokio::spawn(async move {
@@ -372,10 +365,13 @@ async fn serve_connection<I>(
 pub async fn run(
     config: Config,
     outbox: Outbox,
+    forwarder: Forwarder,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
-    Server::new(config, outbox).run(listener, shutdown).await;
+    Server::new(config, outbox, forwarder)
+        .run(listener, shutdown)
+        .await;
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::forward::Forwarder;
 use crate::outbox::Outbox;
 use crate::server::{Handle, Server, descriptors};
 use crate::telemetry::LogHandle;
@@ -47,7 +48,9 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     }
     let descriptor_limit = raise_descriptor_limit();
     // The store first: the first push the relay accepts is already durable.
-    let outbox = Outbox::start(&config).await?;
+    // One pooled HTTP client for the reply target's attempts and the outbox's deliveries.
+    let forwarder = Forwarder::new();
+    let outbox = Outbox::start(&config, forwarder.clone()).await?;
     if config.store.path.is_none() {
         warn!("no [store] path: deliveries are kept in memory and lost on restart");
     }
@@ -66,7 +69,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     info!(listen = %bound, tls = config.server.tls.is_some(), accounts = config.accounts.len(),
         targets = config.targets.len(), routes = config.routes.len(), "wechat-relay listening");
 
-    let mut server = Server::new(config, outbox);
+    let mut server = Server::new(config, outbox, forwarder);
     if let Some(max) = descriptor_limit
         .and_then(|limit| connection_budget(server.handle().relay().config(), limit))
     {

@@ -3,8 +3,9 @@
 //! swaps it for new connections while open ones keep theirs.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -39,27 +40,25 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
 /// The current certificate, swapped on reload.
 #[derive(Debug)]
 pub struct CertResolver {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: ArcSwap<CertifiedKey>,
 }
 
 impl CertResolver {
     pub fn new(certified: Arc<CertifiedKey>) -> Self {
         Self {
-            current: RwLock::new(certified),
+            current: ArcSwap::new(certified),
         }
     }
 
     /// New connections get `certified` from now on.
     pub fn set(&self, certified: Arc<CertifiedKey>) {
-        if let Ok(mut current) = self.current.write() {
-            *current = certified;
-        }
+        self.current.store(certified);
     }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok().map(|c| Arc::clone(&c))
+        Some(self.current.load_full())
     }
 }
 

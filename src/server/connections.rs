@@ -314,18 +314,23 @@ impl Connection {
     /// `Connection: close` when the request was refused or the connection has served its
     /// number of requests or its time.
     pub fn finish<B>(&self, response: &mut Response<B>) {
-        let now = Instant::now();
-        if closes_connection(response.status())
-            || self.requests.load(Ordering::Acquire) >= self.limits.max_requests
-            || now.saturating_duration_since(self.accepted) >= self.limits.max_age
-        {
+        if self.answered(response.status()) {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
+    }
+
+    /// [`Connection::finish`] without the response: whether the answer closes the connection.
+    fn answered(&self, status: StatusCode) -> bool {
+        let now = Instant::now();
+        let close = closes_connection(status)
+            || self.requests.load(Ordering::Acquire) >= self.limits.max_requests
+            || now.saturating_duration_since(self.accepted) >= self.limits.max_age;
         self.since_ms
             .store(ms_between(self.epoch, now), Ordering::Release);
         self.set_state(IDLE);
+        close
     }
 
     /// When to look at this connection's timers next. Checking early is harmless; checking
@@ -363,6 +368,20 @@ impl Connection {
 
 /// A refused request (400, 403, 404, 405, 413, 431, ...) closes its connection: a client that
 /// sends junk does not keep a slot for its next try.
+impl crate::stack::ConnectionState for Connection {
+    fn request_started(&self) {
+        self.begin();
+    }
+
+    fn body_complete(&self) {
+        self.body_read();
+    }
+
+    fn answered(&self, status: StatusCode) -> bool {
+        Connection::answered(self, status)
+    }
+}
+
 fn closes_connection(status: StatusCode) -> bool {
     status.is_client_error()
 }

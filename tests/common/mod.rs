@@ -55,18 +55,27 @@ impl TestRelay {
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, toml).expect("write config");
         let config = Config::load_with_env(&path, &[]).expect("valid test config");
+        let forwarder = wechat_relay::forward::Forwarder::new();
         let outbox = match store {
-            Some(store) => wechat_relay::outbox::Outbox::with_store(&config, store),
-            None => wechat_relay::outbox::Outbox::start(&config)
+            Some(store) => {
+                wechat_relay::outbox::Outbox::with_store(&config, store, forwarder.clone())
+            }
+            None => wechat_relay::outbox::Outbox::start(&config, forwarder.clone())
                 .await
                 .expect("store opens"),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(wechat_relay::server::run(config, outbox, listener, async {
-            let _ = rx.await;
-        }));
+        let done = tokio::spawn(wechat_relay::server::run(
+            config,
+            outbox,
+            forwarder,
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        ));
         TestRelay {
             addr,
             config: path,
