@@ -124,13 +124,7 @@ impl Admin {
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+    crate::error::plain(status, Bytes::from(body))
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`: at most

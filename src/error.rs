@@ -134,7 +134,8 @@ pub fn internal_error() -> Response<Full<Bytes>> {
     )
 }
 
-fn plain(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+/// A one-line text answer with `status` (refusals, 500, the admin listener's answers).
+pub fn plain(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
