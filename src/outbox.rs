@@ -5,7 +5,8 @@
 //!
 //! - [`store`]: the trait every backend implements, and its types;
 //! - [`sqlite`]: the durable backend (`[store] path`); [`memory`]: the one without `[store]`;
-//! - [`worker`]: per-target dispatchers, attempts, backoff;
+//! - [`worker`]: per-target dispatchers, attempts, backoff; [`lane`]: what a target's workers
+//!   share, with the deliveries committed by this process handed over in memory;
 //! - [`command`]: the `wechat-relay outbox` commands.
 //!
 //! Dedupe: a push's key ([`crate::push::Push::event_id`], PROTOCOL.md §6) is claimed in memory
@@ -19,6 +20,7 @@
 //! `dead_letter_retention_s` are purged in the background.
 
 pub mod command;
+pub mod lane;
 pub mod memory;
 pub mod sqlite;
 pub mod store;
@@ -29,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -38,9 +40,10 @@ use crate::config::{Config, Target};
 use crate::error::ForwardError;
 use crate::forward::{Answer, Forwarder};
 use crate::push::Push;
+use lane::Lane;
 use store::{
-    CachedAnswer, Commit, Committed, Digest, NewDelivery, Recorded, Settle, Store, StoreError,
-    StoreResult,
+    CachedAnswer, Commit, Committed, Delivery, DeliveryId, Digest, NewDelivery, Recorded, Settle,
+    Store, StoreError, StoreResult,
 };
 use worker::{TargetWorker, classify, decide};
 
@@ -78,7 +81,7 @@ pub struct Outbox {
     claims: Claims,
     workers: Mutex<HashMap<String, WorkerSlot>>,
     /// Per target name, for as long as the process lives: what its workers share.
-    lanes: Mutex<HashMap<String, Lane>>,
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
     /// Attempt trackers of every worker generation, for shutdown.
     generations: Mutex<Vec<TaskTracker>>,
     forwarder: Forwarder,
@@ -118,14 +121,6 @@ struct WorkerSlot {
     target: Target,
     stop: CancellationToken,
     attempts: TaskTracker,
-}
-
-/// What every worker a target name has had shares: the deliveries in flight (so that a new
-/// worker never takes one the old worker is still attempting) and the wake-up.
-#[derive(Clone, Default)]
-struct Lane {
-    in_flight: worker::InFlight,
-    wake: Arc<Notify>,
 }
 
 impl Outbox {
@@ -185,7 +180,7 @@ impl Outbox {
                 Some(slot) => slot.retire(),
                 None => {}
             }
-            let lane = lanes.entry(target.name.clone()).or_default().clone();
+            let lane = Arc::clone(lanes.entry(target.name.clone()).or_default());
             let slot = WorkerSlot {
                 target: target.clone(),
                 stop: self.stop.child_token(),
@@ -195,8 +190,7 @@ impl Outbox {
                 Arc::new(target.clone()),
                 Arc::clone(&self.store),
                 self.forwarder.clone(),
-                lane.wake,
-                lane.in_flight,
+                lane,
             ));
             self.tasks
                 .spawn(worker.run(slot.stop.clone(), slot.attempts.clone()));
@@ -377,17 +371,19 @@ impl Outbox {
         }
         let answer = Arc::new(answer);
         loop {
+            let now = now_ms();
+            let handover = self.handover(&ticket.push.event_id, &deliveries);
             let commit = Commit {
                 push: Arc::clone(&ticket.push),
                 digest: ticket.digest,
                 answer: (*answer).clone(),
                 deliveries: deliveries.clone(),
-                now_ms: now_ms(),
+                now_ms: now,
                 dedupe_since_ms: self.dedupe_since_ms(),
             };
             match self.store.commit(commit).await {
-                Ok(Committed::New) => {
-                    self.wake(&deliveries);
+                Ok(Committed::New(ids)) => {
+                    handover.committed(&ticket.push, &deliveries, &ids, now);
                     ticket.finish(&answer);
                     return Ok(Accepted::New {
                         collided: ticket.collisions > 0,
@@ -421,15 +417,20 @@ impl Outbox {
         }
     }
 
-    /// Rings the workers of the targets that got a pending delivery.
-    fn wake(&self, deliveries: &[NewDelivery]) {
-        let Ok(lanes) = self.lanes.lock() else {
-            return;
-        };
-        for delivery in deliveries.iter().filter(|d| !d.dead) {
-            if let Some(lane) = lanes.get(&delivery.target) {
-                lane.wake.notify_one();
+    /// Marks a push's pending deliveries as being committed, in their targets' lanes.
+    fn handover(&self, event_id: &str, deliveries: &[NewDelivery]) -> Handover {
+        let mut lanes = Vec::new();
+        if let Ok(all) = self.lanes.lock() {
+            for (at, delivery) in deliveries.iter().enumerate().filter(|(_, d)| !d.dead) {
+                if let Some(lane) = all.get(&delivery.target) {
+                    lane.committing(event_id);
+                    lanes.push((at, Arc::clone(lane)));
+                }
             }
+        }
+        Handover {
+            event_id: event_id.to_owned(),
+            lanes,
         }
     }
 
@@ -524,6 +525,54 @@ fn deliveries(to: &[String], attempt: Option<&ReplyAttempt>, now: u64) -> Vec<Ne
         }
     }
     deliveries
+}
+
+/// A commit's pending deliveries, marked in their targets' lanes until it ends. Dropped without
+/// [`Handover::committed`], nothing was committed.
+struct Handover {
+    event_id: String,
+    /// Each lane with the index of its delivery in the commit.
+    lanes: Vec<(usize, Arc<Lane>)>,
+}
+
+impl Handover {
+    /// The commit is durable with `ids` (in the order of `deliveries`): each delivery due now
+    /// goes to its worker in memory; one due later (the reply target's attempt failed) waits
+    /// in the store, and its worker is told when.
+    fn committed(
+        mut self,
+        push: &Arc<Push>,
+        deliveries: &[NewDelivery],
+        ids: &[DeliveryId],
+        now_ms: u64,
+    ) {
+        for (at, lane) in std::mem::take(&mut self.lanes) {
+            let (Some(delivery), Some(id)) = (deliveries.get(at), ids.get(at)) else {
+                lane.committed(&self.event_id, None, Some(0));
+                continue;
+            };
+            if delivery.attempts == 0 && delivery.at_ms <= now_ms {
+                let fresh = Delivery {
+                    id: *id,
+                    target: delivery.target.clone(),
+                    push: Ok(Arc::clone(push)),
+                    attempts: 0,
+                    enqueued_ms: now_ms,
+                };
+                lane.committed(&self.event_id, Some(fresh), None);
+            } else {
+                lane.committed(&self.event_id, None, Some(delivery.at_ms));
+            }
+        }
+    }
+}
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        for (_, lane) in self.lanes.drain(..) {
+            lane.committed(&self.event_id, None, None);
+        }
+    }
 }
 
 // ---- admission ---------------------------------------------------------------------------

@@ -256,9 +256,11 @@ impl Store for MemoryStore {
             } else {
                 compact(&commit.push)
             };
+            let mut ids = Vec::with_capacity(commit.deliveries.len());
             for delivery in commit.deliveries {
                 state.next_id += 1;
                 let id = state.next_id;
+                ids.push(id);
                 let entry = Entry {
                     bytes: entry_bytes(&push, &delivery.target),
                     target: delivery.target,
@@ -273,7 +275,7 @@ impl Store for MemoryStore {
                     state.bury(id, commit.now_ms);
                 }
             }
-            Committed::New
+            Committed::New(ids)
         })
     }
 
@@ -500,7 +502,7 @@ mod tests {
                 dedupe_since_ms: 0,
             })
             .await;
-        assert_eq!(committed, Ok(Committed::New));
+        assert!(matches!(committed, Ok(Committed::New(_))));
     }
 
     async fn due_ids(store: &MemoryStore, target: &str, now: u64, skip: Vec<i64>) -> Vec<i64> {

@@ -120,6 +120,8 @@ enum Op {
 #[derive(Clone)]
 enum Done {
     Count(u64),
+    /// A push committed: the ids of its deliveries, in order.
+    New(Vec<DeliveryId>),
     Duplicate(CachedAnswer),
     /// Another message is recorded under the push's event id.
     Collision,
@@ -221,6 +223,7 @@ impl SqliteStore {
         Box::pin(async move {
             match write.await? {
                 Done::Count(n) => Ok(n),
+                Done::New(ids) => Ok(ids.len() as u64),
                 Done::Duplicate(_) | Done::Collision => Ok(0),
             }
         })
@@ -276,7 +279,8 @@ impl Store for SqliteStore {
             Ok(match write.await? {
                 Done::Duplicate(answer) => Committed::Duplicate(answer),
                 Done::Collision => Committed::Collision,
-                Done::Count(_) => Committed::New,
+                Done::New(ids) => Committed::New(ids),
+                Done::Count(_) => Committed::New(Vec::new()),
             })
         })
     }
@@ -556,6 +560,7 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
             commit.answer.body.as_ref(),
             commit.digest.0.as_slice(),
         ])?;
+        let mut ids = Vec::with_capacity(commit.deliveries.len());
         for delivery in &commit.deliveries {
             let xml = push.encrypted().then(|| push.message.xml().as_ref());
             tx.prepare_cached(
@@ -579,11 +584,13 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
                     ms(delivery.at_ms),
                     delivery.last_error,
                 ])?;
+            let id = tx.last_insert_rowid();
+            ids.push(id);
             if delivery.dead {
-                bury(tx, tx.last_insert_rowid(), commit.now_ms)?;
+                bury(tx, id, commit.now_ms)?;
             }
         }
-        Ok(Done::Count(commit.deliveries.len() as u64))
+        Ok(Done::New(ids))
     }
 }
 
@@ -935,7 +942,7 @@ mod tests {
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         assert!(migrate(&mut conn).is_ok());
         let first = apply_batch(&mut conn, [commit(1, 10)].iter());
-        assert!(matches!(first[..], [Ok(Done::Count(1))]));
+        assert!(matches!(&first[..], [Ok(Done::New(ids))] if ids.len() == 1));
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .expect("pages");
@@ -1017,7 +1024,7 @@ mod tests {
             Op::Commit(first),
         ];
         let results = apply_batch(&mut conn, batch.iter());
-        assert!(matches!(results[0], Ok(Done::Count(1))));
+        assert!(matches!(&results[0], Ok(Done::New(ids)) if ids.len() == 1));
         assert!(matches!(results[1], Ok(Done::Collision)));
         assert!(matches!(results[2], Ok(Done::Duplicate(_))));
         assert_eq!(count(&conn, "deliveries"), 1);
@@ -1065,10 +1072,10 @@ mod tests {
             commit(2, 10),
         ];
         let results = apply_batch(&mut conn, batch.iter());
-        assert!(matches!(results[0], Ok(Done::Count(1))));
+        assert!(matches!(&results[0], Ok(Done::New(ids)) if ids.len() == 1));
         assert!(matches!(results[1], Ok(Done::Duplicate(_))));
         assert!(matches!(results[2], Ok(Done::Count(0))));
-        assert!(matches!(results[3], Ok(Done::Count(1))));
+        assert!(matches!(&results[3], Ok(Done::New(ids)) if ids.len() == 1));
         assert_eq!(count(&conn, "deliveries"), 2);
     }
 }

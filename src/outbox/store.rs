@@ -112,8 +112,8 @@ pub struct Commit {
 /// What a commit did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Committed {
-    /// Written.
-    New,
+    /// Written: the ids of its deliveries, in the order of [`Commit::deliveries`].
+    New(Vec<DeliveryId>),
     /// The push was committed before (within the dedupe window): this answer was given then.
     Duplicate(CachedAnswer),
     /// Another message was committed under the push's event id: nothing is written.

@@ -1,5 +1,6 @@
-//! Delivery workers: one dispatcher per target takes due deliveries from the store and attempts
-//! up to `concurrency` of them at once. An attempt's outcome is recorded durably before its slot
+//! Delivery workers: one dispatcher per target takes due deliveries (those this process
+//! committed from memory, the rest from the store: see [`super::lane`]) and attempts up to
+//! `concurrency` of them at once. An attempt's outcome is recorded durably before its slot
 //! is given back, so after a crash at most `concurrency` deliveries per target can be sent
 //! again.
 //!
@@ -7,19 +8,19 @@
 //! backoff with jitter (at most `retry_max_ms`, but never sooner than `Retry-After` asks); any other
 //! status is final and makes a dead letter, as do `max_attempts` and `max_age_s`.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use rand::RngExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use super::lane::Lane;
 use super::now_ms;
-use super::store::{Delivery, DeliveryId, Settle, Store};
+use super::store::{Delivery, Settle, Store};
 use crate::config::Target;
 use crate::error::ForwardError;
 use crate::forward::{Answer, Forwarder};
@@ -143,57 +144,34 @@ pub struct TargetWorker {
     target: Arc<Target>,
     store: Arc<dyn Store>,
     forwarder: Forwarder,
-    /// Rung when deliveries for this target were committed or an attempt ended.
-    wake: Arc<Notify>,
-    /// The deliveries being attempted, shared by every worker this target has had (a reload
-    /// replaces the worker while the old one's attempts may still run).
-    in_flight: InFlight,
+    /// Shared by every worker this target has had: the deliveries in flight, the wake-up and
+    /// the deliveries handed over in memory.
+    lane: Arc<Lane>,
 }
-
-/// Deliveries being attempted to one target.
-pub type InFlight = Arc<Mutex<HashSet<DeliveryId>>>;
 
 impl TargetWorker {
     pub fn new(
         target: Arc<Target>,
         store: Arc<dyn Store>,
         forwarder: Forwarder,
-        wake: Arc<Notify>,
-        in_flight: InFlight,
+        lane: Arc<Lane>,
     ) -> Self {
         Self {
             target,
             store,
             forwarder,
-            wake,
-            in_flight,
-        }
-    }
-
-    fn in_flight(&self) -> Vec<DeliveryId> {
-        self.in_flight
-            .lock()
-            .map(|set| set.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Takes `id` for an attempt; false if another worker of this target has it.
-    fn take(&self, id: DeliveryId) -> bool {
-        self.in_flight.lock().is_ok_and(|mut set| set.insert(id))
-    }
-
-    fn release(&self, id: DeliveryId) {
-        if let Ok(mut set) = self.in_flight.lock() {
-            set.remove(&id);
+            lane,
         }
     }
 
     /// Takes due deliveries and attempts them until `stop`; attempts are spawned on `attempts`.
+    /// Deliveries committed by this process come from memory; the store is read when it may
+    /// hold due ones memory does not (see [`Lane`]), and at least every [`IDLE_POLL`] when idle.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, attempts: TaskTracker) {
         let slots = Arc::new(Semaphore::new(self.target.concurrency));
         let name = self.target.name.as_str();
         loop {
-            // A free slot first, so that what is fetched is attempted at once.
+            // A free slot first, so that what is taken is attempted at once.
             let first = tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -202,28 +180,35 @@ impl TargetWorker {
                     Err(_) => break,
                 },
             };
-            let now = now_ms();
             let want = 1 + slots.available_permits();
-            let due = match self.store.due(name, now, want, self.in_flight()).await {
-                Ok(due) => due,
-                Err(e) => {
-                    warn!(target = %name, error = %e, "cannot read due deliveries");
-                    drop(first);
-                    tokio::select! {
-                        () = tokio::time::sleep(READ_ERROR_PAUSE) => continue,
-                        () = stop.cancelled() => break,
+            let mut due = self.lane.take_fresh(want);
+            let now = now_ms();
+            if due.is_empty() && self.lane.store_due_at(now) {
+                match self.store.due(name, now, want, self.lane.in_flight()).await {
+                    Ok(read) => {
+                        if read.len() < want {
+                            let next = self.store.next_due(name, now).await.ok().flatten();
+                            self.lane.store_read(next);
+                        }
+                        due = self.lane.without_committing(read);
+                    }
+                    Err(e) => {
+                        warn!(target = %name, error = %e, "cannot read due deliveries");
+                        drop(first);
+                        tokio::select! {
+                            () = tokio::time::sleep(READ_ERROR_PAUSE) => continue,
+                            () = stop.cancelled() => break,
+                        }
                     }
                 }
-            };
+            }
             if due.is_empty() {
                 drop(first);
-                let next = self.store.next_due(name, now).await.ok().flatten();
-                let wait = next.map_or(IDLE_POLL, |at| {
-                    Duration::from_millis(at.saturating_sub(now)).min(IDLE_POLL)
-                });
+                let next = self.lane.next_store_due();
+                let wait = Duration::from_millis(next.saturating_sub(now_ms())).min(IDLE_POLL);
                 tokio::select! {
-                    () = self.wake.notified() => {}
-                    () = tokio::time::sleep(wait) => {}
+                    () = self.lane.wake.notified() => {}
+                    () = tokio::time::sleep(wait) => self.lane.poll_store(),
                     () = stop.cancelled() => break,
                 }
                 continue;
@@ -237,9 +222,11 @@ impl TargetWorker {
                     .take()
                     .or_else(|| Arc::clone(&slots).try_acquire_owned().ok())
                 else {
+                    // Not taken now: what was handed over in memory is read from the store.
+                    self.lane.poll_store();
                     break;
                 };
-                if !self.take(delivery.id) {
+                if !self.lane.take(delivery.id) {
                     slot = Some(permit);
                     continue;
                 }
@@ -307,8 +294,11 @@ impl TargetWorker {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(SETTLE_RETRY_MAX);
         }
-        self.release(delivery.id);
-        self.wake.notify_one();
+        if let Settle::Retry { at_ms, .. } = &settle {
+            self.lane.retry_at(*at_ms);
+        }
+        self.lane.release(delivery.id);
+        self.lane.wake.notify_one();
     }
 }
 
