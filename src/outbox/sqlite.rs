@@ -1,5 +1,4 @@
-//! The durable store: SQLite (bundled) in WAL mode with `synchronous = FULL`, in
-//! `<store.path>/relay.db`.
+//! The durable store: SQLite (bundled) in WAL mode, in `<store.path>/relay.db`.
 //!
 //! Every write goes through one writer thread that owns the write connection and applies what
 //! is waiting in one transaction (group commit): concurrent pushes share one fsync. Each write
@@ -7,9 +6,24 @@
 //! commit fails them all. Reads use a small pool of read connections on tokio's blocking
 //! threads; WAL lets them run beside the writer.
 //!
+//! What is on disk when a write is answered:
+//! - a commit with a pending delivery (a [`super::store::NewDelivery`] not `dead`), and every
+//!   settle, replay, purge and probe: its transaction is committed with `synchronous = FULL`,
+//!   so the WAL holding it (and everything written before it) has been fsynced;
+//! - a commit that leaves nothing pending (the reply target took the push; every delivery is
+//!   dead on arrival; no target at all) is answered as soon as its savepoint is released,
+//!   before the transaction commits: nothing of it need be on disk yet. A transaction holding
+//!   only such writes (and dedupe expiry) commits with `synchronous = NORMAL`: no fsync of
+//!   its own, the next FULL commit's fsync (or a checkpoint) takes it to disk; a process
+//!   crash loses nothing of it (it is in the OS's cache), a power loss may lose it. Its
+//!   answer protects nothing an fsync would: WeChat has its answer and does not retry, and if
+//!   the record is lost (or the COMMIT fails after the answer), a WeChat retry of that push
+//!   finds no record and asks the reply target again (it has the event id to dedupe).
+//!
 //! The writer also keeps [`Store::used_bytes`] up to date: after each transaction it reads
 //! `(page_count - freelist_count) * page_size`, the bytes the data occupies (pages freed by
-//! deliveries and purges are reused before the file grows).
+//! deliveries and purges are reused before the file grows). Each transaction's size (writes)
+//! goes to `wechat_relay_store_batch_size`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -146,6 +160,19 @@ struct Readers {
 impl SqliteStore {
     /// Opens (or, for the server, creates) the store in `dir`, checks it and starts the writer.
     pub fn open(dir: &Path, role: Role) -> StoreResult<SqliteStore> {
+        Self::open_with(
+            dir,
+            role,
+            #[cfg(test)]
+            Arc::default(),
+        )
+    }
+
+    fn open_with(
+        dir: &Path,
+        role: Role,
+        #[cfg(test)] gate: Arc<tests::Gate>,
+    ) -> StoreResult<SqliteStore> {
         let shown = dir.display();
         match role {
             Role::Server => create_private_dir(dir)
@@ -183,10 +210,16 @@ impl SqliteStore {
             .map_err(open_error)?;
         let used = Arc::new(AtomicU64::new(used_bytes(&conn).map_err(open_error)?));
         let (sender, receiver) = std_mpsc::channel::<Job>();
-        let measured = Arc::clone(&used);
+        let writer = Writer {
+            conn,
+            synchronous: Sync::Full,
+            used: Arc::clone(&used),
+            #[cfg(test)]
+            gate,
+        };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(conn, receiver, &measured))
+            .spawn(move || writer.run(receiver))
             .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(sender)),
@@ -438,41 +471,138 @@ impl Store for SqliteStore {
 
 // ---- the writer ----------------------------------------------------------------------------
 
-/// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each;
-/// probes run after it, each on its own. Then measures what the data occupies into `used`.
-fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>, used: &AtomicU64) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+/// `PRAGMA synchronous` levels the writer switches between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// WAL: a commit is not fsynced; the next FULL commit's fsync of the WAL takes it along.
+    Normal,
+    /// Every commit is fsynced before it returns.
+    Full,
+}
+
+impl Sync {
+    fn pragma(self) -> &'static str {
+        match self {
+            Sync::Normal => "PRAGMA synchronous = NORMAL;",
+            Sync::Full => "PRAGMA synchronous = FULL;",
+        }
+    }
+}
+
+impl Op {
+    /// A commit that leaves no delivery pending (each of its deliveries, if any, is dead on
+    /// arrival): its answer protects nothing an fsync would, so it is given as soon as the
+    /// commit's savepoint is released, before the transaction's COMMIT.
+    fn answered_early(&self) -> bool {
+        matches!(self, Op::Commit(commit) if commit.deliveries.iter().all(|d| d.dead))
+    }
+
+    /// Whether the transaction holding this write must be fsynced: everything but the early
+    /// answered commits and the expiry of dedupe records (which the next upkeep redoes).
+    fn needs_fsync(&self) -> bool {
+        !(self.answered_early() || matches!(self, Op::ExpireDedupe(_)))
+    }
+}
+
+/// The writer thread's state: its connection, the level it runs at, what it publishes.
+struct Writer {
+    conn: Connection,
+    synchronous: Sync,
+    /// The bytes the data occupies, measured after each transaction.
+    used: Arc<AtomicU64>,
+    #[cfg(test)]
+    gate: Arc<tests::Gate>,
+}
+
+impl Writer {
+    /// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each
+    /// (an early answered commit as soon as its savepoint is released, the rest once the
+    /// transaction is committed); probes run after it, each on its own. Then measures what the
+    /// data occupies into `used`.
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (probes, batch): (Vec<Job>, Vec<Job>) = batch
+                .into_iter()
+                .partition(|(op, _)| matches!(op, Op::Probe));
+            if !batch.is_empty() {
+                self.apply(batch);
+            }
+            for (_, done) in probes {
+                let probed = self.at(Sync::Full).and_then(|()| probe(&mut self.conn));
+                let _ = done.send(probed.map(|()| Done::Count(0)).map_err(io_error));
+            }
+            match used_bytes(&self.conn) {
+                Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
             }
         }
-        let (probes, batch): (Vec<Job>, Vec<Job>) = batch
-            .into_iter()
-            .partition(|(op, _)| matches!(op, Op::Probe));
-        if !batch.is_empty() {
-            let results = apply_batch(&mut conn, batch.iter().map(|(op, _)| op));
-            for ((_, done), result) in batch.into_iter().zip(results) {
+        // Every handle is gone: fold the WAL back into the database before closing.
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+
+    /// One transaction: fsynced only when one of its writes needs it.
+    fn apply(&mut self, batch: Vec<Job>) {
+        let (ops, senders): (Vec<Op>, Vec<_>) = batch.into_iter().unzip();
+        let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
+        let level = if ops.iter().any(Op::needs_fsync) {
+            Sync::Full
+        } else {
+            Sync::Normal
+        };
+        if let Err(e) = self.at(level) {
+            for done in senders.into_iter().flatten() {
+                let _ = done.send(Err(io_error_ref(&e)));
+            }
+            return;
+        }
+        crate::metrics::store_batch(ops.len());
+        #[cfg(test)]
+        let gate = Arc::clone(&self.gate);
+        let results = apply_batch(
+            &mut self.conn,
+            ops.iter(),
+            |i, result| {
+                if let Some(done) = senders.get_mut(i).and_then(Option::take) {
+                    let _ = done.send(result.clone());
+                }
+            },
+            |_conn| {
+                #[cfg(test)]
+                gate.hold(_conn);
+            },
+        );
+        for (done, result) in senders.into_iter().zip(results) {
+            if let Some(done) = done {
                 let _ = done.send(result);
             }
         }
-        for (_, done) in probes {
-            let _ = done.send(probe(&mut conn).map(|()| Done::Count(0)).map_err(io_error));
-        }
-        match used_bytes(&conn) {
-            Ok(bytes) => used.store(bytes, Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
-        }
     }
-    // Every handle is gone: fold the WAL back into the database before closing.
-    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+
+    /// Switches the connection to `level` if it is not there.
+    fn at(&mut self, level: Sync) -> rusqlite::Result<()> {
+        if self.synchronous != level {
+            self.conn.execute_batch(level.pragma())?;
+            self.synchronous = level;
+        }
+        Ok(())
+    }
 }
 
+/// Applies `ops` in one transaction, a savepoint each. `released` is called with the result of
+/// each early answered commit that was written ([`Op::answered_early`]) as soon as its
+/// savepoint is released; `before_commit` just before the COMMIT. Returns every result.
 fn apply_batch<'a>(
     conn: &mut Connection,
     ops: impl ExactSizeIterator<Item = &'a Op>,
+    mut released: impl FnMut(usize, &StoreResult<Done>),
+    before_commit: impl FnOnce(&Connection),
 ) -> Vec<StoreResult<Done>> {
     let count = ops.len();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -480,7 +610,7 @@ fn apply_batch<'a>(
         Err(e) => return vec![Err(io_error(e)); count],
     };
     let mut results = Vec::with_capacity(count);
-    for op in ops {
+    for (i, op) in ops.enumerate() {
         // A savepoint per write: a failing one is rolled back alone...
         let result = tx.savepoint().and_then(|savepoint| {
             let n = apply(&savepoint, op)?;
@@ -494,8 +624,14 @@ fn apply_batch<'a>(
             // then nothing of the batch is written, and every write is told why.
             return vec![Err(io_error_ref(e)); count];
         }
-        results.push(result.map_err(io_error));
+        let result = result.map_err(io_error);
+        // Only a written one: a duplicate's record may be an earlier write of this batch.
+        if op.answered_early() && matches!(result, Ok(Done::Count(_))) {
+            released(i, &result);
+        }
+        results.push(result);
     }
+    before_commit(&tx);
     match tx.commit() {
         Ok(()) => results,
         Err(e) => vec![Err(io_error(e)); count],
@@ -773,7 +909,8 @@ fn open_connection(path: &Path, create: bool) -> rusqlite::Result<Connection> {
     }
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    // WAL: readers beside the writer; FULL: every commit is fsynced before it returns.
+    // WAL: readers beside the writer; FULL: every commit is fsynced before it returns (the
+    // writer lowers it to NORMAL for a transaction nobody waits on: see the module doc).
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::SqliteFailure(
@@ -884,8 +1021,169 @@ fn describe(e: &rusqlite::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Condvar;
+    use std::task::{Context, Waker};
+
     use super::*;
     use crate::outbox::store::NewDelivery;
+
+    /// Holds the writer just before each COMMIT while closed, and records the
+    /// `synchronous` level of every transaction that reached it.
+    #[derive(Default)]
+    pub(super) struct Gate {
+        state: Mutex<GateState>,
+        changed: Condvar,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        closed: bool,
+        /// Transactions let through while closed.
+        permits: usize,
+        /// `PRAGMA synchronous` of each transaction that reached the gate (1 NORMAL, 2 FULL).
+        levels: Vec<i64>,
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    impl Gate {
+        fn closed() -> Arc<Gate> {
+            let gate = Gate::default();
+            gate.state.lock().expect("gate").closed = true;
+            Arc::new(gate)
+        }
+
+        pub(super) fn hold(&self, conn: &Connection) {
+            let level = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap_or(-1);
+            let mut state = self.state.lock().expect("gate");
+            state.levels.push(level);
+            self.changed.notify_all();
+            while state.closed && state.permits == 0 {
+                state = self.changed.wait(state).expect("gate");
+            }
+            if state.closed {
+                state.permits -= 1;
+            }
+        }
+
+        /// Waits until `n` transactions have reached the gate; returns their levels.
+        fn reached(&self, n: usize) -> Vec<i64> {
+            let state = self.state.lock().expect("gate");
+            let (state, _) = self
+                .changed
+                .wait_timeout_while(state, WAIT, |s| s.levels.len() < n)
+                .expect("gate");
+            assert!(state.levels.len() >= n, "the writer reached the gate");
+            state.levels.clone()
+        }
+
+        fn release(&self, transactions: usize) {
+            self.state.lock().expect("gate").permits += transactions;
+            self.changed.notify_all();
+        }
+
+        fn open(&self) {
+            self.state.lock().expect("gate").closed = false;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Every op of `ops` in one transaction, answered at the end.
+    fn apply_all<'a>(
+        conn: &mut Connection,
+        ops: impl ExactSizeIterator<Item = &'a Op>,
+    ) -> Vec<StoreResult<Done>> {
+        apply_batch(conn, ops, |_, _| {}, |_| {})
+    }
+
+    fn pending<T>(future: &mut BoxFuture<'_, T>) -> bool {
+        future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    }
+
+    /// Push `msg_id` committed with one delivery, pending or dead on arrival.
+    fn push_commit(msg_id: u32, pending: bool) -> Commit {
+        let Op::Commit(mut commit) = commit(msg_id, 10) else {
+            unreachable!("commit() makes a commit")
+        };
+        commit.deliveries[0].dead = !pending;
+        commit
+    }
+
+    #[tokio::test]
+    async fn a_commit_leaving_nothing_pending_is_answered_before_its_commit_and_not_fsynced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = Gate::closed();
+        let store =
+            SqliteStore::open_with(dir.path(), Role::Server, Arc::clone(&gate)).expect("open");
+
+        // Alone in its transaction, held before COMMIT: answered all the same, and the
+        // transaction runs without an fsync.
+        let first = store.commit(push_commit(1, false));
+        assert_eq!(gate.reached(1), [1], "NORMAL");
+        let answered = tokio::time::timeout(WAIT, first).await.expect("answered");
+        assert_eq!(answered, Ok(Committed::New));
+
+        // Beside a commit with a pending delivery: answered while the transaction (FULL) is
+        // held; the pending one is not.
+        let mut with_delivery = store.commit(push_commit(2, true));
+        let without = store.commit(push_commit(3, false));
+        gate.release(1);
+        assert_eq!(gate.reached(2), [1, 2], "the second one FULL");
+        let answered = tokio::time::timeout(WAIT, without).await.expect("answered");
+        assert_eq!(answered, Ok(Committed::New));
+        assert!(pending(&mut with_delivery), "not before its COMMIT");
+
+        // Settles, replays and purges wait for their COMMIT too.
+        let mut settle = store.settle(2, Settle::Delivered, 5);
+        let mut replay = store.replay(Selection::Id(1), 5);
+        let mut purge = store.purge_dead(None, None);
+        gate.release(1);
+        let with_delivery = tokio::time::timeout(WAIT, with_delivery).await;
+        assert_eq!(with_delivery.expect("answered"), Ok(Committed::New));
+        assert_eq!(gate.reached(3), [1, 2, 2]);
+        assert!(pending(&mut settle) && pending(&mut replay) && pending(&mut purge));
+        gate.open();
+        assert_eq!(settle.await, Ok(()));
+        assert_eq!(replay.await, Ok(1));
+        assert_eq!(purge.await, Ok(1), "the dead letter of push 3");
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_share_one_transaction_and_the_batch_size_is_measured() {
+        let metrics = crate::metrics::install().expect("recorder");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gate = Gate::closed();
+        let store =
+            SqliteStore::open_with(dir.path(), Role::Server, Arc::clone(&gate)).expect("open");
+        // The writer held in a transaction of one while 64 commits arrive.
+        let first = store.commit(push_commit(1, true));
+        gate.reached(1);
+        let waiting: Vec<_> = (2..66)
+            .map(|i| store.commit(push_commit(i, true)))
+            .collect();
+        gate.open();
+        assert_eq!(first.await, Ok(Committed::New));
+        for commit in waiting {
+            assert_eq!(commit.await, Ok(Committed::New));
+        }
+        assert_eq!(gate.reached(2).len(), 2, "64 commits, one transaction");
+        // In /metrics: a transaction of more than 32 writes.
+        let text = metrics.render();
+        let value = |line: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(line))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{line} in {text}"))
+        };
+        let total = value("wechat_relay_store_batch_size_count");
+        let small = value("wechat_relay_store_batch_size_bucket{le=\"32\"}");
+        assert!(total - small >= 1.0, "{text}");
+    }
 
     fn commit(msg_id: u32, answer_bytes: usize) -> Op {
         let xml = format!(
@@ -934,7 +1232,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         assert!(migrate(&mut conn).is_ok());
-        let first = apply_batch(&mut conn, [commit(1, 10)].iter());
+        let first = apply_all(&mut conn, [commit(1, 10)].iter());
         assert!(matches!(first[..], [Ok(Done::Count(1))]));
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -948,7 +1246,7 @@ mod tests {
             commit(3, 1 << 20),
             Op::Settle(1, Settle::Delivered, 2),
         ];
-        let results = apply_batch(&mut conn, batch.iter());
+        let results = apply_all(&mut conn, batch.iter());
         assert_eq!(results.len(), 3);
         for result in &results {
             match result {
@@ -988,7 +1286,7 @@ mod tests {
         assert!(migrate(&mut conn).is_ok());
         let empty = used_bytes(&conn).expect("measure");
         let batch: Vec<Op> = (0..50).map(|i| commit(i, 4096)).collect();
-        apply_batch(&mut conn, batch.iter());
+        apply_all(&mut conn, batch.iter());
         let full = used_bytes(&conn).expect("measure");
         assert!(full > empty + 50 * 4096, "{empty} -> {full}");
         // Delivered and expired: the pages go to the free list and no longer count.
@@ -996,7 +1294,7 @@ mod tests {
             .map(|id| Op::Settle(id, Settle::Delivered, 2))
             .chain([Op::ExpireDedupe(u64::MAX)])
             .collect();
-        apply_batch(&mut conn, done.iter());
+        apply_all(&mut conn, done.iter());
         let drained = used_bytes(&conn).expect("measure");
         assert!(drained < empty + 4 * 4096, "{empty} -> {full} -> {drained}");
     }
@@ -1016,7 +1314,7 @@ mod tests {
             Op::Commit(other),
             Op::Commit(first),
         ];
-        let results = apply_batch(&mut conn, batch.iter());
+        let results = apply_all(&mut conn, batch.iter());
         assert!(matches!(results[0], Ok(Done::Count(1))));
         assert!(matches!(results[1], Ok(Done::Collision)));
         assert!(matches!(results[2], Ok(Done::Duplicate(_))));
@@ -1046,7 +1344,7 @@ mod tests {
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
         // A record without a digest is taken for the same message: a retry, as before.
-        let results = apply_batch(&mut conn, [Op::Commit(c)].iter());
+        let results = apply_all(&mut conn, [Op::Commit(c)].iter());
         assert!(matches!(results[0], Ok(Done::Duplicate(_))));
         probe(&mut conn).expect("the probe table exists");
     }
@@ -1064,7 +1362,7 @@ mod tests {
             Op::Replay(Selection::Id(99), 5),
             commit(2, 10),
         ];
-        let results = apply_batch(&mut conn, batch.iter());
+        let results = apply_all(&mut conn, batch.iter());
         assert!(matches!(results[0], Ok(Done::Count(1))));
         assert!(matches!(results[1], Ok(Done::Duplicate(_))));
         assert!(matches!(results[2], Ok(Done::Count(0))));

@@ -194,10 +194,12 @@ pub enum Selection {
 }
 
 /// The store. Every method is one transaction; a write has reached the disk when its future
-/// resolves `Ok` (for a durable backend).
+/// resolves `Ok` (for a durable backend), but for a commit that leaves nothing pending.
 pub trait Store: Send + Sync {
     /// Writes a push's dedupe record and deliveries, atomically, unless its event id is
-    /// already recorded (checked in the same transaction; see [`Recorded::meet`]).
+    /// already recorded (checked in the same transaction; see [`Recorded::meet`]). A commit
+    /// with a pending delivery (one not `dead`) is on disk when it resolves; one without may
+    /// resolve before (its record may then be lost in a crash: a retry is handled afresh).
     fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>>;
 
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
