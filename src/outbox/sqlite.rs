@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -145,6 +145,9 @@ pub struct SqliteStore {
     writer: Mutex<Option<std_mpsc::Sender<Job>>>,
     /// The bytes the data occupies, as the writer last measured it.
     used: Arc<AtomicU64>,
+    /// Records answered early whose transaction is not committed yet: what `answer` and
+    /// `recent` see before the readers can.
+    early: Arc<Early>,
     readers: Arc<Readers>,
     /// Held open for the server's lifetime: the lock goes with it.
     _lock: Option<File>,
@@ -210,10 +213,12 @@ impl SqliteStore {
             .map_err(open_error)?;
         let used = Arc::new(AtomicU64::new(used_bytes(&conn).map_err(open_error)?));
         let (sender, receiver) = std_mpsc::channel::<Job>();
+        let early = Arc::new(Early::default());
         let writer = Writer {
             conn,
             synchronous: Sync::Full,
             used: Arc::clone(&used),
+            early: Arc::clone(&early),
             #[cfg(test)]
             gate,
         };
@@ -224,6 +229,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Mutex::new(Some(sender)),
             used,
+            early,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -287,6 +293,58 @@ impl Drop for SqliteStore {
     }
 }
 
+/// The records of commits answered before their transaction committed, by event id, until it
+/// has (or has failed): at most one transaction's.
+#[derive(Default)]
+struct Early(Mutex<std::collections::HashMap<String, (u64, Recorded)>>);
+
+impl Early {
+    fn insert(&self, commit: &Commit) {
+        let recorded = Recorded {
+            answer: commit.answer.clone(),
+            digest: Some(commit.digest),
+        };
+        if let Ok(mut early) = self.0.lock() {
+            early.insert(commit.push.event_id.clone(), (commit.now_ms, recorded));
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut early) = self.0.lock() {
+            early.clear();
+        }
+    }
+
+    fn recorded(&self, event_id: &str, since_ms: u64) -> Option<Recorded> {
+        let early = self.0.lock().ok()?;
+        early
+            .get(event_id)
+            .filter(|(at, _)| *at >= since_ms)
+            .map(|(_, recorded)| recorded.clone())
+    }
+
+    /// Adds those committed at or after `since_ms` that `recent` (read from the database)
+    /// does not hold, keeping it oldest first.
+    fn add_to(&self, recent: &mut Vec<RecentId>, since_ms: u64) {
+        let Ok(early) = self.0.lock() else { return };
+        if early.is_empty() {
+            return;
+        }
+        let read: std::collections::HashSet<String> =
+            recent.iter().map(|r| r.event_id.clone()).collect();
+        for (event_id, (at, recorded)) in early.iter() {
+            if *at >= since_ms && !read.contains(event_id) {
+                recent.push(RecentId {
+                    event_id: event_id.clone(),
+                    digest: recorded.digest,
+                    committed_ms: *at,
+                });
+            }
+        }
+        recent.sort_by_key(|r| r.committed_ms);
+    }
+}
+
 impl Readers {
     fn with<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> StoreResult<T> {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
@@ -319,8 +377,28 @@ impl Store for SqliteStore {
         event_id: &str,
         since_ms: u64,
     ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
+        if let Some(recorded) = self.early.recorded(event_id, since_ms) {
+            return Box::pin(std::future::ready(Ok(Some(recorded))));
+        }
         let event_id = event_id.to_owned();
         self.read(move |conn| recorded(conn, &event_id, since_ms))
+    }
+
+    fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
+        let early = Arc::clone(&self.early);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(RECENT)?;
+            let rows = statement.query_map(params![ms(since_ms)], |row| {
+                Ok(RecentId {
+                    event_id: row.get(0)?,
+                    digest: digest_from(row.get(1)?),
+                    committed_ms: unsigned(row.get(2)?),
+                })
+            })?;
+            let mut recent: Vec<RecentId> = rows.collect::<rusqlite::Result<_>>()?;
+            early.add_to(&mut recent, since_ms);
+            Ok(recent)
+        })
     }
 
     fn used_bytes(&self) -> u64 {
@@ -510,6 +588,7 @@ struct Writer {
     synchronous: Sync,
     /// The bytes the data occupies, measured after each transaction.
     used: Arc<AtomicU64>,
+    early: Arc<Early>,
     #[cfg(test)]
     gate: Arc<tests::Gate>,
 }
@@ -565,10 +644,14 @@ impl Writer {
         crate::metrics::store_batch(ops.len());
         #[cfg(test)]
         let gate = Arc::clone(&self.gate);
+        let early = Arc::clone(&self.early);
         let results = apply_batch(
             &mut self.conn,
             ops.iter(),
             |i, result| {
+                if let Some(Op::Commit(commit)) = ops.get(i) {
+                    early.insert(commit);
+                }
                 if let Some(done) = senders.get_mut(i).and_then(Option::take) {
                     let _ = done.send(result.clone());
                 }
@@ -578,6 +661,8 @@ impl Writer {
                 gate.hold(_conn);
             },
         );
+        // Committed (or failed): the readers see what is written.
+        self.early.clear();
         for (done, result) in senders.into_iter().zip(results) {
             if let Some(done) = done {
                 let _ = done.send(result);
@@ -809,15 +894,23 @@ fn recorded(
                 content_type: row.get(1)?,
                 body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
             },
-            // A digest of another length cannot come from this relay: NULL, as before 2.
-            digest: row
-                .get::<_, Option<Vec<u8>>>(3)?
-                .and_then(|d| <[u8; 32]>::try_from(d).ok())
-                .map(Digest),
+            digest: digest_from(row.get(3)?),
         })
     })
     .optional()
 }
+
+/// A stored digest: a digest of another length cannot come from this relay, so it is taken
+/// for NULL, as before schema 2.
+fn digest_from(stored: Option<Vec<u8>>) -> Option<Digest> {
+    stored
+        .and_then(|d| <[u8; 32]>::try_from(d).ok())
+        .map(Digest)
+}
+
+/// The dedupe records of the window, through `dedupe_committed`.
+const RECENT: &str = "SELECT event_id, digest, committed_ms FROM dedupe \
+    WHERE committed_ms >= ?1 ORDER BY committed_ms";
 
 /// Moves a delivery to the dead letters, stamped with when it died.
 fn bury(tx: &Connection, id: DeliveryId, now_ms: u64) -> rusqlite::Result<u64> {
@@ -1123,10 +1216,20 @@ mod tests {
 
         // Alone in its transaction, held before COMMIT: answered all the same, and the
         // transaction runs without an fsync.
-        let first = store.commit(push_commit(1, false));
+        let commit = push_commit(1, false);
+        let event_id = commit.push.event_id.clone();
+        let first = store.commit(commit);
         assert_eq!(gate.reached(1), [1], "NORMAL");
         let answered = tokio::time::timeout(WAIT, first).await.expect("answered");
         assert_eq!(answered, Ok(Committed::New));
+        // A retry after the answer finds the record, though the readers cannot see it yet.
+        let recorded = store.answer(&event_id, 0).await.expect("read");
+        assert_eq!(recorded.map(|r| r.answer.status), Some(200));
+        let recent = store.recent(0).await.expect("recent");
+        assert_eq!(
+            recent.iter().map(|r| &r.event_id).collect::<Vec<_>>(),
+            [&event_id]
+        );
 
         // Beside a commit with a pending delivery: answered while the transaction (FULL) is
         // held; the pending one is not.
@@ -1368,5 +1471,43 @@ mod tests {
         assert!(matches!(results[2], Ok(Done::Count(0))));
         assert!(matches!(results[3], Ok(Done::Count(1))));
         assert_eq!(count(&conn, "deliveries"), 2);
+    }
+
+    /// How SQLite runs `sql` with `args`: the plan's details, one per line.
+    fn plan(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> String {
+        let mut statement = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("explain");
+        let rows = statement
+            .query_map(args, |row| row.get::<_, String>(3))
+            .expect("plan");
+        rows.map(|r| r.expect("row")).collect::<Vec<_>>().join("\n")
+    }
+
+    #[tokio::test]
+    async fn recent_lists_the_window_s_records_with_their_digests_through_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path(), Role::Server).expect("open");
+        let mut digests = Vec::new();
+        for (msg_id, at) in [(1, 100), (2, 300), (3, 200)] {
+            let mut commit = push_commit(msg_id, false);
+            commit.now_ms = at;
+            digests.push((commit.push.event_id.clone(), commit.digest, at));
+            assert_eq!(store.commit(commit).await, Ok(Committed::New));
+        }
+        let recent = store.recent(200).await.expect("recent");
+        let expected: Vec<RecentId> = [&digests[2], &digests[1]]
+            .into_iter()
+            .map(|(event_id, digest, at)| RecentId {
+                event_id: event_id.clone(),
+                digest: Some(*digest),
+                committed_ms: *at,
+            })
+            .collect();
+        assert_eq!(recent, expected);
+        assert_eq!(store.recent(301).await, Ok(vec![]));
+        let conn = open_connection(&dir.path().join(DB_FILE), false).expect("open");
+        let plan = plan(&conn, RECENT, params![200]);
+        assert!(plan.contains("USING INDEX dedupe_committed"), "{plan}");
     }
 }

@@ -81,6 +81,16 @@ impl Recorded {
     }
 }
 
+/// A dedupe record as [`Store::recent`] lists it: enough to tell whether a push may be a retry
+/// without reading the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentId {
+    pub event_id: String,
+    /// `None` for a record written before digests were kept (see [`Recorded::digest`]).
+    pub digest: Option<Digest>,
+    pub committed_ms: u64,
+}
+
 /// One target's delivery of a push, as the push is committed.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
@@ -205,6 +215,11 @@ pub trait Store: Send + Sync {
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
     fn answer(&self, event_id: &str, since_ms: u64)
     -> BoxFuture<'_, StoreResult<Option<Recorded>>>;
+
+    /// The dedupe records committed at or after `since_ms` (the dedupe window), oldest first:
+    /// their event ids and digests, for an in-memory set of the ids that may be recorded
+    /// (loaded at start).
+    fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>>;
 
     /// The bytes the store's data occupies now (pending deliveries, dead letters, dedupe
     /// records), as kept up to date by its writes: cheap, no I/O.
