@@ -25,6 +25,7 @@ pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
 pub const DEDUPE_COLLISIONS: &str = "wechat_relay_dedupe_collisions_total";
 pub const STORE_FULL: &str = "wechat_relay_store_full_total";
 pub const STORE_BATCH_SIZE: &str = "wechat_relay_store_batch_size";
+pub const STORE_CHECKPOINTS: &str = "wechat_relay_store_checkpoints_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
@@ -118,6 +119,10 @@ fn describe() {
         STORE_BATCH_SIZE,
         "Writes applied in one transaction of the durable store (group commit)"
     );
+    metrics::describe_counter!(
+        STORE_CHECKPOINTS,
+        "WAL checkpoints of the durable store, by mode (passive, truncate past the WAL's bound)"
+    );
     metrics::describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by listener");
     metrics::describe_counter!(
@@ -192,6 +197,16 @@ pub fn store_full() {
 /// One transaction of the durable store's writer, holding `writes` writes.
 pub fn store_batch(writes: usize) {
     histogram!(STORE_BATCH_SIZE).record(writes as f64);
+}
+
+/// A WAL checkpoint run off the commit path: `PASSIVE` or `TRUNCATE`.
+pub fn store_checkpoint(mode: &'static str) {
+    let mode = if mode == "TRUNCATE" {
+        "truncate"
+    } else {
+        "passive"
+    };
+    counter!(STORE_CHECKPOINTS, "mode" => mode).increment(1);
 }
 
 pub fn reload(success: bool) {

@@ -23,7 +23,8 @@
 //! The writer also keeps [`Store::used_bytes`] up to date: after each transaction it reads
 //! `(page_count - freelist_count) * page_size`, the bytes the data occupies (pages freed by
 //! deliveries and purges are reused before the file grows). Each transaction's size (writes)
-//! goes to `wechat_relay_store_batch_size`.
+//! goes to `wechat_relay_store_batch_size`. The writer never checkpoints the WAL: the
+//! [`checkpointer`] does, on a thread and a connection of its own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -37,12 +38,16 @@ use http::HeaderValue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use checkpointer::{Checkpointer, Wal, WalLimits};
+
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
     RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
+
+mod checkpointer;
 
 /// The database file in the store's folder.
 pub const DB_FILE: &str = "relay.db";
@@ -151,6 +156,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     /// Held open for the server's lifetime: the lock goes with it.
     _lock: Option<File>,
+    #[cfg(test)]
+    wal: Arc<Wal>,
 }
 
 struct Readers {
@@ -166,6 +173,7 @@ impl SqliteStore {
         Self::open_with(
             dir,
             role,
+            WalLimits::default(),
             #[cfg(test)]
             Arc::default(),
         )
@@ -174,6 +182,7 @@ impl SqliteStore {
     fn open_with(
         dir: &Path,
         role: Role,
+        limits: WalLimits,
         #[cfg(test)] gate: Arc<tests::Gate>,
     ) -> StoreResult<SqliteStore> {
         let shown = dir.display();
@@ -212,6 +221,15 @@ impl SqliteStore {
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
             .map_err(open_error)?;
         let used = Arc::new(AtomicU64::new(used_bytes(&conn).map_err(open_error)?));
+        let wal = Wal::new(limits);
+        checkpoint_elsewhere(&mut conn, &wal, limits).map_err(open_error)?;
+        let checkpointer = open_connection(&path, false)
+            .map_err(open_error)
+            .and_then(|conn| {
+                Checkpointer::start(conn, Arc::clone(&wal)).map_err(|e| {
+                    StoreError::Open(format!("cannot start the store checkpointer: {e}"))
+                })
+            })?;
         let (sender, receiver) = std_mpsc::channel::<Job>();
         let early = Arc::new(Early::default());
         let writer = Writer {
@@ -219,6 +237,8 @@ impl SqliteStore {
             synchronous: Sync::Full,
             used: Arc::clone(&used),
             early: Arc::clone(&early),
+            wal: Arc::clone(&wal),
+            checkpointer: Some(checkpointer),
             #[cfg(test)]
             gate,
         };
@@ -236,6 +256,8 @@ impl SqliteStore {
                 slots: tokio::sync::Semaphore::new(MAX_READERS),
             }),
             _lock: lock,
+            #[cfg(test)]
+            wal,
         })
     }
 
@@ -589,6 +611,8 @@ struct Writer {
     /// The bytes the data occupies, measured after each transaction.
     used: Arc<AtomicU64>,
     early: Arc<Early>,
+    wal: Arc<Wal>,
+    checkpointer: Option<Checkpointer>,
     #[cfg(test)]
     gate: Arc<tests::Gate>,
 }
@@ -611,6 +635,7 @@ impl Writer {
                 .into_iter()
                 .partition(|(op, _)| matches!(op, Op::Probe));
             if !batch.is_empty() {
+                self.wal.wait_below_hard();
                 self.apply(batch);
             }
             for (_, done) in probes {
@@ -622,7 +647,9 @@ impl Writer {
                 Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
             }
         }
-        // Every handle is gone: fold the WAL back into the database before closing.
+        // Every handle is gone: the checkpointer stops, and the WAL is folded back into the
+        // database before closing.
+        drop(self.checkpointer.take());
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
     }
 
@@ -721,6 +748,28 @@ fn apply_batch<'a>(
         Ok(()) => results,
         Err(e) => vec![Err(io_error(e)); count],
     }
+}
+
+/// Leaves the checkpoints to the [`checkpointer`]: the writer's connection does not run them
+/// (its WAL hook reports the WAL's frames instead), and truncates a WAL it restarts to the
+/// soft limit.
+fn checkpoint_elsewhere(
+    conn: &mut Connection,
+    wal: &Arc<Wal>,
+    limits: WalLimits,
+) -> rusqlite::Result<()> {
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    let frame = unsigned(page).saturating_add(24);
+    let limit = ms(limits.soft_frames.saturating_mul(frame));
+    // The pragma installs SQLite's own WAL hook: set it first, then replace the hook.
+    conn.execute_batch(&format!(
+        "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {limit};"
+    ))?;
+    let wal = Arc::clone(wal);
+    conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames| {
+        wal.committed(u64::try_from(frames).unwrap_or_default());
+        Ok(())
+    }))
 }
 
 /// The bytes the data occupies: the pages in use (not on the free list) times their size.
@@ -1211,8 +1260,13 @@ mod tests {
     async fn a_commit_leaving_nothing_pending_is_answered_before_its_commit_and_not_fsynced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let gate = Gate::closed();
-        let store =
-            SqliteStore::open_with(dir.path(), Role::Server, Arc::clone(&gate)).expect("open");
+        let store = SqliteStore::open_with(
+            dir.path(),
+            Role::Server,
+            WalLimits::default(),
+            Arc::clone(&gate),
+        )
+        .expect("open");
 
         // Alone in its transaction, held before COMMIT: answered all the same, and the
         // transaction runs without an fsync.
@@ -1261,8 +1315,13 @@ mod tests {
         let metrics = crate::metrics::install().expect("recorder");
         let dir = tempfile::tempdir().expect("tempdir");
         let gate = Gate::closed();
-        let store =
-            SqliteStore::open_with(dir.path(), Role::Server, Arc::clone(&gate)).expect("open");
+        let store = SqliteStore::open_with(
+            dir.path(),
+            Role::Server,
+            WalLimits::default(),
+            Arc::clone(&gate),
+        )
+        .expect("open");
         // The writer held in a transaction of one while 64 commits arrive.
         let first = store.commit(push_commit(1, true));
         gate.reached(1);
@@ -1509,5 +1568,99 @@ mod tests {
         let conn = open_connection(&dir.path().join(DB_FILE), false).expect("open");
         let plan = plan(&conn, RECENT, params![200]);
         assert!(plan.contains("USING INDEX dedupe_committed"), "{plan}");
+    }
+
+    /// Commits 40 rounds of 32 concurrent pushes with 4 KiB answers under `limits`; returns
+    /// the largest the WAL file was after a round, and the checkpoints run.
+    async fn wal_under_load(limits: WalLimits) -> (u64, (u64, u64)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            SqliteStore::open_with(dir.path(), Role::Server, limits, Arc::default()).expect("open");
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let mut largest = 0;
+        for round in 0..40 {
+            let commits: Vec<_> = (0..32)
+                .map(|i| {
+                    let Op::Commit(commit) = commit(round * 32 + i, 4096) else {
+                        unreachable!("commit() makes a commit")
+                    };
+                    store.commit(commit)
+                })
+                .collect();
+            for commit in commits {
+                assert_eq!(commit.await, Ok(Committed::New));
+            }
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        }
+        (largest, store.wal.checkpoints())
+    }
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_off_the_writer_and_stays_within_its_bound() {
+        let limits = WalLimits {
+            every: Duration::from_millis(20),
+            soft_frames: 64,
+            hard_frames: 512,
+        };
+        // A frame is a 4 KiB page and its header; a round writes well under 400.
+        let bound = (limits.hard_frames + 400) * (4096 + 24);
+        let (largest, (passive, truncated)) = wal_under_load(limits).await;
+        assert!(largest <= bound, "{largest} > {bound}");
+        assert!(passive + truncated > 0, "checkpointed by the checkpointer");
+        // Without the checkpointer the writer does not checkpoint: the WAL grows past it.
+        let never = WalLimits {
+            every: Duration::from_secs(3600),
+            soft_frames: u64::MAX,
+            hard_frames: u64::MAX,
+        };
+        let (largest, checkpoints) = wal_under_load(never).await;
+        assert!(largest > bound, "{largest} <= {bound}");
+        assert_eq!(checkpoints, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn past_its_bound_the_writer_waits_for_the_checkpointer_to_empty_the_wal() {
+        let limits = WalLimits {
+            every: Duration::from_millis(20),
+            soft_frames: 64,
+            hard_frames: 256,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            SqliteStore::open_with(dir.path(), Role::Server, limits, Arc::default()).expect("open");
+        let db = dir.path().join(DB_FILE);
+        // A read transaction pins the WAL: checkpoints cannot copy past it nor empty it.
+        let reader = open_connection(&db, false).expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM dedupe", [], |r| r.get(0))
+            .expect("read");
+        let mut msg_id = 0;
+        while store.wal.frames().0 < limits.hard_frames {
+            msg_id += 1;
+            let Op::Commit(commit) = commit(msg_id, 4096) else {
+                unreachable!("commit() makes a commit")
+            };
+            assert_eq!(store.commit(commit).await, Ok(Committed::New));
+        }
+        let Op::Commit(next) = commit(msg_id + 1, 10) else {
+            unreachable!("commit() makes a commit")
+        };
+        let mut next = store.commit(next);
+        for _ in 0..1000 {
+            if store.wal.frames().1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(store.wal.frames().1, "the writer waits");
+        assert!(pending(&mut next), "no write past the bound");
+        // The read ends: the checkpointer empties the WAL and the writer goes on.
+        reader.execute_batch("COMMIT").expect("end the read");
+        let next = tokio::time::timeout(WAIT, next).await.expect("written");
+        assert_eq!(next, Ok(Committed::New));
+        assert!(store.wal.checkpoints().1 >= 1, "truncated");
+        let wal = std::fs::metadata(dir.path().join(format!("{DB_FILE}-wal"))).expect("wal");
+        assert!(wal.len() < limits.soft_frames * 4120, "{}", wal.len());
     }
 }
