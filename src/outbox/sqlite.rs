@@ -1256,17 +1256,18 @@ mod tests {
         commit
     }
 
+    /// A store whose writer is held before each COMMIT until the gate lets it through.
+    fn gated(dir: &Path) -> (SqliteStore, Arc<Gate>) {
+        let gate = Gate::closed();
+        let limits = WalLimits::default();
+        let store = SqliteStore::open_with(dir, Role::Server, limits, Arc::clone(&gate));
+        (store.expect("open"), gate)
+    }
+
     #[tokio::test]
     async fn a_commit_leaving_nothing_pending_is_answered_before_its_commit_and_not_fsynced() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let gate = Gate::closed();
-        let store = SqliteStore::open_with(
-            dir.path(),
-            Role::Server,
-            WalLimits::default(),
-            Arc::clone(&gate),
-        )
-        .expect("open");
+        let (store, gate) = gated(dir.path());
 
         // Alone in its transaction, held before COMMIT: answered all the same, and the
         // transaction runs without an fsync.
@@ -1314,14 +1315,7 @@ mod tests {
     async fn concurrent_commits_share_one_transaction_and_the_batch_size_is_measured() {
         let metrics = crate::metrics::install().expect("recorder");
         let dir = tempfile::tempdir().expect("tempdir");
-        let gate = Gate::closed();
-        let store = SqliteStore::open_with(
-            dir.path(),
-            Role::Server,
-            WalLimits::default(),
-            Arc::clone(&gate),
-        )
-        .expect("open");
+        let (store, gate) = gated(dir.path());
         // The writer held in a transaction of one while 64 commits arrive.
         let first = store.commit(push_commit(1, true));
         gate.reached(1);
