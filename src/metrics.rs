@@ -24,6 +24,8 @@ pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
 pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
 pub const DEDUPE_COLLISIONS: &str = "wechat_relay_dedupe_collisions_total";
 pub const STORE_FULL: &str = "wechat_relay_store_full_total";
+pub const STORE_BATCH_SIZE: &str = "wechat_relay_store_batch_size";
+pub const STORE_CHECKPOINTS: &str = "wechat_relay_store_checkpoints_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
@@ -67,6 +69,11 @@ const EVENTS: [&str; 17] = [
     "kf_close_session",
 ];
 
+/// Writes per store transaction: one alone up to the writer's largest batch.
+const BATCH_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process's recorder (once) and returns the handle that renders it. Until it is
@@ -76,6 +83,8 @@ pub fn install() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(STORE_BATCH_SIZE.into()), &BATCH_BUCKETS)
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -105,6 +114,14 @@ fn describe() {
     metrics::describe_counter!(
         STORE_FULL,
         "Pushes answered 503 because the store was over max_bytes"
+    );
+    metrics::describe_histogram!(
+        STORE_BATCH_SIZE,
+        "Writes applied in one transaction of the durable store (group commit)"
+    );
+    metrics::describe_counter!(
+        STORE_CHECKPOINTS,
+        "WAL checkpoints of the durable store, by mode (passive, truncate past the WAL's bound)"
     );
     metrics::describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by listener");
@@ -175,6 +192,21 @@ pub fn dedupe_collision(account: &str) {
 
 pub fn store_full() {
     counter!(STORE_FULL).increment(1);
+}
+
+/// One transaction of the durable store's writer, holding `writes` writes.
+pub fn store_batch(writes: usize) {
+    histogram!(STORE_BATCH_SIZE).record(writes as f64);
+}
+
+/// A WAL checkpoint run off the commit path: `PASSIVE` or `TRUNCATE`.
+pub fn store_checkpoint(mode: &'static str) {
+    let mode = if mode == "TRUNCATE" {
+        "truncate"
+    } else {
+        "passive"
+    };
+    counter!(STORE_CHECKPOINTS, "mode" => mode).increment(1);
 }
 
 pub fn reload(success: bool) {

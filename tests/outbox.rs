@@ -13,8 +13,8 @@ use common::*;
 use http::StatusCode;
 use wechat_relay::outbox::memory::MemoryStore;
 use wechat_relay::outbox::store::{
-    BoxFuture, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter, Recorded, Selection,
-    Settle, Stats, Store, StoreError, StoreResult,
+    BoxFuture, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter, RecentId, Recorded,
+    Selection, Settle, Stats, Store, StoreError, StoreResult,
 };
 
 /// A safe-mode account routing everything to target `t` at `url`, with the store in `store`
@@ -358,6 +358,9 @@ impl Store for FaultyStore {
     }
     fn answer(&self, id: &str, since: u64) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
         self.inner.answer(id, since)
+    }
+    fn recent(&self, since: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
+        self.inner.recent(since)
     }
     fn used_bytes(&self) -> u64 {
         self.inner.used_bytes()

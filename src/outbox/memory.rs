@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -285,6 +285,23 @@ impl Store for MemoryStore {
         since_ms: u64,
     ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
         Self::now(self.state().map(|state| state.recorded(event_id, since_ms)))
+    }
+
+    fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
+        Self::now(self.state().map(|state| {
+            let mut recent: Vec<RecentId> = state
+                .dedupe
+                .iter()
+                .filter(|(_, r)| r.committed_ms >= since_ms)
+                .map(|(event_id, r)| RecentId {
+                    event_id: event_id.clone(),
+                    digest: Some(r.digest),
+                    committed_ms: r.committed_ms,
+                })
+                .collect();
+            recent.sort_by_key(|r| r.committed_ms);
+            recent
+        }))
     }
 
     fn used_bytes(&self) -> u64 {
@@ -608,5 +625,38 @@ mod tests {
         }
         assert_eq!(store.expire_dedupe(u64::MAX).await, Ok(2));
         assert_eq!(store.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn recent_lists_the_window_s_records_with_their_digests() {
+        let store = MemoryStore::new();
+        let mut expected = Vec::new();
+        for (msg_id, at) in [(1, 100), (2, 300), (3, 200)] {
+            let push = push(msg_id);
+            let digest = Digest::of(push.message.xml());
+            expected.push(RecentId {
+                event_id: push.event_id.clone(),
+                digest: Some(digest),
+                committed_ms: at,
+            });
+            let committed = store
+                .commit(Commit {
+                    digest,
+                    push,
+                    answer: CachedAnswer {
+                        status: 200,
+                        content_type: "text/plain".into(),
+                        body: Bytes::from_static(b"success"),
+                    },
+                    deliveries: vec![],
+                    now_ms: at,
+                    dedupe_since_ms: 0,
+                })
+                .await;
+            assert!(matches!(committed, Ok(Committed::New(_))));
+        }
+        let recent = store.recent(200).await.expect("recent");
+        assert_eq!(recent, [expected[2].clone(), expected[1].clone()]);
+        assert_eq!(store.recent(301).await, Ok(vec![]));
     }
 }

@@ -1,5 +1,4 @@
-//! The durable store: SQLite (bundled) in WAL mode with `synchronous = FULL`, in
-//! `<store.path>/relay.db`.
+//! The durable store: SQLite (bundled) in WAL mode, in `<store.path>/relay.db`.
 //!
 //! Every write goes through one writer thread that owns the write connection and applies what
 //! is waiting in one transaction (group commit): concurrent pushes share one fsync. Each write
@@ -7,9 +6,25 @@
 //! commit fails them all. Reads use a small pool of read connections on tokio's blocking
 //! threads; WAL lets them run beside the writer.
 //!
+//! What is on disk when a write is answered:
+//! - a commit with a pending delivery (a [`super::store::NewDelivery`] not `dead`), and every
+//!   settle, replay, purge and probe: its transaction is committed with `synchronous = FULL`,
+//!   so the WAL holding it (and everything written before it) has been fsynced;
+//! - a commit that leaves nothing pending (the reply target took the push; every delivery is
+//!   dead on arrival; no target at all) is answered as soon as its savepoint is released,
+//!   before the transaction commits: nothing of it need be on disk yet. A transaction holding
+//!   only such writes (and dedupe expiry) commits with `synchronous = NORMAL`: no fsync of
+//!   its own, the next FULL commit's fsync (or a checkpoint) takes it to disk; a process
+//!   crash loses nothing of it (it is in the OS's cache), a power loss may lose it. Its
+//!   answer protects nothing an fsync would: WeChat has its answer and does not retry, and if
+//!   the record is lost (or the COMMIT fails after the answer), a WeChat retry of that push
+//!   finds no record and asks the reply target again (it has the event id to dedupe).
+//!
 //! The writer also keeps [`Store::used_bytes`] up to date: after each transaction it reads
 //! `(page_count - freelist_count) * page_size`, the bytes the data occupies (pages freed by
-//! deliveries and purges are reused before the file grows).
+//! deliveries and purges are reused before the file grows). Each transaction's size (writes)
+//! goes to `wechat_relay_store_batch_size`. The writer never checkpoints the WAL: the
+//! [`checkpointer`] does, on a thread and a connection of its own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -23,12 +38,16 @@ use http::HeaderValue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use checkpointer::{Checkpointer, Wal, WalLimits};
+
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
+
+mod checkpointer;
 
 /// The database file in the store's folder.
 pub const DB_FILE: &str = "relay.db";
@@ -133,9 +152,14 @@ pub struct SqliteStore {
     writer: Mutex<Option<std_mpsc::Sender<Job>>>,
     /// The bytes the data occupies, as the writer last measured it.
     used: Arc<AtomicU64>,
+    /// Records answered early whose transaction is not committed yet: what `answer` and
+    /// `recent` see before the readers can.
+    early: Arc<Early>,
     readers: Arc<Readers>,
     /// Held open for the server's lifetime: the lock goes with it.
     _lock: Option<File>,
+    #[cfg(test)]
+    wal: Arc<Wal>,
 }
 
 struct Readers {
@@ -148,6 +172,21 @@ struct Readers {
 impl SqliteStore {
     /// Opens (or, for the server, creates) the store in `dir`, checks it and starts the writer.
     pub fn open(dir: &Path, role: Role) -> StoreResult<SqliteStore> {
+        Self::open_with(
+            dir,
+            role,
+            WalLimits::default(),
+            #[cfg(test)]
+            Arc::default(),
+        )
+    }
+
+    fn open_with(
+        dir: &Path,
+        role: Role,
+        limits: WalLimits,
+        #[cfg(test)] gate: Arc<tests::Gate>,
+    ) -> StoreResult<SqliteStore> {
         let shown = dir.display();
         match role {
             Role::Server => create_private_dir(dir)
@@ -184,21 +223,43 @@ impl SqliteStore {
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
             .map_err(open_error)?;
         let used = Arc::new(AtomicU64::new(used_bytes(&conn).map_err(open_error)?));
+        let wal = Wal::new(limits);
+        checkpoint_elsewhere(&mut conn, &wal, limits).map_err(open_error)?;
+        let checkpointer = open_connection(&path, false)
+            .map_err(open_error)
+            .and_then(|conn| {
+                Checkpointer::start(conn, Arc::clone(&wal)).map_err(|e| {
+                    StoreError::Open(format!("cannot start the store checkpointer: {e}"))
+                })
+            })?;
         let (sender, receiver) = std_mpsc::channel::<Job>();
-        let measured = Arc::clone(&used);
+        let early = Arc::new(Early::default());
+        let writer = Writer {
+            conn,
+            synchronous: Sync::Full,
+            used: Arc::clone(&used),
+            early: Arc::clone(&early),
+            wal: Arc::clone(&wal),
+            checkpointer: Some(checkpointer),
+            #[cfg(test)]
+            gate,
+        };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(conn, receiver, &measured))
+            .spawn(move || writer.run(receiver))
             .map_err(|e| StoreError::Open(format!("cannot start the store writer: {e}")))?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(sender)),
             used,
+            early,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
                 slots: tokio::sync::Semaphore::new(MAX_READERS),
             }),
             _lock: lock,
+            #[cfg(test)]
+            wal,
         })
     }
 
@@ -257,6 +318,58 @@ impl Drop for SqliteStore {
     }
 }
 
+/// The records of commits answered before their transaction committed, by event id, until it
+/// has (or has failed): at most one transaction's.
+#[derive(Default)]
+struct Early(Mutex<std::collections::HashMap<String, (u64, Recorded)>>);
+
+impl Early {
+    fn insert(&self, commit: &Commit) {
+        let recorded = Recorded {
+            answer: commit.answer.clone(),
+            digest: Some(commit.digest),
+        };
+        if let Ok(mut early) = self.0.lock() {
+            early.insert(commit.push.event_id.clone(), (commit.now_ms, recorded));
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut early) = self.0.lock() {
+            early.clear();
+        }
+    }
+
+    fn recorded(&self, event_id: &str, since_ms: u64) -> Option<Recorded> {
+        let early = self.0.lock().ok()?;
+        early
+            .get(event_id)
+            .filter(|(at, _)| *at >= since_ms)
+            .map(|(_, recorded)| recorded.clone())
+    }
+
+    /// Adds those committed at or after `since_ms` that `recent` (read from the database)
+    /// does not hold, keeping it oldest first.
+    fn add_to(&self, recent: &mut Vec<RecentId>, since_ms: u64) {
+        let Ok(early) = self.0.lock() else { return };
+        if early.is_empty() {
+            return;
+        }
+        let read: std::collections::HashSet<String> =
+            recent.iter().map(|r| r.event_id.clone()).collect();
+        for (event_id, (at, recorded)) in early.iter() {
+            if *at >= since_ms && !read.contains(event_id) {
+                recent.push(RecentId {
+                    event_id: event_id.clone(),
+                    digest: recorded.digest,
+                    committed_ms: *at,
+                });
+            }
+        }
+        recent.sort_by_key(|r| r.committed_ms);
+    }
+}
+
 impl Readers {
     fn with<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> StoreResult<T> {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
@@ -290,8 +403,28 @@ impl Store for SqliteStore {
         event_id: &str,
         since_ms: u64,
     ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
+        if let Some(recorded) = self.early.recorded(event_id, since_ms) {
+            return Box::pin(std::future::ready(Ok(Some(recorded))));
+        }
         let event_id = event_id.to_owned();
         self.read(move |conn| recorded(conn, &event_id, since_ms))
+    }
+
+    fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
+        let early = Arc::clone(&self.early);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(RECENT)?;
+            let rows = statement.query_map(params![ms(since_ms)], |row| {
+                Ok(RecentId {
+                    event_id: row.get(0)?,
+                    digest: digest_from(row.get(1)?),
+                    committed_ms: unsigned(row.get(2)?),
+                })
+            })?;
+            let mut recent: Vec<RecentId> = rows.collect::<rusqlite::Result<_>>()?;
+            early.add_to(&mut recent, since_ms);
+            Ok(recent)
+        })
     }
 
     fn used_bytes(&self) -> u64 {
@@ -442,41 +575,150 @@ impl Store for SqliteStore {
 
 // ---- the writer ----------------------------------------------------------------------------
 
-/// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each;
-/// probes run after it, each on its own. Then measures what the data occupies into `used`.
-fn write_loop(mut conn: Connection, jobs: std_mpsc::Receiver<Job>, used: &AtomicU64) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+/// `PRAGMA synchronous` levels the writer switches between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// WAL: a commit is not fsynced; the next FULL commit's fsync of the WAL takes it along.
+    Normal,
+    /// Every commit is fsynced before it returns.
+    Full,
+}
+
+impl Sync {
+    fn pragma(self) -> &'static str {
+        match self {
+            Sync::Normal => "PRAGMA synchronous = NORMAL;",
+            Sync::Full => "PRAGMA synchronous = FULL;",
+        }
+    }
+}
+
+impl Op {
+    /// A commit that leaves no delivery pending (each of its deliveries, if any, is dead on
+    /// arrival): its answer protects nothing an fsync would, so it is given as soon as the
+    /// commit's savepoint is released, before the transaction's COMMIT.
+    fn answered_early(&self) -> bool {
+        matches!(self, Op::Commit(commit) if commit.deliveries.iter().all(|d| d.dead))
+    }
+
+    /// Whether the transaction holding this write must be fsynced: everything but the early
+    /// answered commits and the expiry of dedupe records (which the next upkeep redoes).
+    fn needs_fsync(&self) -> bool {
+        !(self.answered_early() || matches!(self, Op::ExpireDedupe(_)))
+    }
+}
+
+/// The writer thread's state: its connection, the level it runs at, what it publishes.
+struct Writer {
+    conn: Connection,
+    synchronous: Sync,
+    /// The bytes the data occupies, measured after each transaction.
+    used: Arc<AtomicU64>,
+    early: Arc<Early>,
+    wal: Arc<Wal>,
+    checkpointer: Option<Checkpointer>,
+    #[cfg(test)]
+    gate: Arc<tests::Gate>,
+}
+
+impl Writer {
+    /// Takes what is waiting (up to [`MAX_BATCH`]), applies it in one transaction, answers each
+    /// (an early answered commit as soon as its savepoint is released, the rest once the
+    /// transaction is committed); probes run after it, each on its own. Then measures what the
+    /// data occupies into `used`.
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let (probes, batch): (Vec<Job>, Vec<Job>) = batch
+                .into_iter()
+                .partition(|(op, _)| matches!(op, Op::Probe));
+            if !batch.is_empty() {
+                self.wal.wait_below_hard();
+                self.apply(batch);
+            }
+            for (_, done) in probes {
+                let probed = self.at(Sync::Full).and_then(|()| probe(&mut self.conn));
+                let _ = done.send(probed.map(|()| Done::Count(0)).map_err(io_error));
+            }
+            match used_bytes(&self.conn) {
+                Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
             }
         }
-        let (probes, batch): (Vec<Job>, Vec<Job>) = batch
-            .into_iter()
-            .partition(|(op, _)| matches!(op, Op::Probe));
-        if !batch.is_empty() {
-            let results = apply_batch(&mut conn, batch.iter().map(|(op, _)| op));
-            for ((_, done), result) in batch.into_iter().zip(results) {
+        // Every handle is gone: the checkpointer stops, and the WAL is folded back into the
+        // database before closing.
+        drop(self.checkpointer.take());
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+
+    /// One transaction: fsynced only when one of its writes needs it.
+    fn apply(&mut self, batch: Vec<Job>) {
+        let (ops, senders): (Vec<Op>, Vec<_>) = batch.into_iter().unzip();
+        let mut senders: Vec<Option<_>> = senders.into_iter().map(Some).collect();
+        let level = if ops.iter().any(Op::needs_fsync) {
+            Sync::Full
+        } else {
+            Sync::Normal
+        };
+        if let Err(e) = self.at(level) {
+            for done in senders.into_iter().flatten() {
+                let _ = done.send(Err(io_error_ref(&e)));
+            }
+            return;
+        }
+        crate::metrics::store_batch(ops.len());
+        #[cfg(test)]
+        let gate = Arc::clone(&self.gate);
+        let early = Arc::clone(&self.early);
+        let results = apply_batch(
+            &mut self.conn,
+            ops.iter(),
+            |i, result| {
+                if let Some(Op::Commit(commit)) = ops.get(i) {
+                    early.insert(commit);
+                }
+                if let Some(done) = senders.get_mut(i).and_then(Option::take) {
+                    let _ = done.send(result.clone());
+                }
+            },
+            |_conn| {
+                #[cfg(test)]
+                gate.hold(_conn);
+            },
+        );
+        // Committed (or failed): the readers see what is written.
+        self.early.clear();
+        for (done, result) in senders.into_iter().zip(results) {
+            if let Some(done) = done {
                 let _ = done.send(result);
             }
         }
-        for (_, done) in probes {
-            let _ = done.send(probe(&mut conn).map(|()| Done::Count(0)).map_err(io_error));
-        }
-        match used_bytes(&conn) {
-            Ok(bytes) => used.store(bytes, Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
-        }
     }
-    // Every handle is gone: fold the WAL back into the database before closing.
-    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+
+    /// Switches the connection to `level` if it is not there.
+    fn at(&mut self, level: Sync) -> rusqlite::Result<()> {
+        if self.synchronous != level {
+            self.conn.execute_batch(level.pragma())?;
+            self.synchronous = level;
+        }
+        Ok(())
+    }
 }
 
+/// Applies `ops` in one transaction, a savepoint each. `released` is called with the result of
+/// each early answered commit that was written ([`Op::answered_early`]) as soon as its
+/// savepoint is released; `before_commit` just before the COMMIT. Returns every result.
 fn apply_batch<'a>(
     conn: &mut Connection,
     ops: impl ExactSizeIterator<Item = &'a Op>,
+    mut released: impl FnMut(usize, &StoreResult<Done>),
+    before_commit: impl FnOnce(&Connection),
 ) -> Vec<StoreResult<Done>> {
     let count = ops.len();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -484,7 +726,7 @@ fn apply_batch<'a>(
         Err(e) => return vec![Err(io_error(e)); count],
     };
     let mut results = Vec::with_capacity(count);
-    for op in ops {
+    for (i, op) in ops.enumerate() {
         // A savepoint per write: a failing one is rolled back alone...
         let result = tx.savepoint().and_then(|savepoint| {
             let n = apply(&savepoint, op)?;
@@ -498,12 +740,40 @@ fn apply_batch<'a>(
             // then nothing of the batch is written, and every write is told why.
             return vec![Err(io_error_ref(e)); count];
         }
-        results.push(result.map_err(io_error));
+        let result = result.map_err(io_error);
+        // Only a written one: a duplicate's record may be an earlier write of this batch.
+        if op.answered_early() && matches!(result, Ok(Done::New(_))) {
+            released(i, &result);
+        }
+        results.push(result);
     }
+    before_commit(&tx);
     match tx.commit() {
         Ok(()) => results,
         Err(e) => vec![Err(io_error(e)); count],
     }
+}
+
+/// Leaves the checkpoints to the [`checkpointer`]: the writer's connection does not run them
+/// (its WAL hook reports the WAL's frames instead), and truncates a WAL it restarts to the
+/// soft limit.
+fn checkpoint_elsewhere(
+    conn: &mut Connection,
+    wal: &Arc<Wal>,
+    limits: WalLimits,
+) -> rusqlite::Result<()> {
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    let frame = unsigned(page).saturating_add(24);
+    let limit = ms(limits.soft_frames.saturating_mul(frame));
+    // The pragma installs SQLite's own WAL hook: set it first, then replace the hook.
+    conn.execute_batch(&format!(
+        "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {limit};"
+    ))?;
+    let wal = Arc::clone(wal);
+    conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames| {
+        wal.committed(u64::try_from(frames).unwrap_or_default());
+        Ok(())
+    }))
 }
 
 /// The bytes the data occupies: the pages in use (not on the free list) times their size.
@@ -680,15 +950,23 @@ fn recorded(
                 content_type: row.get(1)?,
                 body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
             },
-            // A digest of another length cannot come from this relay: NULL, as before 2.
-            digest: row
-                .get::<_, Option<Vec<u8>>>(3)?
-                .and_then(|d| <[u8; 32]>::try_from(d).ok())
-                .map(Digest),
+            digest: digest_from(row.get(3)?),
         })
     })
     .optional()
 }
+
+/// A stored digest: a digest of another length cannot come from this relay, so it is taken
+/// for NULL, as before schema 2.
+fn digest_from(stored: Option<Vec<u8>>) -> Option<Digest> {
+    stored
+        .and_then(|d| <[u8; 32]>::try_from(d).ok())
+        .map(Digest)
+}
+
+/// The dedupe records of the window, through `dedupe_committed`.
+const RECENT: &str = "SELECT event_id, digest, committed_ms FROM dedupe \
+    WHERE committed_ms >= ?1 ORDER BY committed_ms";
 
 /// Moves a delivery to the dead letters, stamped with when it died.
 fn bury(tx: &Connection, id: DeliveryId, now_ms: u64) -> rusqlite::Result<u64> {
@@ -780,7 +1058,8 @@ fn open_connection(path: &Path, create: bool) -> rusqlite::Result<Connection> {
     }
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    // WAL: readers beside the writer; FULL: every commit is fsynced before it returns.
+    // WAL: readers beside the writer; FULL: every commit is fsynced before it returns (the
+    // writer lowers it to NORMAL for a transaction nobody waits on: see the module doc).
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::SqliteFailure(
@@ -891,8 +1170,186 @@ fn describe(e: &rusqlite::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Condvar;
+    use std::task::{Context, Waker};
+
     use super::*;
     use crate::outbox::store::NewDelivery;
+
+    /// Holds the writer just before each COMMIT while closed, and records the
+    /// `synchronous` level of every transaction that reached it.
+    #[derive(Default)]
+    pub(super) struct Gate {
+        state: Mutex<GateState>,
+        changed: Condvar,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        closed: bool,
+        /// Transactions let through while closed.
+        permits: usize,
+        /// `PRAGMA synchronous` of each transaction that reached the gate (1 NORMAL, 2 FULL).
+        levels: Vec<i64>,
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    impl Gate {
+        fn closed() -> Arc<Gate> {
+            let gate = Gate::default();
+            gate.state.lock().expect("gate").closed = true;
+            Arc::new(gate)
+        }
+
+        pub(super) fn hold(&self, conn: &Connection) {
+            let level = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap_or(-1);
+            let mut state = self.state.lock().expect("gate");
+            state.levels.push(level);
+            self.changed.notify_all();
+            while state.closed && state.permits == 0 {
+                state = self.changed.wait(state).expect("gate");
+            }
+            if state.closed {
+                state.permits -= 1;
+            }
+        }
+
+        /// Waits until `n` transactions have reached the gate; returns their levels.
+        fn reached(&self, n: usize) -> Vec<i64> {
+            let state = self.state.lock().expect("gate");
+            let (state, _) = self
+                .changed
+                .wait_timeout_while(state, WAIT, |s| s.levels.len() < n)
+                .expect("gate");
+            assert!(state.levels.len() >= n, "the writer reached the gate");
+            state.levels.clone()
+        }
+
+        fn release(&self, transactions: usize) {
+            self.state.lock().expect("gate").permits += transactions;
+            self.changed.notify_all();
+        }
+
+        fn open(&self) {
+            self.state.lock().expect("gate").closed = false;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Every op of `ops` in one transaction, answered at the end.
+    fn apply_all<'a>(
+        conn: &mut Connection,
+        ops: impl ExactSizeIterator<Item = &'a Op>,
+    ) -> Vec<StoreResult<Done>> {
+        apply_batch(conn, ops, |_, _| {}, |_| {})
+    }
+
+    fn pending<T>(future: &mut BoxFuture<'_, T>) -> bool {
+        future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+    }
+
+    /// Push `msg_id` committed with one delivery, pending or dead on arrival.
+    fn push_commit(msg_id: u32, pending: bool) -> Commit {
+        let Op::Commit(mut commit) = commit(msg_id, 10) else {
+            unreachable!("commit() makes a commit")
+        };
+        commit.deliveries[0].dead = !pending;
+        commit
+    }
+
+    /// A store whose writer is held before each COMMIT until the gate lets it through.
+    fn gated(dir: &Path) -> (SqliteStore, Arc<Gate>) {
+        let gate = Gate::closed();
+        let limits = WalLimits::default();
+        let store = SqliteStore::open_with(dir, Role::Server, limits, Arc::clone(&gate));
+        (store.expect("open"), gate)
+    }
+
+    #[tokio::test]
+    async fn a_commit_leaving_nothing_pending_is_answered_before_its_commit_and_not_fsynced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, gate) = gated(dir.path());
+
+        // Alone in its transaction, held before COMMIT: answered all the same, and the
+        // transaction runs without an fsync.
+        let commit = push_commit(1, false);
+        let event_id = commit.push.event_id.clone();
+        let first = store.commit(commit);
+        assert_eq!(gate.reached(1), [1], "NORMAL");
+        let answered = tokio::time::timeout(WAIT, first).await.expect("answered");
+        assert!(matches!(answered, Ok(Committed::New(_))));
+        // A retry after the answer finds the record, though the readers cannot see it yet.
+        let recorded = store.answer(&event_id, 0).await.expect("read");
+        assert_eq!(recorded.map(|r| r.answer.status), Some(200));
+        let recent = store.recent(0).await.expect("recent");
+        assert_eq!(
+            recent.iter().map(|r| &r.event_id).collect::<Vec<_>>(),
+            [&event_id]
+        );
+
+        // Beside a commit with a pending delivery: answered while the transaction (FULL) is
+        // held; the pending one is not.
+        let mut with_delivery = store.commit(push_commit(2, true));
+        let without = store.commit(push_commit(3, false));
+        gate.release(1);
+        assert_eq!(gate.reached(2), [1, 2], "the second one FULL");
+        let answered = tokio::time::timeout(WAIT, without).await.expect("answered");
+        assert!(matches!(answered, Ok(Committed::New(_))));
+        assert!(pending(&mut with_delivery), "not before its COMMIT");
+
+        // Settles, replays and purges wait for their COMMIT too.
+        let mut settle = store.settle(2, Settle::Delivered, 5);
+        let mut replay = store.replay(Selection::Id(1), 5);
+        let mut purge = store.purge_dead(None, None);
+        gate.release(1);
+        let with_delivery = tokio::time::timeout(WAIT, with_delivery).await;
+        assert!(matches!(
+            with_delivery.expect("answered"),
+            Ok(Committed::New(_))
+        ));
+        assert_eq!(gate.reached(3), [1, 2, 2]);
+        assert!(pending(&mut settle) && pending(&mut replay) && pending(&mut purge));
+        gate.open();
+        assert_eq!(settle.await, Ok(()));
+        assert_eq!(replay.await, Ok(1));
+        assert_eq!(purge.await, Ok(1), "the dead letter of push 3");
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_share_one_transaction_and_the_batch_size_is_measured() {
+        let metrics = crate::metrics::install().expect("recorder");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, gate) = gated(dir.path());
+        // The writer held in a transaction of one while 64 commits arrive.
+        let first = store.commit(push_commit(1, true));
+        gate.reached(1);
+        let waiting: Vec<_> = (2..66)
+            .map(|i| store.commit(push_commit(i, true)))
+            .collect();
+        gate.open();
+        assert!(matches!(first.await, Ok(Committed::New(_))));
+        for commit in waiting {
+            assert!(matches!(commit.await, Ok(Committed::New(_))));
+        }
+        assert_eq!(gate.reached(2).len(), 2, "64 commits, one transaction");
+        // In /metrics: a transaction of more than 32 writes.
+        let text = metrics.render();
+        let value = |line: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(line))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{line} in {text}"))
+        };
+        let total = value("wechat_relay_store_batch_size_count");
+        let small = value("wechat_relay_store_batch_size_bucket{le=\"32\"}");
+        assert!(total - small >= 1.0, "{text}");
+    }
 
     fn commit(msg_id: u32, answer_bytes: usize) -> Op {
         let xml = format!(
@@ -941,7 +1398,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         assert!(migrate(&mut conn).is_ok());
-        let first = apply_batch(&mut conn, [commit(1, 10)].iter());
+        let first = apply_all(&mut conn, [commit(1, 10)].iter());
         assert!(matches!(&first[..], [Ok(Done::New(ids))] if ids.len() == 1));
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
@@ -955,7 +1412,7 @@ mod tests {
             commit(3, 1 << 20),
             Op::Settle(1, Settle::Delivered, 2),
         ];
-        let results = apply_batch(&mut conn, batch.iter());
+        let results = apply_all(&mut conn, batch.iter());
         assert_eq!(results.len(), 3);
         for result in &results {
             match result {
@@ -995,7 +1452,7 @@ mod tests {
         assert!(migrate(&mut conn).is_ok());
         let empty = used_bytes(&conn).expect("measure");
         let batch: Vec<Op> = (0..50).map(|i| commit(i, 4096)).collect();
-        apply_batch(&mut conn, batch.iter());
+        apply_all(&mut conn, batch.iter());
         let full = used_bytes(&conn).expect("measure");
         assert!(full > empty + 50 * 4096, "{empty} -> {full}");
         // Delivered and expired: the pages go to the free list and no longer count.
@@ -1003,7 +1460,7 @@ mod tests {
             .map(|id| Op::Settle(id, Settle::Delivered, 2))
             .chain([Op::ExpireDedupe(u64::MAX)])
             .collect();
-        apply_batch(&mut conn, done.iter());
+        apply_all(&mut conn, done.iter());
         let drained = used_bytes(&conn).expect("measure");
         assert!(drained < empty + 4 * 4096, "{empty} -> {full} -> {drained}");
     }
@@ -1023,7 +1480,7 @@ mod tests {
             Op::Commit(other),
             Op::Commit(first),
         ];
-        let results = apply_batch(&mut conn, batch.iter());
+        let results = apply_all(&mut conn, batch.iter());
         assert!(matches!(&results[0], Ok(Done::New(ids)) if ids.len() == 1));
         assert!(matches!(results[1], Ok(Done::Collision)));
         assert!(matches!(results[2], Ok(Done::Duplicate(_))));
@@ -1053,7 +1510,7 @@ mod tests {
             .expect("version");
         assert_eq!(version, SCHEMA_VERSION);
         // A record without a digest is taken for the same message: a retry, as before.
-        let results = apply_batch(&mut conn, [Op::Commit(c)].iter());
+        let results = apply_all(&mut conn, [Op::Commit(c)].iter());
         assert!(matches!(results[0], Ok(Done::Duplicate(_))));
         probe(&mut conn).expect("the probe table exists");
     }
@@ -1071,11 +1528,143 @@ mod tests {
             Op::Replay(Selection::Id(99), 5),
             commit(2, 10),
         ];
-        let results = apply_batch(&mut conn, batch.iter());
+        let results = apply_all(&mut conn, batch.iter());
         assert!(matches!(&results[0], Ok(Done::New(ids)) if ids.len() == 1));
         assert!(matches!(results[1], Ok(Done::Duplicate(_))));
         assert!(matches!(results[2], Ok(Done::Count(0))));
         assert!(matches!(&results[3], Ok(Done::New(ids)) if ids.len() == 1));
         assert_eq!(count(&conn, "deliveries"), 2);
+    }
+
+    /// How SQLite runs `sql` with `args`: the plan's details, one per line.
+    fn plan(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> String {
+        let mut statement = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("explain");
+        let rows = statement
+            .query_map(args, |row| row.get::<_, String>(3))
+            .expect("plan");
+        rows.map(|r| r.expect("row")).collect::<Vec<_>>().join("\n")
+    }
+
+    #[tokio::test]
+    async fn recent_lists_the_window_s_records_with_their_digests_through_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path(), Role::Server).expect("open");
+        let mut digests = Vec::new();
+        for (msg_id, at) in [(1, 100), (2, 300), (3, 200)] {
+            let mut commit = push_commit(msg_id, false);
+            commit.now_ms = at;
+            digests.push((commit.push.event_id.clone(), commit.digest, at));
+            assert!(matches!(store.commit(commit).await, Ok(Committed::New(_))));
+        }
+        let recent = store.recent(200).await.expect("recent");
+        let expected: Vec<RecentId> = [&digests[2], &digests[1]]
+            .into_iter()
+            .map(|(event_id, digest, at)| RecentId {
+                event_id: event_id.clone(),
+                digest: Some(*digest),
+                committed_ms: *at,
+            })
+            .collect();
+        assert_eq!(recent, expected);
+        assert_eq!(store.recent(301).await, Ok(vec![]));
+        let conn = open_connection(&dir.path().join(DB_FILE), false).expect("open");
+        let plan = plan(&conn, RECENT, params![200]);
+        assert!(plan.contains("USING INDEX dedupe_committed"), "{plan}");
+    }
+
+    /// Commits 40 rounds of 32 concurrent pushes with 4 KiB answers under `limits`; returns
+    /// the largest the WAL file was after a round, and the checkpoints run.
+    async fn wal_under_load(limits: WalLimits) -> (u64, (u64, u64)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            SqliteStore::open_with(dir.path(), Role::Server, limits, Arc::default()).expect("open");
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let mut largest = 0;
+        for round in 0..40 {
+            let commits: Vec<_> = (0..32)
+                .map(|i| {
+                    let Op::Commit(commit) = commit(round * 32 + i, 4096) else {
+                        unreachable!("commit() makes a commit")
+                    };
+                    store.commit(commit)
+                })
+                .collect();
+            for commit in commits {
+                assert!(matches!(commit.await, Ok(Committed::New(_))));
+            }
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        }
+        (largest, store.wal.checkpoints())
+    }
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_off_the_writer_and_stays_within_its_bound() {
+        let limits = WalLimits {
+            every: Duration::from_millis(20),
+            soft_frames: 64,
+            hard_frames: 512,
+        };
+        // A frame is a 4 KiB page and its header; a round writes well under 400.
+        let bound = (limits.hard_frames + 400) * (4096 + 24);
+        let (largest, (passive, truncated)) = wal_under_load(limits).await;
+        assert!(largest <= bound, "{largest} > {bound}");
+        assert!(passive + truncated > 0, "checkpointed by the checkpointer");
+        // Without the checkpointer the writer does not checkpoint: the WAL grows past it.
+        let never = WalLimits {
+            every: Duration::from_secs(3600),
+            soft_frames: u64::MAX,
+            hard_frames: u64::MAX,
+        };
+        let (largest, checkpoints) = wal_under_load(never).await;
+        assert!(largest > bound, "{largest} <= {bound}");
+        assert_eq!(checkpoints, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn past_its_bound_the_writer_waits_for_the_checkpointer_to_empty_the_wal() {
+        let limits = WalLimits {
+            every: Duration::from_millis(20),
+            soft_frames: 64,
+            hard_frames: 256,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            SqliteStore::open_with(dir.path(), Role::Server, limits, Arc::default()).expect("open");
+        let db = dir.path().join(DB_FILE);
+        // A read transaction pins the WAL: checkpoints cannot copy past it nor empty it.
+        let reader = open_connection(&db, false).expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM dedupe", [], |r| r.get(0))
+            .expect("read");
+        let mut msg_id = 0;
+        while store.wal.frames().0 < limits.hard_frames {
+            msg_id += 1;
+            let Op::Commit(commit) = commit(msg_id, 4096) else {
+                unreachable!("commit() makes a commit")
+            };
+            assert!(matches!(store.commit(commit).await, Ok(Committed::New(_))));
+        }
+        let Op::Commit(next) = commit(msg_id + 1, 10) else {
+            unreachable!("commit() makes a commit")
+        };
+        let mut next = store.commit(next);
+        for _ in 0..1000 {
+            if store.wal.frames().1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(store.wal.frames().1, "the writer waits");
+        assert!(pending(&mut next), "no write past the bound");
+        // The read ends: the checkpointer empties the WAL and the writer goes on.
+        reader.execute_batch("COMMIT").expect("end the read");
+        let next = tokio::time::timeout(WAIT, next).await.expect("written");
+        assert!(matches!(next, Ok(Committed::New(_))));
+        assert!(store.wal.checkpoints().1 >= 1, "truncated");
+        let wal = std::fs::metadata(dir.path().join(format!("{DB_FILE}-wal"))).expect("wal");
+        assert!(wal.len() < limits.soft_frames * 4120, "{}", wal.len());
     }
 }

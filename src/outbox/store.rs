@@ -81,6 +81,16 @@ impl Recorded {
     }
 }
 
+/// A dedupe record as [`Store::recent`] lists it: enough to tell whether a push may be a retry
+/// without reading the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentId {
+    pub event_id: String,
+    /// `None` for a record written before digests were kept (see [`Recorded::digest`]).
+    pub digest: Option<Digest>,
+    pub committed_ms: u64,
+}
+
 /// One target's delivery of a push, as the push is committed.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
@@ -194,15 +204,22 @@ pub enum Selection {
 }
 
 /// The store. Every method is one transaction; a write has reached the disk when its future
-/// resolves `Ok` (for a durable backend).
+/// resolves `Ok` (for a durable backend), but for a commit that leaves nothing pending.
 pub trait Store: Send + Sync {
     /// Writes a push's dedupe record and deliveries, atomically, unless its event id is
-    /// already recorded (checked in the same transaction; see [`Recorded::meet`]).
+    /// already recorded (checked in the same transaction; see [`Recorded::meet`]). A commit
+    /// with a pending delivery (one not `dead`) is on disk when it resolves; one without may
+    /// resolve before (its record may then be lost in a crash: a retry is handled afresh).
     fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>>;
 
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
     fn answer(&self, event_id: &str, since_ms: u64)
     -> BoxFuture<'_, StoreResult<Option<Recorded>>>;
+
+    /// The dedupe records committed at or after `since_ms` (the dedupe window), oldest first:
+    /// their event ids and digests, for an in-memory set of the ids that may be recorded
+    /// (loaded at start).
+    fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>>;
 
     /// The bytes the store's data occupies now (pending deliveries, dead letters, dedupe
     /// records), as kept up to date by its writes: cheap, no I/O.
