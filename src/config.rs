@@ -23,7 +23,10 @@ pub use crate::secret::Secret;
 use crate::wechat::crypto::AesKey;
 
 mod file_mode;
+mod raw;
 mod target_url;
+
+use raw::{RawAccount, RawAdmin, RawLog, RawRoute, RawServer, RawStore, RawTarget};
 
 pub use target_url::{TargetUrl, UrlError};
 
@@ -48,10 +51,8 @@ const MAX_PERMITS: u64 = 1 << 20;
 const MIN_DEDUPE_TTL_S: u64 = 60;
 /// A week: the store holds a key (and its answer) per push for this long.
 const MAX_DEDUPE_TTL_S: u64 = 7 * 86_400;
-/// The store's budget: at least 1 MiB; by default 1 GiB on disk, 64 MiB in memory.
+/// The store's budget: at least 1 MiB.
 const MIN_STORE_BYTES: u64 = 1 << 20;
-const DEFAULT_SQLITE_BYTES: u64 = 1 << 30;
-const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
 /// Dead letters are kept 1 s to a year (0, "for ever", is refused: the store is bounded).
 const MAX_DEAD_LETTER_RETENTION_S: u64 = 365 * 86_400;
 /// Deliveries at once to one target.
@@ -195,10 +196,11 @@ pub struct Account {
     pub mode: Mode,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardFormat {
-    /// The original query and body, byte for byte.
+    /// The original query and body, byte for byte (the default).
+    #[default]
     Raw,
     /// The decrypted message XML, with the query of a plaintext push.
     Plain,
@@ -258,188 +260,6 @@ pub struct Route {
     pub content: Option<Vec<String>>,
     pub to: Vec<String>,
     pub reply: Reply,
-}
-
-// ---- raw shape ---------------------------------------------------------------------------
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    #[serde(default = "default_listen")]
-    listen: String,
-    #[serde(default = "default_reply_deadline_ms")]
-    reply_deadline_ms: u64,
-    #[serde(default = "default_max_body_bytes")]
-    max_body_bytes: u64,
-    #[serde(default = "default_timestamp_skew_s")]
-    timestamp_skew_s: u64,
-    #[serde(default = "default_max_connections")]
-    max_connections: u64,
-    #[serde(default)]
-    allow_ips: Vec<String>,
-    #[serde(default)]
-    trusted_proxies: Vec<String>,
-    #[serde(default = "default_keepalive_timeout_ms")]
-    keepalive_timeout_ms: u64,
-    #[serde(default = "default_max_requests_per_connection")]
-    max_requests_per_connection: u64,
-    #[serde(default = "default_max_connection_age_s")]
-    max_connection_age_s: u64,
-    #[serde(default = "default_shutdown_grace_ms")]
-    shutdown_grace_ms: u64,
-    tls: Option<RawTls>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    #[serde(default = "default_log_format")]
-    format: LogFormat,
-    #[serde(default = "default_log_level")]
-    level: String,
-    #[serde(default)]
-    content: bool,
-}
-
-fn default_log_format() -> LogFormat {
-    LogFormat::Text
-}
-fn default_log_level() -> String {
-    "info".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    listen: String,
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:8080".into()
-}
-fn default_reply_deadline_ms() -> u64 {
-    4500
-}
-fn default_max_body_bytes() -> u64 {
-    65536
-}
-fn default_timestamp_skew_s() -> u64 {
-    300
-}
-fn default_max_connections() -> u64 {
-    1024
-}
-fn default_keepalive_timeout_ms() -> u64 {
-    15_000
-}
-fn default_max_requests_per_connection() -> u64 {
-    1000
-}
-fn default_max_connection_age_s() -> u64 {
-    3600
-}
-fn default_shutdown_grace_ms() -> u64 {
-    10_000
-}
-fn default_timeout_ms() -> u64 {
-    3000
-}
-fn default_concurrency() -> u64 {
-    16
-}
-fn default_retry_initial_ms() -> u64 {
-    1000
-}
-fn default_retry_max_ms() -> u64 {
-    300_000
-}
-fn default_max_attempts() -> u64 {
-    20
-}
-fn default_max_age_s() -> u64 {
-    86_400
-}
-fn default_dedupe_ttl_s() -> u64 {
-    300
-}
-fn default_dead_letter_retention_s() -> u64 {
-    7 * 86_400
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStore {
-    path: Option<PathBuf>,
-    #[serde(default = "default_dedupe_ttl_s")]
-    dedupe_ttl_s: u64,
-    /// Default: by backend.
-    max_bytes: Option<u64>,
-    #[serde(default = "default_dead_letter_retention_s")]
-    dead_letter_retention_s: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAccount {
-    name: String,
-    path: String,
-    app_id: String,
-    token: Option<String>,
-    token_file: Option<PathBuf>,
-    encoding_aes_key: Option<String>,
-    encoding_aes_key_file: Option<PathBuf>,
-    previous_encoding_aes_key: Option<String>,
-    previous_encoding_aes_key_file: Option<PathBuf>,
-    mode: Option<Mode>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTarget {
-    name: String,
-    url: String,
-    #[serde(default = "default_format")]
-    format: ForwardFormat,
-    #[serde(default = "default_timeout_ms")]
-    timeout_ms: u64,
-    secret: Option<String>,
-    secret_file: Option<PathBuf>,
-    #[serde(default = "default_concurrency")]
-    concurrency: u64,
-    #[serde(default = "default_retry_initial_ms")]
-    retry_initial_ms: u64,
-    #[serde(default = "default_retry_max_ms")]
-    retry_max_ms: u64,
-    #[serde(default = "default_max_attempts")]
-    max_attempts: u64,
-    #[serde(default = "default_max_age_s")]
-    max_age_s: u64,
-}
-
-fn default_format() -> ForwardFormat {
-    ForwardFormat::Raw
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    name: Option<String>,
-    account: Option<String>,
-    msg_type: Option<Vec<String>>,
-    event: Option<Vec<String>>,
-    ticket: Option<bool>,
-    event_key: Option<Vec<String>>,
-    content: Option<Vec<String>>,
-    to: Vec<String>,
-    reply: Option<String>,
-    reply_text: Option<String>,
 }
 
 // ---- loading -----------------------------------------------------------------------------
@@ -717,26 +537,12 @@ impl<'a> Checker<'a> {
                 ));
             }
         }
-        let server = match root.remove("server") {
-            Some(value) => self.raw::<RawServer>("server", &value),
-            None => self.raw::<RawServer>("server", &Value::from(Dict::new())),
-        };
-        let log = match root.remove("log") {
-            Some(value) => self.raw::<RawLog>("log", &value),
-            None => self.raw::<RawLog>("log", &Value::from(Dict::new())),
-        };
+        let server = self.section::<RawServer>(&mut root, "server");
+        let log = self.section::<RawLog>(&mut root, "log");
         let admin = root
             .remove("admin")
             .map(|value| self.raw::<RawAdmin>("admin", &value));
-        let store = match root.remove("store") {
-            Some(value) => self.raw::<RawStore>("store", &value),
-            None => Some(RawStore {
-                path: None,
-                dedupe_ttl_s: default_dedupe_ttl_s(),
-                max_bytes: None,
-                dead_letter_retention_s: default_dead_letter_retention_s(),
-            }),
-        };
+        let store = self.section::<RawStore>(&mut root, "store");
         // Names and paths come from every entry as written, parsed or not, so that one broken
         // target does not also show up as "not a [[target]] name" in each route that names it.
         let account_names = strings_in(&root, "account", "name");
@@ -812,6 +618,18 @@ impl<'a> Checker<'a> {
                 }
                 None
             }
+        }
+    }
+
+    /// A section whose keys all have defaults: left out, it is all defaults.
+    fn section<T: for<'de> Deserialize<'de> + Default>(
+        &mut self,
+        root: &mut Dict,
+        section: &str,
+    ) -> Option<T> {
+        match root.remove(section) {
+            Some(value) => self.raw::<T>(section, &value),
+            None => Some(T::default()),
         }
     }
 
@@ -1043,10 +861,7 @@ impl<'a> Checker<'a> {
                 "must name a folder (leave it out to keep deliveries in memory)",
             );
         }
-        let max_bytes = raw.max_bytes.unwrap_or(match raw.path {
-            Some(_) => DEFAULT_SQLITE_BYTES,
-            None => DEFAULT_MEMORY_BYTES,
-        });
+        let max_bytes = raw.budget();
         if max_bytes < MIN_STORE_BYTES {
             self.problem(
                 "store.max_bytes",
