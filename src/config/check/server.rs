@@ -19,16 +19,7 @@ const MAX_PERMITS: u64 = 1 << 20;
 
 impl Checker<'_> {
     pub(super) fn server(&mut self, raw: RawServer) -> Option<Server> {
-        let listen = match raw.listen.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                self.problem(
-                    "server.listen",
-                    format!("{:?} is not an address like 127.0.0.1:8080", raw.listen),
-                );
-                None
-            }
-        };
+        let listen = self.listen("server.listen", &raw.listen, "127.0.0.1:8080");
         if raw.reply_deadline_ms == 0 || raw.reply_deadline_ms >= WECHAT_DEADLINE_MS {
             self.problem(
                 "server.reply_deadline_ms",
@@ -159,15 +150,16 @@ impl Checker<'_> {
     }
 
     pub(super) fn admin(&mut self, raw: RawAdmin) -> Option<Admin> {
-        match raw.listen.parse::<SocketAddr>() {
-            Ok(listen) => Some(Admin { listen }),
-            Err(_) => {
-                self.problem(
-                    "admin.listen",
-                    format!("{:?} is not an address like 127.0.0.1:9090", raw.listen),
-                );
-                None
-            }
+        let listen = self.listen("admin.listen", &raw.listen, "127.0.0.1:9090")?;
+        Some(Admin { listen })
+    }
+
+    /// A `listen` address; `example` is the one the problem shows.
+    fn listen(&mut self, at: &str, text: &str, example: &str) -> Option<SocketAddr> {
+        let addr = text.parse::<SocketAddr>();
+        if addr.is_err() {
+            self.problem(at, format!("{text:?} is not an address like {example}"));
         }
+        addr.ok()
     }
 }
