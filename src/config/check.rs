@@ -17,7 +17,7 @@ use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use super::raw::{RawAccount, RawAdmin, RawLog, RawRoute, RawServer, RawStore, RawTarget};
-use super::{Account, CREDENTIALS_DIRECTORY, Config, ConfigError, Route, Target, file_mode};
+use super::{CREDENTIALS_DIRECTORY, Config, ConfigError, file_mode};
 
 /// The sections relay.toml may have.
 const SECTIONS: [&str; 7] = [
@@ -162,21 +162,11 @@ impl<'a> Checker<'a> {
             None => Some(None),
             Some(raw) => raw.and_then(|a| self.admin(a)).map(Some),
         };
-        let accounts: Vec<Option<Account>> = raw_accounts
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| a.and_then(|a| self.account(i, a)))
-            .collect();
-        let targets: Vec<Option<Target>> = raw_targets
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| t.and_then(|t| self.target(i, t)))
-            .collect();
-        let routes: Vec<Option<Route>> = raw_routes
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| r.and_then(|r| self.route(i, r, &account_names, &target_names)))
-            .collect();
+        let accounts = self.each(raw_accounts, Self::account);
+        let targets = self.each(raw_targets, Self::target);
+        let routes = self.each(raw_routes, |checker, i, raw| {
+            checker.route(i, raw, &account_names, &target_names)
+        });
 
         if !self.problems.is_empty() {
             return Err(ConfigError(self.problems));
@@ -187,13 +177,26 @@ impl<'a> Checker<'a> {
                 store,
                 log,
                 admin,
-                accounts: accounts.into_iter().flatten().collect(),
-                targets: targets.into_iter().flatten().collect(),
-                routes: routes.into_iter().flatten().collect(),
+                accounts,
+                targets,
+                routes,
                 warnings: self.warnings,
             }),
             _ => Err(ConfigError(vec!["invalid config".into()])),
         }
+    }
+
+    /// Checks each element of an array of tables that parsed (`check` gets its index), keeping
+    /// those that pass.
+    fn each<R, T>(
+        &mut self,
+        raws: Vec<Option<R>>,
+        mut check: impl FnMut(&mut Self, usize, R) -> Option<T>,
+    ) -> Vec<T> {
+        raws.into_iter()
+            .enumerate()
+            .filter_map(|(i, raw)| check(self, i, raw?))
+            .collect()
     }
 
     fn raw<T: for<'de> Deserialize<'de>>(&mut self, at: &str, value: &Value) -> Option<T> {
