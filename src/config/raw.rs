@@ -180,3 +180,85 @@ pub(super) struct RawRoute {
     pub reply: Option<String>,
     pub reply_text: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use figment::value::{Dict, Value};
+
+    use super::*;
+
+    fn table(keys: &[(&str, &str)]) -> Value {
+        let mut table = Dict::new();
+        for (key, value) in keys {
+            table.insert((*key).to_owned(), Value::from(*value));
+        }
+        Value::from(table)
+    }
+
+    fn from_table<T: for<'de> Deserialize<'de>>(keys: &[(&str, &str)]) -> T {
+        table(keys).deserialize::<T>().expect("deserializes")
+    }
+
+    /// The defaults relay.toml and the README document, for a section given with no keys.
+    #[test]
+    fn keys_left_out_take_the_documented_defaults() {
+        let server: RawServer = from_table(&[]);
+        assert_eq!(server.listen, "127.0.0.1:8080");
+        assert_eq!(
+            [
+                server.reply_deadline_ms,
+                server.max_body_bytes,
+                server.timestamp_skew_s,
+                server.max_connections,
+                server.keepalive_timeout_ms,
+                server.max_requests_per_connection,
+                server.max_connection_age_s,
+                server.shutdown_grace_ms,
+            ],
+            [4500, 65536, 300, 1024, 15_000, 1000, 3600, 10_000]
+        );
+        assert!(server.allow_ips.is_empty() && server.trusted_proxies.is_empty());
+        assert!(server.tls.is_none());
+
+        let log: RawLog = from_table(&[]);
+        assert_eq!(
+            (log.format, log.level.as_str(), log.content),
+            (LogFormat::Text, "info", false)
+        );
+
+        let store: RawStore = from_table(&[]);
+        assert_eq!(store.path, None);
+        assert_eq!(
+            [
+                store.dedupe_ttl_s,
+                store.dead_letter_retention_s,
+                store.budget()
+            ],
+            [300, 604_800, 64 << 20]
+        );
+        let on_disk: RawStore = from_table(&[("path", "data")]);
+        assert_eq!(on_disk.budget(), 1 << 30);
+
+        let target: RawTarget = from_table(&[("name", "t"), ("url", "http://127.0.0.1/")]);
+        assert_eq!(target.format, ForwardFormat::Raw);
+        assert_eq!(
+            [
+                target.timeout_ms,
+                target.concurrency,
+                target.retry_initial_ms,
+                target.retry_max_ms,
+                target.max_attempts,
+                target.max_age_s,
+            ],
+            [3000, 16, 1000, 300_000, 20, 86_400]
+        );
+    }
+
+    /// Defaults do not make a required key optional.
+    #[test]
+    fn a_target_without_name_or_url_is_refused() {
+        for keys in [[("name", "t")], [("url", "http://127.0.0.1/")]] {
+            assert!(table(&keys).deserialize::<RawTarget>().is_err());
+        }
+    }
+}

@@ -6,6 +6,7 @@ use crate::config::{Account, Mode, Secret};
 use crate::wechat::crypto::AesKey;
 
 impl Checker<'_> {
+    /// `account[i]`; `None` when it has a problem (reported).
     pub(super) fn account(&mut self, i: usize, raw: RawAccount) -> Option<Account> {
         let at = format!("account[{i}]");
         let before = self.problems.len();

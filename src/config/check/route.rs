@@ -5,6 +5,8 @@ use crate::config::raw::RawRoute;
 use crate::config::{Reply, Route};
 
 impl Checker<'_> {
+    /// `route[i]`, whose `account`, `to` and `reply` must name what the file has (as written,
+    /// parsed or not); `None` when it has a problem (reported).
     pub(super) fn route(
         &mut self,
         i: usize,

@@ -18,6 +18,7 @@ const MAX_BODY_LIMIT: u64 = 1 << 20;
 const MAX_PERMITS: u64 = 1 << 20;
 
 impl Checker<'_> {
+    /// `[server]` and its `[server.tls]` (the certificate and key loaded now).
     pub(super) fn server(&mut self, raw: RawServer) -> Option<Server> {
         let listen = self.listen("server.listen", &raw.listen, "127.0.0.1:8080");
         if raw.reply_deadline_ms == 0 || raw.reply_deadline_ms >= WECHAT_DEADLINE_MS {
@@ -131,6 +132,7 @@ impl Checker<'_> {
         networks
     }
 
+    /// `[log]`: the level must be a filter `EnvFilter` takes.
     pub(super) fn log(&mut self, raw: RawLog) -> Option<Log> {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.level) {
             self.problem(
@@ -149,6 +151,7 @@ impl Checker<'_> {
         })
     }
 
+    /// `[admin]`, when the section is there.
     pub(super) fn admin(&mut self, raw: RawAdmin) -> Option<Admin> {
         let listen = self.listen("admin.listen", &raw.listen, "127.0.0.1:9090")?;
         Some(Admin { listen })

@@ -35,6 +35,7 @@ impl Checker<'_> {
         }
     }
 
+    /// `[store]`: the window, the folder, the budget (by backend when not given), retention.
     pub(super) fn store(&mut self, raw: RawStore) -> Option<Store> {
         let before = self.problems.len();
         self.range(

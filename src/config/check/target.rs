@@ -13,6 +13,7 @@ use crate::config::{ForwardFormat, Secret, Target, TargetUrl};
 const MAX_CONCURRENCY: u64 = 1024;
 
 impl Checker<'_> {
+    /// `target[i]`; `None` when it has a problem (reported).
     pub(super) fn target(&mut self, i: usize, raw: RawTarget) -> Option<Target> {
         let at = format!("target[{i}]");
         let before = self.problems.len();
