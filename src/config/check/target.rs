@@ -1,0 +1,113 @@
+//! `[[target]]`: the URL, the format and its secret, timeouts and the retry policy.
+
+use std::time::Duration;
+
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use super::{Checker, MAX_AGE_S, MAX_TIMEOUT_MS};
+use crate::config::raw::RawTarget;
+use crate::config::{ForwardFormat, Secret, Target, TargetUrl};
+
+/// Deliveries at once to one target.
+const MAX_CONCURRENCY: u64 = 1024;
+
+impl Checker<'_> {
+    /// `target[i]`; `None` when it has a problem (reported).
+    pub(super) fn target(&mut self, i: usize, raw: RawTarget) -> Option<Target> {
+        let at = format!("target[{i}]");
+        let before = self.problems.len();
+        self.name(&at, &raw.name);
+        // The text may hold a password: zeroed once parsed.
+        let url = match Zeroizing::new(raw.url).parse::<TargetUrl>() {
+            Ok(url) => Some(url),
+            Err(why) => {
+                self.problem(format!("{at}.url"), why);
+                None
+            }
+        };
+        self.range(
+            &format!("{at}.timeout_ms"),
+            raw.timeout_ms,
+            1,
+            MAX_TIMEOUT_MS,
+        );
+        self.range(
+            &format!("{at}.concurrency"),
+            raw.concurrency,
+            1,
+            MAX_CONCURRENCY,
+        );
+        self.range(
+            &format!("{at}.retry_initial_ms"),
+            raw.retry_initial_ms,
+            1,
+            MAX_AGE_S * 1000,
+        );
+        self.range(
+            &format!("{at}.retry_max_ms"),
+            raw.retry_max_ms,
+            raw.retry_initial_ms,
+            MAX_AGE_S * 1000,
+        );
+        self.range(
+            &format!("{at}.max_attempts"),
+            raw.max_attempts,
+            1,
+            u64::from(u32::MAX),
+        );
+        self.range(&format!("{at}.max_age_s"), raw.max_age_s, 1, MAX_AGE_S);
+        let Ok(secret) = self.secret(&at, "secret", raw.secret, raw.secret_file) else {
+            return None;
+        };
+        let secret = match (raw.format, secret) {
+            (ForwardFormat::Json, None) => {
+                self.problem(
+                    format!("{at}.secret"),
+                    "required for format = \"json\" (a Standard Webhooks secret, whsec_...)",
+                );
+                None
+            }
+            (ForwardFormat::Json, Some(secret)) => {
+                let decoded = secret
+                    .strip_prefix("whsec_")
+                    .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+                    .map(Secret::new)
+                    .filter(|key| key.expose().len() >= 16);
+                if decoded.is_none() {
+                    self.problem(
+                        format!("{at}.secret"),
+                        "must be \"whsec_\" followed by the base64 of a key of at least 16 bytes",
+                    );
+                }
+                decoded
+            }
+            (format, Some(_)) => {
+                self.problem(
+                    format!("{at}.secret"),
+                    format!(
+                        "only format = \"json\" signs its requests, this target is {:?}",
+                        format.as_str()
+                    ),
+                );
+                None
+            }
+            (_, None) => None,
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Target {
+            name: raw.name,
+            url: url?,
+            format: raw.format,
+            timeout: Duration::from_millis(raw.timeout_ms),
+            secret,
+            concurrency: usize::try_from(raw.concurrency).unwrap_or(1),
+            retry_initial: Duration::from_millis(raw.retry_initial_ms),
+            retry_max: Duration::from_millis(raw.retry_max_ms),
+            max_attempts: u32::try_from(raw.max_attempts).unwrap_or(u32::MAX),
+            max_age: Duration::from_secs(raw.max_age_s),
+        })
+    }
+}

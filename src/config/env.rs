@@ -1,0 +1,158 @@
+//! `WECHAT_RELAY_*` environment overrides, applied to the parsed file before it is checked:
+//! `WECHAT_RELAY_A__B__C=value` sets `a.b.c`, an array element named by its index or its `name`.
+
+use figment::value::{Dict, Value};
+
+/// Prefix of the environment variables that override relay.toml; `__` separates key parts.
+pub const ENV_PREFIX: &str = "WECHAT_RELAY_";
+/// Stands for a variable of ours whose value is not UTF-8 (a NUL cannot be in a real value).
+const NOT_UTF8: &str = "\0not-utf-8";
+
+/// This process's environment as `(NAME, value)` pairs. A variable that is not UTF-8 is
+/// skipped, or kept to be reported when it is one of ours (its value is never shown).
+pub(super) fn of_process() -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => env.push((name, value)),
+            (Ok(name), Err(_)) if name.starts_with(ENV_PREFIX) => {
+                env.push((name, NOT_UTF8.to_owned()));
+            }
+            _ => {}
+        }
+    }
+    env
+}
+
+/// Applies `WECHAT_RELAY_A__B__C=value` as `a.b.c = value`. An array element is named by its
+/// index or by its `name` (`WECHAT_RELAY_ACCOUNT__MAIN__TOKEN`, `-` written as `_`).
+pub(super) fn apply_env(root: &mut Dict, env: &[(String, String)], problems: &mut Vec<String>) {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        // WECHAT_RELAY_CONFIG names the file itself.
+        if rest.eq_ignore_ascii_case("config") {
+            continue;
+        }
+        if raw == NOT_UTF8 {
+            problems.push(format!("{name}: the value is not UTF-8"));
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(String::is_empty) {
+            problems.push(format!("{name}: empty key part"));
+            continue;
+        }
+        if let Err(why) = set_path(root, &path, raw) {
+            problems.push(format!("{name}: {why}"));
+        }
+    }
+}
+
+fn set_path(root: &mut Dict, path: &[String], raw: &str) -> Result<(), String> {
+    let (first, rest) = path.split_first().ok_or("empty key")?;
+    if rest.is_empty() {
+        let value = typed_like(first, root.get(first.as_str()), raw);
+        // A secret set from the environment replaces the file's way of giving it, and back.
+        match first.strip_suffix("_file") {
+            Some(stem) => root.remove(stem),
+            None => root.remove(&format!("{first}_file")),
+        };
+        root.insert(first.clone(), value);
+        return Ok(());
+    }
+    let slot = root
+        .entry(first.clone())
+        .or_insert_with(|| Value::from(Dict::new()));
+    set_in_value(slot, first, rest, raw)
+}
+
+fn set_in_value(slot: &mut Value, at: &str, path: &[String], raw: &str) -> Result<(), String> {
+    match slot {
+        Value::Dict(_, dict) => set_path(dict, path, raw),
+        Value::Array(_, items) => {
+            let (selector, rest) = path.split_first().ok_or("empty key")?;
+            let position = match selector.parse::<usize>() {
+                Ok(index) => (index < items.len()).then_some(index),
+                Err(_) => items.iter().position(|item| element_named(item, selector)),
+            };
+            let index =
+                position.ok_or_else(|| format!("there is no {at} {selector:?} in the file"))?;
+            if rest.is_empty() {
+                return Err(format!("{at}.{selector} needs a key after it"));
+            }
+            set_in_value(&mut items[index], at, rest, raw)
+        }
+        _ => Err(format!("{at} is not a table")),
+    }
+}
+
+fn element_named(item: &Value, selector: &str) -> bool {
+    item.as_dict()
+        .and_then(|d| d.get("name"))
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.to_ascii_lowercase().replace('-', "_") == selector)
+}
+
+/// Keys whose values are numbers, booleans or lists; every other key takes text.
+const TYPED_KEYS: &[&str] = &[
+    "reply_deadline_ms",
+    "max_body_bytes",
+    "timestamp_skew_s",
+    "max_connections",
+    "allow_ips",
+    "trusted_proxies",
+    "keepalive_timeout_ms",
+    "max_requests_per_connection",
+    "max_connection_age_s",
+    "shutdown_grace_ms",
+    "dedupe_ttl_s",
+    "max_bytes",
+    "dead_letter_retention_s",
+    "timeout_ms",
+    "concurrency",
+    "retry_initial_ms",
+    "retry_max_ms",
+    "max_attempts",
+    "max_age_s",
+    "ticket",
+    "msg_type",
+    "event",
+    "event_key",
+    "content",
+    "to",
+];
+
+/// A variable's value as text, or parsed (`8080`, `true`, `[a, b]`) for a key that takes a
+/// number, a boolean or a list: a token of digits stays text.
+fn typed_like(key: &str, existing: Option<&Value>, raw: &str) -> Value {
+    let typed = match existing {
+        Some(Value::String(..)) => false,
+        Some(_) => true,
+        None => TYPED_KEYS.contains(&key),
+    };
+    if typed {
+        raw.parse::<Value>()
+            .unwrap_or_else(|_| Value::from(raw.to_owned()))
+    } else {
+        Value::from(raw.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_keep_text_for_text_keys() {
+        assert_eq!(typed_like("token", None, "12345").as_str(), Some("12345"));
+        assert_eq!(
+            typed_like("timeout_ms", None, "12345")
+                .to_num()
+                .and_then(|n| n.to_u128()),
+            Some(12345)
+        );
+        assert_eq!(typed_like("ticket", None, "true").to_bool(), Some(true));
+    }
+}
