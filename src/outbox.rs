@@ -22,6 +22,7 @@
 pub mod command;
 pub mod lane;
 pub mod memory;
+pub mod recent;
 pub mod sqlite;
 pub mod store;
 pub mod worker;
@@ -41,6 +42,7 @@ use crate::error::ForwardError;
 use crate::forward::{Answer, Forwarder};
 use crate::push::Push;
 use lane::Lane;
+use recent::RecentIds;
 use store::{
     CachedAnswer, Commit, Committed, Delivery, DeliveryId, Digest, NewDelivery, Recorded, Settle,
     Store, StoreError, StoreResult,
@@ -79,6 +81,9 @@ pub struct Outbox {
     full_logged_ms: AtomicU64,
     full_suppressed: AtomicU64,
     claims: Claims,
+    /// The event ids committed within the dedupe window, loaded from the store on first use
+    /// (at start); `None` when they could not be: every id is then looked up.
+    recent: tokio::sync::OnceCell<Option<RecentIds>>,
     workers: Mutex<HashMap<String, WorkerSlot>>,
     /// Per target name, for as long as the process lives: what its workers share.
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
@@ -130,6 +135,7 @@ impl Outbox {
         let store = open_store(config, sqlite::Role::Server)?;
         let outbox = Outbox::with_store(config, store, forwarder);
         outbox.report_leftovers(config).await?;
+        outbox.recent().await;
         Ok(outbox)
     }
 
@@ -141,6 +147,7 @@ impl Outbox {
             full_logged_ms: AtomicU64::new(0),
             full_suppressed: AtomicU64::new(0),
             claims: Claims::default(),
+            recent: tokio::sync::OnceCell::new(),
             workers: Mutex::new(HashMap::new()),
             lanes: Mutex::new(HashMap::new()),
             generations: Mutex::new(Vec::new()),
@@ -290,14 +297,46 @@ impl Outbox {
         }
     }
 
-    /// The dedupe record committed for `event_id` within the dedupe window, if any.
+    /// The dedupe record committed for `event_id` within the dedupe window, if any: looked up
+    /// in the store only when the recent ids say it may be there.
     async fn answer(&self, event_id: &str) -> StoreResult<Option<Recorded>> {
+        if let Some(recent) = self.recent().await
+            && !recent.may_hold(event_id, now_ms(), self.window_ms())
+        {
+            return Ok(None);
+        }
         self.store.answer(event_id, self.dedupe_since_ms()).await
+    }
+
+    /// The recent ids, with the store's dedupe window loaded the first time.
+    async fn recent(&self) -> Option<&RecentIds> {
+        let loaded = self.recent.get_or_init(|| async {
+            let now = now_ms();
+            let recent = RecentIds::new(now)?;
+            match self.store.recent(self.dedupe_since_ms()).await {
+                Ok(ids) => {
+                    for id in &ids {
+                        recent.insert(&id.event_id, now, self.window_ms());
+                    }
+                    Some(recent)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the recent event ids: every retry check reads the store");
+                    None
+                }
+            }
+        });
+        loaded.await.as_ref()
     }
 
     /// The oldest commit time that still counts for dedupe.
     fn dedupe_since_ms(&self) -> u64 {
-        now_ms().saturating_sub(self.limits.dedupe_ttl_ms.load(Ordering::Relaxed))
+        now_ms().saturating_sub(self.window_ms())
+    }
+
+    /// The dedupe window (`dedupe_ttl_s`), in milliseconds.
+    fn window_ms(&self) -> u64 {
+        self.limits.dedupe_ttl_ms.load(Ordering::Relaxed)
     }
 
     /// `Some` while the store holds `max_bytes` or more.
@@ -383,6 +422,9 @@ impl Outbox {
             };
             match self.store.commit(commit).await {
                 Ok(Committed::New(ids)) => {
+                    if let Some(recent) = self.recent().await {
+                        recent.insert(&ticket.push.event_id, now, self.window_ms());
+                    }
                     handover.committed(&ticket.push, &deliveries, &ids, now);
                     ticket.finish(&answer);
                     return Ok(Accepted::New {

@@ -322,6 +322,8 @@ struct FaultyStore {
     settles: AtomicUsize,
     /// Reads of due deliveries.
     reads: AtomicUsize,
+    /// Look-ups of dedupe records.
+    lookups: AtomicUsize,
     gate: tokio::sync::Semaphore,
 }
 
@@ -333,6 +335,7 @@ impl FaultyStore {
             failing_settles: AtomicUsize::new(failing_settles),
             settles: AtomicUsize::new(0),
             reads: AtomicUsize::new(0),
+            lookups: AtomicUsize::new(0),
             gate: tokio::sync::Semaphore::new(if gate_open { 1 << 20 } else { 0 }),
         }
     }
@@ -357,6 +360,7 @@ impl Store for FaultyStore {
         })
     }
     fn answer(&self, id: &str, since: u64) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.answer(id, since)
     }
     fn recent(&self, since: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
@@ -489,6 +493,35 @@ async fn committed_deliveries_reach_their_worker_in_memory_without_a_store_read_
     // Read back through the store, each push would cost a read (100 or more); the idle
     // worker looks at the store about once a second (replays by the `outbox` command).
     assert!(reads <= 5, "{reads} store reads for 100 deliveries");
+    target.expect_none(Duration::from_millis(300)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_target_route_reads_the_store_only_for_an_id_that_may_be_a_retry() {
+    let mut target = FakeTarget::start().await;
+    let store = Arc::new(FaultyStore::new(0, 0, true));
+    let mut toml = server_section(2000, 300);
+    toml.push_str(&account_section("main", "/wechat", "safe"));
+    toml.push_str(&target_section("t", &target.url("/"), "raw", ""));
+    toml.push_str("[[route]]\nto = [\"t\"]\nreply = \"t\"\n");
+    let relay = TestRelay::start_with(&toml, Some(Arc::clone(&store) as Arc<dyn Store>)).await;
+    let mut first = None;
+    for msg_id in 1..=50 {
+        let (query, body) = PushBuilder::new(text_xml("reply", msg_id)).safe();
+        let url = relay.url(&format!("/wechat?{query}"));
+        let answer = post(&url, body.clone()).await;
+        assert_eq!(answer.status, 200);
+        target.next().await;
+        first.get_or_insert((url, body, answer.body));
+    }
+    // No id was committed before: none is looked up.
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+    // WeChat's retry of the first: looked up, answered the same, not forwarded again.
+    let (url, body, answered) = first.expect("first push");
+    let retry = post(&url, body).await;
+    assert_eq!(retry.body, answered);
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     target.expect_none(Duration::from_millis(300)).await;
     relay.stop().await;
 }

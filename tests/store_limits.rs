@@ -47,12 +47,11 @@ async fn push(url: &str, msg_id: u64) -> Answer {
     post(&format!("{url}/wechat?{query}"), body).await
 }
 
-/// A port nobody listens on (connection refused), for a target that is down.
+/// A port nobody listens on (connection refused), for a target that is down: 9 (discard),
+/// below the ephemeral range, so that no other test's listener can take it meanwhile (a port
+/// freed by a closed listener can be, and then the "down" target answers).
 fn down_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9))
 }
 
 /// The pending deliveries of target `t`, as `/metrics` reads them from the store.
