@@ -47,11 +47,16 @@ async fn push(url: &str, msg_id: u64) -> Answer {
     post(&format!("{url}/wechat?{query}"), body).await
 }
 
-/// A port nobody listens on (connection refused), for a target that is down: 9 (discard),
-/// below the ephemeral range, so that no other test's listener can take it meanwhile (a port
-/// freed by a closed listener can be, and then the "down" target answers).
-fn down_addr() -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], 9))
+/// A port nobody listens on (connection refused) for a target that is down, until the test
+/// starts it there. Below the ephemeral range, so that no other test's listener is given it
+/// meanwhile (a freed ephemeral port can be, and then the "down" target answers), and one per
+/// backend, since both tests run at once: 9 (discard) and 13 (daytime), unused here.
+fn down_addr(backend: Backend) -> std::net::SocketAddr {
+    let port = match backend {
+        Backend::Sqlite => 9,
+        Backend::Memory => 13,
+    };
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// The pending deliveries of target `t`, as `/metrics` reads them from the store.
@@ -62,7 +67,7 @@ async fn pending(admin: &str) -> f64 {
 
 async fn over_budget(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr = down_addr();
+    let addr = down_addr(backend);
     let toml = config(
         backend,
         dir.path(),
