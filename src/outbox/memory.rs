@@ -35,6 +35,10 @@ struct State {
     /// The pending deliveries by target and due time: what `due` and `next_due` read.
     due: BTreeSet<(String, u64, DeliveryId)>,
     dead: BTreeMap<DeliveryId, Entry>,
+    /// The pending deliveries by target and enqueue time: the oldest of each for `stats`.
+    enqueued: BTreeSet<(String, u64, DeliveryId)>,
+    /// Pending and dead per target, counted as entries come and go: what `stats` reads.
+    tallies: BTreeMap<String, (u64, u64)>,
     dedupe: HashMap<String, Record>,
     /// The bytes of every entry and record held, counted as each is added and removed.
     used: u64,
@@ -157,8 +161,26 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Counts one more (`up`) or one fewer pending or dead delivery to `target`; a target
+    /// with neither leaves the tallies.
+    fn tally(&mut self, target: &str, dead: bool, up: bool) {
+        let counts = self.tallies.entry(target.to_owned()).or_default();
+        let count = if dead { &mut counts.1 } else { &mut counts.0 };
+        *count = if up {
+            count.saturating_add(1)
+        } else {
+            count.saturating_sub(1)
+        };
+        if *counts == (0, 0) {
+            self.tallies.remove(target);
+        }
+    }
+
     fn add_pending(&mut self, id: DeliveryId, entry: Entry) {
         self.due.insert(entry.due_key(id));
+        self.enqueued
+            .insert((entry.target.clone(), entry.enqueued_ms, id));
+        self.tally(&entry.target, false, true);
         self.used = self.used.saturating_add(entry.bytes);
         self.pending.insert(id, entry);
     }
@@ -166,12 +188,16 @@ impl State {
     fn remove_pending(&mut self, id: DeliveryId) -> Option<Entry> {
         let entry = self.pending.remove(&id)?;
         self.due.remove(&entry.due_key(id));
+        self.enqueued
+            .remove(&(entry.target.clone(), entry.enqueued_ms, id));
+        self.tally(&entry.target, false, false);
         self.used = self.used.saturating_sub(entry.bytes);
         Some(entry)
     }
 
     fn remove_dead(&mut self, id: DeliveryId) -> Option<Entry> {
         let entry = self.dead.remove(&id)?;
+        self.tally(&entry.target, true, false);
         self.used = self.used.saturating_sub(entry.bytes);
         Some(entry)
     }
@@ -179,9 +205,20 @@ impl State {
     fn bury(&mut self, id: DeliveryId, now_ms: u64) {
         if let Some(mut entry) = self.remove_pending(id) {
             entry.at_ms = now_ms;
+            self.tally(&entry.target, true, true);
             self.used = self.used.saturating_add(entry.bytes);
             self.dead.insert(id, entry);
         }
+    }
+
+    /// When the oldest pending delivery to `target` was enqueued, from the index.
+    fn oldest_pending(&self, target: &str) -> Option<u64> {
+        let from = (target.to_owned(), 0, DeliveryId::MIN);
+        self.enqueued
+            .range(from..)
+            .next()
+            .filter(|(t, _, _)| t == target)
+            .map(|(_, at, _)| *at)
     }
 
     fn recorded(&self, event_id: &str, since_ms: u64) -> Option<Recorded> {
@@ -382,24 +419,18 @@ impl Store for MemoryStore {
     }
 
     fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
+        // From the tallies and the index: as cheap with a backlog as without.
         Self::now(self.state().map(|state| {
-            let mut targets: BTreeMap<String, TargetStats> = BTreeMap::new();
-            for entry in state.pending.values() {
-                let stats = targets.entry(entry.target.clone()).or_default();
-                stats.pending += 1;
-                stats.oldest_pending_ms = Some(
-                    stats
-                        .oldest_pending_ms
-                        .map_or(entry.enqueued_ms, |m| m.min(entry.enqueued_ms)),
-                );
-            }
-            for entry in state.dead.values() {
-                targets.entry(entry.target.clone()).or_default().dead += 1;
-            }
             Stats {
-                targets: targets
-                    .into_iter()
-                    .map(|(target, stats)| TargetStats { target, ..stats })
+                targets: state
+                    .tallies
+                    .iter()
+                    .map(|(target, (pending, dead))| TargetStats {
+                        target: target.clone(),
+                        pending: *pending,
+                        dead: *dead,
+                        oldest_pending_ms: state.oldest_pending(target),
+                    })
                     .collect(),
                 dedupe_keys: state.dedupe.len() as u64,
             }
@@ -658,5 +689,63 @@ mod tests {
         let recent = store.recent(200).await.expect("recent");
         assert_eq!(recent, [expected[2].clone(), expected[1].clone()]);
         assert_eq!(store.recent(301).await, Ok(vec![]));
+    }
+
+    /// `stats` counted over every entry, as before the tallies.
+    fn counted(store: &MemoryStore) -> Stats {
+        let state = store.state().expect("state");
+        let mut targets: BTreeMap<String, TargetStats> = BTreeMap::new();
+        for entry in state.pending.values() {
+            let stats = targets.entry(entry.target.clone()).or_default();
+            stats.pending += 1;
+            let oldest = stats.oldest_pending_ms.get_or_insert(entry.enqueued_ms);
+            *oldest = (*oldest).min(entry.enqueued_ms);
+        }
+        for entry in state.dead.values() {
+            targets.entry(entry.target.clone()).or_default().dead += 1;
+        }
+        Stats {
+            targets: targets
+                .into_iter()
+                .map(|(target, stats)| TargetStats { target, ..stats })
+                .collect(),
+            dedupe_keys: state.dedupe.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn stats_from_the_tallies_match_the_entries_through_every_kind_of_write() {
+        let store = MemoryStore::new();
+        commit(&store, 1, &[("a", 30), ("b", 10)]).await;
+        commit(&store, 2, &[("a", 10)]).await;
+        commit(&store, 3, &[("a", 20), ("c", 90)]).await;
+        let check = |stats: StoreResult<Stats>| assert_eq!(stats, Ok(counted(&store)));
+        check(store.stats().await);
+        let dead = || Settle::Dead {
+            attempts: 1,
+            error: "HTTP 404".into(),
+        };
+        store.settle(1, dead(), 5).await.expect("settle");
+        store.settle(2, dead(), 5).await.expect("settle");
+        store.settle(3, Settle::Delivered, 5).await.expect("settle");
+        let retry = Settle::Retry {
+            attempts: 1,
+            at_ms: 40,
+            error: "HTTP 503".into(),
+        };
+        store.settle(4, retry, 5).await.expect("settle");
+        check(store.stats().await);
+        assert_eq!(store.replay(Selection::Id(1), 7).await, Ok(1));
+        check(store.stats().await);
+        assert_eq!(store.purge_dead(None, None).await, Ok(1));
+        let stats = store.stats().await;
+        check(stats.clone());
+        let names: Vec<String> = stats
+            .expect("stats")
+            .targets
+            .into_iter()
+            .map(|t| t.target)
+            .collect();
+        assert_eq!(names, ["a", "c"], "b has nothing left");
     }
 }

@@ -53,8 +53,9 @@ mod checkpointer;
 pub const DB_FILE: &str = "relay.db";
 /// Held by the running server so that two relays never deliver from one store.
 const LOCK_FILE: &str = "relay.lock";
-/// 1: the first schema; 2: `dedupe.digest` and the `probe` table.
-const SCHEMA_VERSION: i64 = 2;
+/// 1: the first schema; 2: `dedupe.digest` and the `probe` table; 3: the `tallies` and the
+/// indexes that keep `stats` and the upkeep off full scans.
+const SCHEMA_VERSION: i64 = 3;
 /// The row `/readyz` writes and deletes: a few pages, so that a full disk fails it.
 const PROBE_BYTES: i64 = 16 << 10;
 /// The most writes one transaction takes.
@@ -96,7 +97,8 @@ fn schema() -> String {
              body BLOB NOT NULL
          ) WITHOUT ROWID;
          CREATE INDEX dedupe_committed ON dedupe (committed_ms);
-         {SCHEMA_2}"
+         {SCHEMA_2}{}",
+        schema_3()
     )
 }
 
@@ -105,6 +107,83 @@ fn schema() -> String {
 const SCHEMA_2: &str = "
     ALTER TABLE dedupe ADD COLUMN digest BLOB;
     CREATE TABLE probe (id INTEGER PRIMARY KEY, data BLOB NOT NULL);";
+
+/// From version 2 to 3: the rows of each table counted as they come and go (what `stats`, and
+/// so every metrics scrape, reads instead of counting them), filled from what is there; the
+/// oldest pending delivery of a target and the dead letters past their retention found
+/// through an index.
+fn schema_3() -> String {
+    let counted = [
+        ("deliveries", PENDING, "NEW.target", "OLD.target"),
+        ("dead_letters", DEAD, "NEW.target", "OLD.target"),
+        ("dedupe", RECORDS, "''", "''"),
+    ];
+    let mut sql = String::from(
+        "CREATE TABLE tallies (
+            target TEXT NOT NULL,
+            kind INTEGER NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (target, kind)
+        ) WITHOUT ROWID;",
+    );
+    for (table, kind, new, old) in counted {
+        let key = if table == "dedupe" { "''" } else { "target" };
+        sql.push_str(&format!(
+            "CREATE TRIGGER {table}_added AFTER INSERT ON {table} BEGIN
+                 INSERT INTO tallies (target, kind, n) VALUES ({new}, {kind}, 1)
+                 ON CONFLICT (target, kind) DO UPDATE SET n = n + 1;
+             END;
+             CREATE TRIGGER {table}_removed AFTER DELETE ON {table} BEGIN
+                 UPDATE tallies SET n = n - 1 WHERE kind = {kind} AND target = {old};
+             END;
+             INSERT INTO tallies (target, kind, n)
+                 SELECT {key}, {kind}, COUNT(*) FROM {table} GROUP BY {key} HAVING COUNT(*) > 0;"
+        ));
+    }
+    sql.push_str(
+        "CREATE INDEX deliveries_enqueued ON deliveries (target, enqueued_ms);
+         CREATE INDEX dead_letters_died ON dead_letters (at_ms);",
+    );
+    sql
+}
+
+/// Up to `?3` deliveries to `?1` due at `?2`, oldest due first, but the ids in the JSON
+/// array `?4`: a range of `deliveries_due`, in its order.
+fn due_query() -> String {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries \
+         WHERE target = ?1 AND at_ms <= ?2 \
+         AND id NOT IN (SELECT value FROM json_each(?4)) \
+         ORDER BY at_ms, id LIMIT ?3"
+    )
+}
+
+/// When the next delivery to `?1` after `?2` is due: the first entry of a range of
+/// `deliveries_due`.
+const NEXT_DUE: &str =
+    "SELECT at_ms FROM deliveries WHERE target = ?1 AND at_ms > ?2 ORDER BY at_ms LIMIT 1";
+/// The counts `stats` gives, by target: the one table read whole, a few rows per target.
+const TALLIES: &str = "SELECT kind, target, n FROM tallies ORDER BY target, kind";
+/// When the oldest pending delivery to `?1` was enqueued: the first of `deliveries_enqueued`.
+const OLDEST: &str = "SELECT enqueued_ms FROM deliveries WHERE target = ?1 \
+    ORDER BY enqueued_ms LIMIT 1";
+/// The dedupe record of `?1` committed at or after `?2`: by its key.
+const RECORDED: &str = "SELECT status, content_type, body, digest FROM dedupe \
+    WHERE event_id = ?1 AND committed_ms >= ?2";
+/// A push's dedupe record; an expired one of the same id is replaced (an upsert, so that
+/// the tallies' triggers see one insert, or none).
+const RECORD: &str = "INSERT INTO dedupe (event_id, committed_ms, status, content_type, body, \
+    digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (event_id) DO UPDATE SET \
+    committed_ms = excluded.committed_ms, status = excluded.status, \
+    content_type = excluded.content_type, body = excluded.body, digest = excluded.digest";
+const EXPIRE: &str = "DELETE FROM dedupe WHERE committed_ms < ?1";
+/// The upkeep's purge: dead letters that died before `?1`, through `dead_letters_died`.
+const PURGE_BEFORE: &str = "DELETE FROM dead_letters WHERE at_ms < ?1";
+
+/// What the tallies count.
+const PENDING: i64 = 0;
+const DEAD: i64 = 1;
+const RECORDS: i64 = 2;
 
 /// Every column of both delivery tables, in order: what moves a row from one to the other.
 const ALL_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
@@ -453,12 +532,7 @@ impl Store for SqliteStore {
                 .join(",")
         );
         self.read(move |conn| {
-            let mut statement = conn.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLUMNS} FROM deliveries \
-                 WHERE target = ?1 AND at_ms <= ?2 \
-                 AND id NOT IN (SELECT value FROM json_each(?4)) \
-                 ORDER BY at_ms, id LIMIT ?3"
-            ))?;
+            let mut statement = conn.prepare_cached(&due_query())?;
             let rows = statement.query_map(
                 params![target, ms(now_ms), limit as i64, skip],
                 delivery_from_row,
@@ -471,10 +545,9 @@ impl Store for SqliteStore {
         let target = target.to_owned();
         self.read(move |conn| {
             let next: Option<i64> = conn
-                .prepare_cached(
-                    "SELECT MIN(at_ms) FROM deliveries WHERE target = ?1 AND at_ms > ?2",
-                )?
-                .query_row(params![target, ms(now_ms)], |row| row.get(0))?;
+                .prepare_cached(NEXT_DUE)?
+                .query_row(params![target, ms(now_ms)], |row| row.get(0))
+                .optional()?;
             Ok(next.map(unsigned))
         })
     }
@@ -495,42 +568,42 @@ impl Store for SqliteStore {
 
     fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
         self.read(|conn| {
-            let mut targets: Vec<TargetStats> = Vec::new();
-            let mut pending = conn.prepare(
-                "SELECT target, COUNT(*), MIN(enqueued_ms) FROM deliveries GROUP BY target",
-            )?;
-            for row in pending.query_map([], |row| {
-                Ok(TargetStats {
-                    target: row.get(0)?,
-                    pending: unsigned(row.get(1)?),
-                    dead: 0,
-                    oldest_pending_ms: row.get::<_, Option<i64>>(2)?.map(unsigned),
-                })
+            let mut stats = Stats::default();
+            let mut tallies = conn.prepare_cached(TALLIES)?;
+            for row in tallies.query_map([], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get(2)?))
             })? {
-                targets.push(row?);
-            }
-            let mut dead =
-                conn.prepare("SELECT target, COUNT(*) FROM dead_letters GROUP BY target")?;
-            for row in dead.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, unsigned(row.get(1)?)))
-            })? {
-                let (target, count) = row?;
-                match targets.iter_mut().find(|t| t.target == target) {
-                    Some(t) => t.dead = count,
-                    None => targets.push(TargetStats {
-                        target,
-                        dead: count,
-                        ..TargetStats::default()
-                    }),
+                let (kind, target, n) = row?;
+                let n = unsigned(n);
+                if kind == RECORDS {
+                    stats.dedupe_keys = n;
+                    continue;
+                }
+                let at = match stats.targets.last() {
+                    Some(last) if last.target == target => stats.targets.len() - 1,
+                    _ => {
+                        stats.targets.push(TargetStats {
+                            target,
+                            ..TargetStats::default()
+                        });
+                        stats.targets.len() - 1
+                    }
+                };
+                match kind {
+                    PENDING => stats.targets[at].pending = n,
+                    DEAD => stats.targets[at].dead = n,
+                    _ => {}
                 }
             }
-            targets.sort_by(|a, b| a.target.cmp(&b.target));
-            let dedupe_keys: i64 =
-                conn.query_row("SELECT COUNT(*) FROM dedupe", [], |r| r.get(0))?;
-            Ok(Stats {
-                targets,
-                dedupe_keys: unsigned(dedupe_keys),
-            })
+            stats.targets.retain(|t| t.pending > 0 || t.dead > 0);
+            let mut oldest = conn.prepare_cached(OLDEST)?;
+            for t in stats.targets.iter_mut().filter(|t| t.pending > 0) {
+                t.oldest_pending_ms = oldest
+                    .query_row(params![t.target], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .map(unsigned);
+            }
+            Ok(stats)
         })
     }
 
@@ -818,11 +891,7 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
         });
     }
     {
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO dedupe (event_id, committed_ms, status, content_type, body, \
-             digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
+        tx.prepare_cached(RECORD)?.execute(params![
             push.event_id,
             ms(commit.now_ms),
             commit.answer.status,
@@ -891,7 +960,7 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             }
         },
         Op::ExpireDedupe(before_ms) => tx
-            .prepare_cached("DELETE FROM dedupe WHERE committed_ms < ?1")?
+            .prepare_cached(EXPIRE)?
             .execute(params![ms(*before_ms)])
             .map(|n| n as u64),
         Op::Replay(selection, now_ms) => {
@@ -923,6 +992,10 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             )?;
             Ok((pending + revived) as u64)
         }
+        Op::PurgeDead(Some(before_ms), None) => tx
+            .prepare_cached(PURGE_BEFORE)?
+            .execute(params![ms(*before_ms)])
+            .map(|n| n as u64),
         Op::PurgeDead(before_ms, target) => tx
             .execute(
                 "DELETE FROM dead_letters WHERE (?1 IS NULL OR at_ms < ?1) \
@@ -939,21 +1012,18 @@ fn recorded(
     event_id: &str,
     since_ms: u64,
 ) -> rusqlite::Result<Option<Recorded>> {
-    conn.prepare_cached(
-        "SELECT status, content_type, body, digest FROM dedupe \
-         WHERE event_id = ?1 AND committed_ms >= ?2",
-    )?
-    .query_row(params![event_id, ms(since_ms)], |row| {
-        Ok(Recorded {
-            answer: CachedAnswer {
-                status: row.get(0)?,
-                content_type: row.get(1)?,
-                body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
-            },
-            digest: digest_from(row.get(3)?),
+    conn.prepare_cached(RECORDED)?
+        .query_row(params![event_id, ms(since_ms)], |row| {
+            Ok(Recorded {
+                answer: CachedAnswer {
+                    status: row.get(0)?,
+                    content_type: row.get(1)?,
+                    body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+                },
+                digest: digest_from(row.get(3)?),
+            })
         })
-    })
-    .optional()
+        .optional()
 }
 
 /// A stored digest: a digest of another length cannot come from this relay, so it is taken
@@ -1083,7 +1153,8 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
         .map_err(Migration::Sql)?;
     let upgrade = match version {
         0 => schema(),
-        1 => SCHEMA_2.to_owned(),
+        1 => format!("{SCHEMA_2}{}", schema_3()),
+        2 => schema_3(),
         SCHEMA_VERSION => return Ok(()),
         newer => return Err(Migration::Newer(newer)),
     };
@@ -1394,7 +1465,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_disk_fails_the_whole_batch_and_writes_nothing() {
+    fn a_full_disk_fails_the_write_that_does_not_fit_and_only_that_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         assert!(migrate(&mut conn).is_ok());
@@ -1406,23 +1477,25 @@ mod tests {
         conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
             .expect("cap");
 
-        // A small commit, one too large for the disk, and the settle of delivery 1.
+        // A small commit, one too large for the disk, and the settle of delivery 1. The
+        // tallies' triggers give each write a statement journal, so SQLite rolls back the
+        // failing statement, not the transaction (were it the transaction, every write is
+        // told: see apply_batch).
         let batch = [
             commit(2, 10),
             commit(3, 1 << 20),
             Op::Settle(1, Settle::Delivered, 2),
         ];
         let results = apply_all(&mut conn, batch.iter());
-        assert_eq!(results.len(), 3);
-        for result in &results {
-            match result {
-                Err(StoreError::Io(why)) => assert!(why.contains("disk is full"), "{why}"),
-                _ => panic!("every write of the batch fails"),
-            }
+        assert!(matches!(results[0], Ok(Done::Count(1))));
+        match &results[1] {
+            Err(StoreError::Io(why)) => assert!(why.contains("disk is full"), "{why}"),
+            other => panic!("the large write fails: {other:?}", other = other.is_ok()),
         }
-        // Nothing of the batch was written: delivery 1 is still pending, push 2 unrecorded.
+        assert!(matches!(results[2], Ok(Done::Count(1))));
+        // Push 3 left nothing behind; the rest is written.
         assert_eq!(count(&conn, "deliveries"), 1);
-        assert_eq!(count(&conn, "dedupe"), 1);
+        assert_eq!(count(&conn, "dedupe"), 2);
     }
 
     #[test]
@@ -1492,7 +1565,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         // The schema as version 1 created it, with one dedupe record.
-        let v1 = schema().replace(SCHEMA_2, "");
+        let v1 = schema().replace(SCHEMA_2, "").replace(&schema_3(), "");
         conn.execute_batch(&format!("{v1} PRAGMA user_version = 1;"))
             .expect("v1");
         let Op::Commit(c) = commit(1, 10) else {
@@ -1666,5 +1739,200 @@ mod tests {
         assert!(store.wal.checkpoints().1 >= 1, "truncated");
         let wal = std::fs::metadata(dir.path().join(format!("{DB_FILE}-wal"))).expect("wal");
         assert!(wal.len() < limits.soft_frames * 4120, "{}", wal.len());
+    }
+
+    /// A store whose deliveries table holds `backlog` deliveries for `down` (retried with
+    /// backoff, due over the next hours) beside a few for `up`, some dead letters and dedupe
+    /// records, written as the writer would.
+    async fn backlogged(backlog: u32) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path(), Role::Server).expect("open");
+        let commits: Vec<_> = (0..backlog)
+            .map(|i| {
+                let mut commit = push_commit(i, true);
+                commit.deliveries[0].target = "down".into();
+                commit.deliveries[0].at_ms = 1_000 + u64::from(i % 3600) * 1000;
+                commit.now_ms = 1 + u64::from(i);
+                store.commit(commit)
+            })
+            .collect();
+        for commit in commits {
+            assert_eq!(commit.await, Ok(Committed::New));
+        }
+        // The last one pending: answered once its transaction (and every one before) is.
+        for i in 0..4 {
+            let mut commit = push_commit(backlog + i, i % 2 == 1);
+            commit.deliveries[0].target = "up".into();
+            assert_eq!(store.commit(commit).await, Ok(Committed::New));
+        }
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn the_front_door_s_queries_are_index_lookups_beside_a_backlog() {
+        let (dir, _store) = backlogged(100).await;
+        let conn = open_connection(&dir.path().join(DB_FILE), false).expect("open");
+        // 100,000 more for `down`, copied from the first (the triggers count them).
+        conn.execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+             INSERT INTO deliveries ({columns}) SELECT {columns} FROM deliveries, n \
+             WHERE deliveries.id = 1;",
+            columns = ALL_COLUMNS.trim_start_matches("id, ")
+        ))
+        .expect("backlog");
+        let queries: [(&str, String, &[&dyn rusqlite::ToSql]); 10] = [
+            ("due", due_query(), params!["up", 5, 10, "[1,2]"]),
+            ("next_due", NEXT_DUE.into(), params!["up", 5]),
+            ("oldest", OLDEST.into(), params!["up"]),
+            ("answer", RECORDED.into(), params!["e", 5]),
+            ("recent", RECENT.into(), params![5]),
+            ("expire", EXPIRE.into(), params![5]),
+            ("purge", PURGE_BEFORE.into(), params![5]),
+            (
+                "settle",
+                "DELETE FROM deliveries WHERE id = ?1".into(),
+                params![5],
+            ),
+            (
+                "retry",
+                "UPDATE deliveries SET attempts = 1, at_ms = 2 WHERE id = ?1".into(),
+                params![5],
+            ),
+            (
+                "tally",
+                "UPDATE tallies SET n = n - 1 WHERE kind = 0 AND target = ?1".into(),
+                params!["up"],
+            ),
+        ];
+        for (name, sql, args) in queries {
+            let plan = plan(&conn, &sql, args);
+            assert!(plan.starts_with("SEARCH"), "{name}: {plan}");
+            // The one scan allowed: of the ids in flight handed to `due`.
+            let mut scans = plan.lines().filter(|l| l.starts_with("SCAN"));
+            assert!(
+                scans.all(|l| l.starts_with("SCAN json_each")),
+                "{name}: {plan}"
+            );
+            assert!(!plan.contains("TEMP B-TREE"), "{name}: {plan}");
+        }
+        // The tallies are read whole: a few rows per target, in their key's order.
+        let plan = plan(&conn, TALLIES, []);
+        assert_eq!(plan, "SCAN tallies");
+    }
+
+    /// `stats` counted the way it was before the tallies: every row, grouped.
+    fn counted(conn: &Connection) -> Stats {
+        let mut stats = Stats::default();
+        let mut pending = conn
+            .prepare("SELECT target, COUNT(*), MIN(enqueued_ms) FROM deliveries GROUP BY target")
+            .expect("count");
+        for row in pending
+            .query_map([], |row| {
+                Ok(TargetStats {
+                    target: row.get(0)?,
+                    pending: unsigned(row.get(1)?),
+                    dead: 0,
+                    oldest_pending_ms: row.get::<_, Option<i64>>(2)?.map(unsigned),
+                })
+            })
+            .expect("rows")
+        {
+            stats.targets.push(row.expect("row"));
+        }
+        let mut dead = conn
+            .prepare("SELECT target, COUNT(*) FROM dead_letters GROUP BY target")
+            .expect("count");
+        for row in dead
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))
+            .expect("rows")
+        {
+            let (target, n) = row.expect("row");
+            match stats.targets.iter_mut().find(|t| t.target == target) {
+                Some(t) => t.dead = unsigned(n),
+                None => stats.targets.push(TargetStats {
+                    target,
+                    dead: unsigned(n),
+                    ..TargetStats::default()
+                }),
+            }
+        }
+        stats.targets.sort_by(|a, b| a.target.cmp(&b.target));
+        stats.dedupe_keys = unsigned(
+            conn.query_row("SELECT COUNT(*) FROM dedupe", [], |r| r.get(0))
+                .expect("count"),
+        );
+        stats
+    }
+
+    #[tokio::test]
+    async fn stats_from_the_tallies_match_the_rows_through_every_kind_of_write() {
+        let (dir, store) = backlogged(200).await;
+        let conn = open_connection(&dir.path().join(DB_FILE), false).expect("open");
+        let check = |stats: StoreResult<Stats>| assert_eq!(stats, Ok(counted(&conn)));
+        check(store.stats().await);
+        // Delivered, retried, dead; replayed; purged; expired; an expired record replaced.
+        store.settle(1, Settle::Delivered, 5).await.expect("settle");
+        let retry = Settle::Retry {
+            attempts: 1,
+            at_ms: 9,
+            error: "HTTP 503".into(),
+        };
+        store.settle(2, retry, 5).await.expect("settle");
+        for id in 3..10 {
+            let dead = Settle::Dead {
+                attempts: 1,
+                error: "HTTP 404".into(),
+            };
+            store.settle(id, dead, 5).await.expect("settle");
+        }
+        check(store.stats().await);
+        assert_eq!(store.replay(Selection::Id(3), 6).await, Ok(1));
+        let down = Some("down".to_owned());
+        assert_eq!(store.purge_dead(Some(6), down).await, Ok(6));
+        // Records at 1..=49 from the backlog and the four at 1.
+        assert_eq!(store.expire_dedupe(50).await, Ok(53));
+        let mut again = push_commit(7, true);
+        again.now_ms = 60;
+        again.dedupe_since_ms = 55;
+        assert_eq!(store.commit(again).await, Ok(Committed::New));
+        let stats = store.stats().await;
+        check(stats.clone());
+        let stats = stats.expect("stats");
+        assert_eq!(stats.dedupe_keys, 204 - 53 + 1);
+        assert_eq!(stats.targets.len(), 3, "down, up and t: {stats:?}");
+        assert!(stats.targets.iter().all(|t| t.oldest_pending_ms.is_some()));
+        // Every delivery and dead letter gone: the target leaves the stats.
+        assert_eq!(store.purge_dead(None, None).await.map(|n| n > 0), Ok(true));
+        for id in 1..=205 {
+            store
+                .settle(id, Settle::Delivered, 70)
+                .await
+                .expect("settle");
+        }
+        let stats = store.stats().await;
+        check(stats.clone());
+        assert!(stats.expect("stats").targets.is_empty());
+    }
+
+    #[test]
+    fn a_version_2_store_gets_its_tallies_from_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        let v2 = schema().replace(&schema_3(), "");
+        conn.execute_batch(&format!("{v2} PRAGMA user_version = 2;"))
+            .expect("v2");
+        let ops: Vec<Op> = (0..20)
+            .map(|i| Op::Commit(push_commit(i, i % 4 != 0)))
+            .collect();
+        apply_all(&mut conn, ops.iter());
+        let before = counted(&conn);
+        assert!(migrate(&mut conn).is_ok());
+        let store_dir = dir.path().to_owned();
+        drop(conn);
+        let store = SqliteStore::open(&store_dir, Role::Tool).expect("open");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(runtime.block_on(store.stats()), Ok(before));
     }
 }

@@ -2,8 +2,9 @@
 //! (`wal_autocheckpoint = 0`; its WAL hook only reports how many frames the WAL holds after
 //! each commit); this thread, on a connection of its own, folds the WAL back into the database:
 //!
-//! - a `PASSIVE` checkpoint once the WAL holds [`WalLimits::soft_frames`] (SQLite's own
-//!   autocheckpoint threshold) or every [`WalLimits::every`] when anything was committed: it
+//! - a `PASSIVE` checkpoint once [`WalLimits::soft_frames`] (SQLite's own autocheckpoint
+//!   threshold) were added to the WAL since the last one, or every [`WalLimits::every`] when
+//!   anything was committed: it
 //!   copies what no reader still needs without taking any lock the writer waits on;
 //! - past [`WalLimits::hard_frames`] passive checkpoints have not caught up (a writer that never
 //!   pauses leaves no moment to restart the WAL from its start, a long read pins old frames):
@@ -81,6 +82,7 @@ impl Wal {
         let mut state = self.state();
         state.frames = frames;
         state.commits = state.commits.wrapping_add(1);
+        // The checkpointer decides whether it is time; a commit under the threshold is not.
         if frames >= self.limits.soft_frames {
             self.changed.notify_all();
         }
@@ -161,6 +163,9 @@ impl Drop for Checkpointer {
 fn run(conn: &Connection, wal: &Wal) {
     let limits = wal.limits;
     let mut seen = 0;
+    // The WAL's frames at the last checkpoint: it wakes this thread again only once as many
+    // again are written (a WAL that is not restarted stays past the threshold).
+    let mut at_frames = 0;
     let mut last = Instant::now();
     loop {
         let state = wal.state();
@@ -169,7 +174,13 @@ fn run(conn: &Connection, wal: &Wal) {
         let (state, _) = wal
             .changed
             .wait_timeout_while(state, wait, |s| {
-                let grown = s.frames >= limits.soft_frames && s.commits != seen;
+                let new = if s.frames < at_frames {
+                    s.frames
+                } else {
+                    s.frames - at_frames
+                };
+                let grown = s.frames >= limits.hard_frames
+                    || (new >= limits.soft_frames && s.commits != seen);
                 !(s.stop || grown)
             })
             .unwrap_or_else(|e| e.into_inner());
@@ -189,7 +200,7 @@ fn run(conn: &Connection, wal: &Wal) {
             "PASSIVE"
         };
         let result = checkpoint(conn, mode);
-        (seen, last) = (commits, Instant::now());
+        (seen, last, at_frames) = (commits, Instant::now(), frames);
         let mut state = wal.state();
         match result {
             Ok((busy, _, _)) if mode == "TRUNCATE" && busy == 0 => {
