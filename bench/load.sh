@@ -42,7 +42,7 @@ while getopts d:w:n:b:p:kh opt; do
   esac
 done
 up_port=$port proxy_port=$((port + 1)) relay_port=$((port + 2)) down_port=$((port + 3))
-started_at=$(date +%s)
+started_at=$(date +%s) load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 say() { printf '%s\n' "$*" >&2; }
 die() { say "load.sh: $*"; exit 1; }
@@ -236,6 +236,22 @@ for case in 3 4 5 6 7 8 5c1000; do
     { cat "$dir/check-$case.err" >&2; die "case $case: the relay refuses its config"; }
 done
 
+# --- How busy the machine is besides us ----------------------------------------------------
+# CPU seconds the whole machine spent busy, and those of this script and what it ran (waited
+# children, and nginx, still running, from /proc): the rest is other people's work.
+clock_tick=$(getconf CLK_TCK)
+machine_cpu() { awk -v hz="$clock_tick" '/^cpu / { print ($2 + $3 + $4 + $7 + $8) / hz }' /proc/stat; }
+own_cpu() { # sets own_cpu_s; not in a subshell, where `times` would see none of our children
+  local nginx=0 pid
+  for pid in $nginx_pid $(pgrep -P "$nginx_pid" || true); do
+    nginx=$(awk -v n="$nginx" -v hz="$clock_tick" '{ print n + ($14 + $15) / hz }' "/proc/$pid/stat" 2>/dev/null || echo "$nginx")
+  done
+  times >"$dir/times"
+  own_cpu_s=$(awk -v n="$nginx" '{ for (i = 1; i <= 2; i++) { split($i, p, "m"); t += p[1] * 60 + p[2] } } END { print t + n }' "$dir/times")
+}
+own_cpu
+machine_cpu_at_start=$(machine_cpu) own_cpu_at_start=$own_cpu_s runs_started_at=$(date +%s)
+
 # --- The pushes, once ----------------------------------------------------------------------
 say "building $pushes text and $pushes SCAN pushes, and 8 of each to check the answers"
 for kind in text scan; do
@@ -364,10 +380,15 @@ relay_case() {
   rss[$case/64]=$(vmhwm_mib "$relay_pid")
   run_wrk "$case/1" 1 "$duration" "$relay_port" "$dir/$kind.push" "$next"
   rss[$case/1]=$(vmhwm_mib "$relay_pid")
-  if [ "$case" = 8 ]; then
-    note[8/64]="${note[8/64]:+${note[8/64]}; }$backlog_before pending for the down target before, $(pending_of 8 down) after"
-  fi
   stop_relay
+  case $case in 7 | 8)
+    # nginx writes its buffered log lines within a second.
+    sleep 1.5
+    note[$case/64]="${note[$case/64]:+${note[$case/64]}; }the queued target took $(wc -l <"$dir/nginx/logs/queued.log") deliveries by the relay's exit, $(pending_of "$case" queued) left pending"
+    : >"$dir/nginx/logs/queued.log" ;;
+  esac
+  [ "$case" != 8 ] ||
+    note[8/64]="${note[8/64]}; $backlog_before pending for the down target before the runs, $(pending_of 8 down) after"
 }
 
 say "case 1: nginx return 200"
@@ -408,12 +429,16 @@ declare -A what=(
   [7]='relay, durable: text -> `plain` reply target + a queued target'
   [8]="relay, durable: case 7 with $backlog deliveries pending for a down target"
 )
+own_cpu
+others=$(awk -v m0="$machine_cpu_at_start" -v m1="$(machine_cpu)" -v o0="$own_cpu_at_start" \
+  -v o1="$own_cpu_s" -v t="$(($(date +%s) - runs_started_at))" \
+  'BEGIN { x = ((m1 - m0) - (o1 - o0)) / (t > 0 ? t : 1); printf "%.2f", x < 0 ? 0 : x }')
 fsync_note="fsync p50 $(ms "$fsync_p50") ms, p99 $(ms "$fsync_p99") ms"
 cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 echo
 echo "### bench/load.sh, $(date -u '+%F %H:%M UTC')"
 echo
-echo "- machine: $(nproc) cores, $cpu, kernel $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+echo "- machine: $(nproc) cores, $cpu, kernel $(uname -r); load average $load_at_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end (the benchmark's own processes included); other processes kept $others of the $(nproc) cores busy on average during the runs"
 echo "- wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }') -t1, ${duration} s a run after a ${warmup} s warm-up at 64 connections per case; nginx $("$nginx_bin" -v 2>&1 | sed 's/.*nginx\///'), worker_processes auto"
 echo "- the relay: release build, the shipped log level (\`info\`, one line per push) to stderr redirected to a file; \`timestamp_skew_s\` and \`dedupe_ttl_s\` $skew (the pushes are built once, before the runs); store off is \`[store]\` without \`path\` (in memory, the same as no \`[store]\`)"
 echo "- $pushes distinct text and $pushes distinct SCAN pushes, safe mode (signed and encrypted); every relay run used pushes that relay had not seen"
@@ -427,7 +452,8 @@ for key in "${rows[@]}"; do
   [ -n "${valid[$key]}" ] || shown="not valid"
   notes=${note[$key]}
   case $case in 5 | 6 | 7 | 8) notes="${notes:+$notes; }$fsync_note" ;; esac
-  vs=$(ratio "${rps[$key]}" "${rps[2/$conns]:-0}")
+  vs=-
+  [ -z "${valid[$key]}" ] || vs=$(ratio "${rps[$key]}" "${rps[2/$conns]:-0}")
   printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$case" "${what[$case]}" "$conns" \
     "$shown" "$vs" "$(ms "${p50[$key]}")" "$(ms "${p99[$key]}")" "${rss[$key]:--}" "$notes"
 done
