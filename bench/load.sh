@@ -75,17 +75,20 @@ nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
 say "building the release binary and the helpers"
 cargo build --release --quiet --bin wechat-relay --example pushfile --example fsync
-relay_bin=target/release/wechat-relay
-pushfile=target/release/examples/pushfile
+release=${CARGO_TARGET_DIR:-target}/release
+relay_bin=$release/wechat-relay
+pushfile=$release/examples/pushfile
 
 for p in $up_port $proxy_port $relay_port $down_port; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "127.0.0.1:$p is in use (-p PORT)"; fi
 done
 
 # The store's folders go here too: on the repository's disk, as an operator's would be.
+mkdir -p target
 dir=$(mktemp -d "$PWD/target/load.XXXXXX")
-relay_pid="" nginx_pid=""
+relay_pid="" nginx_pid="" fill_pid=""
 cleanup() {
+  [ -z "$fill_pid" ] || kill "$fill_pid" 2>/dev/null || true
   [ -z "$relay_pid" ] || kill "$relay_pid" 2>/dev/null || true
   [ -z "$nginx_pid" ] || kill "$nginx_pid" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -264,7 +267,7 @@ pushes_built_at=$(date +%s)
 
 # --- The disk's fsync ----------------------------------------------------------------------
 mkdir -p "$dir/fsync"
-read -r fsync_line < <(target/release/examples/fsync --dir "$dir/fsync" --count 1000)
+read -r fsync_line < <("$release/examples/fsync" --dir "$dir/fsync" --count 1000)
 fsync_p50=${fsync_line#fsync_p50_us=}; fsync_p50=${fsync_p50%% *}
 fsync_p99=${fsync_line##*fsync_p99_us=}
 us_ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
@@ -358,15 +361,17 @@ relay_case() {
     say "case 8: filling the outbox with $backlog deliveries for the down target"
     wrk -t1 -c64 -d600s --timeout 5s -s bench/pushes.lua "http://127.0.0.1:$relay_port/wechat" \
       -- "$dir/scan.push" 0 "stop=$backlog" >"$dir/fill.out" 2>&1 &
-    local fill=$! pending=0
+    fill_pid=$!
+    local pending=0
     for _ in $(seq 600); do
       sleep 1
       pending=$(pending_of 8 down)
       [ "${pending:-0}" -lt "$backlog" ] || break
-      kill -0 "$fill" 2>/dev/null || break
+      kill -0 "$fill_pid" 2>/dev/null || break
     done
-    kill -INT "$fill" 2>/dev/null || true
-    wait "$fill" || true
+    kill -INT "$fill_pid" 2>/dev/null || true
+    wait "$fill_pid" || true
+    fill_pid=""
     grep -q '^result .* non2xx=0 .*errors=0$' "$dir/fill.out" ||
       die "case 8: the fill had errors: $(cat "$dir/fill.out")"
     [ "${pending:-0}" -ge "$backlog" ] ||
