@@ -116,7 +116,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main]
 async fn main() {
     // Log as `serve` does (one info line per push), so the figures include that cost.
-    wechat_relay::telemetry::init();
+    let _flush = wechat_relay::telemetry::init();
     let options = options();
     let received = Arc::new(AtomicUsize::new(0));
     let target = if options.target_down {

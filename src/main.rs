@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config, cli.config),
         Command::Outbox { command } => {
-            telemetry::init();
+            let _flush = telemetry::init();
             outbox(&config, &command)
         }
         Command::Simulate(args) => simulate(&config, &args),
@@ -120,7 +120,9 @@ fn simulate(config: &Config, args: &SimulateArgs) -> ExitCode {
 }
 
 fn serve(config: Config, path: PathBuf) -> ExitCode {
-    let log = telemetry::init_with(&config.log);
+    // Declared before the runtime, dropped after it: the lines of its shutdown and of the
+    // error below are written before the process exits.
+    let (log, _flush) = telemetry::init_with(&config.log);
     let runtime = match runtime(true) {
         Ok(runtime) => runtime,
         Err(code) => return code,
