@@ -12,7 +12,9 @@
 //! the default, is the durable path: every acknowledged push was fsynced first; memory is the
 //! same path with the store off), `--target-down` (the target's port refuses connections:
 //! every push stays pending, which measures the outbox with a growing backlog), `--max-bytes N`
-//! (`[store] max_bytes`, for a backlog larger than the default budget).
+//! (`[store] max_bytes`, for a backlog larger than the default budget), `--binary PATH` (run
+//! the relay as its own process, `PATH serve`, with the binary's runtime and allocator, its
+//! stderr read by a thread; prints the process's peak RSS).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -47,6 +49,7 @@ struct Options {
     store: String,
     target_down: bool,
     max_bytes: Option<u64>,
+    binary: Option<String>,
 }
 
 fn options() -> Options {
@@ -59,6 +62,7 @@ fn options() -> Options {
         store: "sqlite".into(),
         target_down: false,
         max_bytes: None,
+        binary: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -72,6 +76,7 @@ fn options() -> Options {
             "--store" => options.store = value(),
             "--target-down" => options.target_down = true,
             "--max-bytes" => options.max_bytes = Some(value().parse().expect("--max-bytes N")),
+            "--binary" => options.binary = Some(value()),
             // `cargo bench` passes --bench; anything else is a mistake.
             "--bench" => {}
             other => panic!("unknown option {other}"),
@@ -106,6 +111,69 @@ async fn start_target(received: Arc<AtomicUsize>) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// Stops the relay; the peak RSS in KiB of a relay process.
+type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>>>>;
+
+/// The library's server in this process, as `serve` runs it.
+async fn start_in_process(path: &std::path::Path) -> (std::net::SocketAddr, Stop) {
+    let config = Config::load_with_env(path, &[]).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let relay = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let outbox = wechat_relay::outbox::Outbox::start(&config)
+        .await
+        .expect("store");
+    let server = tokio::spawn(wechat_relay::server::run(config, outbox, listener, async {
+        let _ = stopped.await;
+    }));
+    let stop = Box::pin(async move {
+        let _ = stop.send(());
+        let _ = server.await;
+        None
+    });
+    (relay, stop)
+}
+
+/// `binary serve --config path` as its own process: its address from the listening line, its
+/// stderr read (and dropped) by a thread, as journald would take it.
+fn start_binary(binary: &str, path: &std::path::Path) -> (std::net::SocketAddr, Stop) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(binary)
+        .args(["serve", "--config"])
+        .arg(path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the relay binary");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let relay = loop {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("the relay's stderr");
+        assert!(n > 0, "the relay exited before listening");
+        if let Some(addr) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+        {
+            break addr.parse().expect("listen=ADDR");
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let stop = Box::pin(async move {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+        let peak = status.ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        });
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        peak
+    });
+    (relay, stop)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -156,16 +224,10 @@ async fn main() {
     );
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, toml).expect("write config");
-    let config = Config::load_with_env(&path, &[]).expect("config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-    let relay = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let outbox = wechat_relay::outbox::Outbox::start(&config)
-        .await
-        .expect("store");
-    let server = tokio::spawn(wechat_relay::server::run(config, outbox, listener, async {
-        let _ = stopped.await;
-    }));
+    let (relay, stop) = match &options.binary {
+        Some(binary) => start_binary(binary, &path),
+        None => start_in_process(&path).await,
+    };
 
     // Build every push before the clock starts.
     let sender = Sender {
@@ -264,8 +326,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let delivered_in = started.elapsed();
-    let _ = stop.send(());
-    let _ = server.await;
+    let peak = stop.await;
 
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -297,6 +358,9 @@ async fn main() {
         received.load(Ordering::Relaxed),
         delivered_in.as_secs_f64()
     );
+    if let Some(kib) = peak {
+        println!("relay process peak RSS: {:.1} MiB", kib as f64 / 1024.0);
+    }
     let undelivered = !options.target_down && received.load(Ordering::Relaxed) < latencies.len();
     if failed > 0 || undelivered {
         std::process::exit(1);
