@@ -93,6 +93,16 @@ fn the_error_line_of_a_failed_start_is_written_before_the_exit() {
     }
 }
 
+/// The relay process, killed when the test ends (also when it fails).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `[log] content = true` with a long text: each push line is about 8 KiB, so a few hundred
 /// fill stderr's pipe and the relay's buffer.
 const CONTENT: usize = 8 * 1024;
@@ -109,7 +119,7 @@ async fn a_stalled_stderr_drops_and_counts_lines_and_the_relay_keeps_answering()
         "content = true",
         "[admin]\nlisten = \"127.0.0.1:0\"\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+    let child = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
         .args(["serve", "--config"])
         .arg(&path)
         .env("RUST_LOG", "info")
@@ -119,7 +129,8 @@ async fn a_stalled_stderr_drops_and_counts_lines_and_the_relay_keeps_answering()
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn wechat-relay");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("stderr");
     // Reads the startup lines, then reads nothing until `resume` says so: the pipe fills.
     let (lines_tx, lines) = mpsc::channel::<String>();
     let (resume, resumed) = mpsc::channel::<()>();
@@ -198,6 +209,4 @@ async fn a_stalled_stderr_drops_and_counts_lines_and_the_relay_keeps_answering()
         PUSHES as f64,
         "every push line is written or counted"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
