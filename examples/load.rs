@@ -113,8 +113,28 @@ async fn start_target(received: Arc<AtomicUsize>) -> std::net::SocketAddr {
     addr
 }
 
-/// Stops the relay; the peak RSS in KiB of a relay process.
-type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>>>>;
+/// Stops the relay; what a relay process used.
+type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Used>>>>;
+
+/// A relay process's peak RSS (KiB) and the CPU time (user + system) it spent from listening
+/// to the end of the load.
+struct Used {
+    peak_kib: u64,
+    cpu: Duration,
+}
+
+/// The CPU time (user + system) process `pid` has used, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / per_second.max(1) as f64,
+    ))
+}
 
 /// The library's server in this process, as `serve` runs it.
 async fn start_in_process(path: &std::path::Path) -> (std::net::SocketAddr, Stop) {
@@ -160,18 +180,23 @@ fn start_binary(binary: &str, path: &std::path::Path) -> (std::net::SocketAddr, 
         }
     };
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let cpu_at_start = cpu_time(child.id()).unwrap_or_default();
     let stop = Box::pin(async move {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
-        let peak = status.ok().and_then(|s| {
+        let peak_kib = status.ok().and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("VmHWM:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         });
+        let cpu = cpu_time(child.id()).map(|t| t.saturating_sub(cpu_at_start));
+        let used = peak_kib
+            .zip(cpu)
+            .map(|(peak_kib, cpu)| Used { peak_kib, cpu });
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
         let _ = child.wait();
-        peak
+        used
     });
     (relay, stop)
 }
@@ -326,7 +351,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let delivered_in = started.elapsed();
-    let peak = stop.await;
+    let used = stop.await;
 
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -358,8 +383,13 @@ async fn main() {
         received.load(Ordering::Relaxed),
         delivered_in.as_secs_f64()
     );
-    if let Some(kib) = peak {
-        println!("relay process peak RSS: {:.1} MiB", kib as f64 / 1024.0);
+    if let Some(used) = used {
+        println!(
+            "relay process: peak RSS {:.1} MiB, CPU {:.2} s ({:.1} us a push)",
+            used.peak_kib as f64 / 1024.0,
+            used.cpu.as_secs_f64(),
+            used.cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64
+        );
     }
     let undelivered = !options.target_down && received.load(Ordering::Relaxed) < latencies.len();
     if failed > 0 || undelivered {
