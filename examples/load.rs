@@ -12,7 +12,9 @@
 //! the default, is the durable path: every acknowledged push was fsynced first; memory is the
 //! same path with the store off), `--target-down` (the target's port refuses connections:
 //! every push stays pending, which measures the outbox with a growing backlog), `--max-bytes N`
-//! (`[store] max_bytes`, for a backlog larger than the default budget).
+//! (`[store] max_bytes`, for a backlog larger than the default budget), `--binary PATH` (run
+//! the relay as its own process, `PATH serve`, with the binary's runtime and allocator, its
+//! stderr read by a thread; prints the process's peak RSS).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -47,6 +49,7 @@ struct Options {
     store: String,
     target_down: bool,
     max_bytes: Option<u64>,
+    binary: Option<String>,
 }
 
 fn options() -> Options {
@@ -59,6 +62,7 @@ fn options() -> Options {
         store: "sqlite".into(),
         target_down: false,
         max_bytes: None,
+        binary: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -72,6 +76,7 @@ fn options() -> Options {
             "--store" => options.store = value(),
             "--target-down" => options.target_down = true,
             "--max-bytes" => options.max_bytes = Some(value().parse().expect("--max-bytes N")),
+            "--binary" => options.binary = Some(value()),
             // `cargo bench` passes --bench; anything else is a mistake.
             "--bench" => {}
             other => panic!("unknown option {other}"),
@@ -108,6 +113,101 @@ async fn start_target(received: Arc<AtomicUsize>) -> std::net::SocketAddr {
     addr
 }
 
+/// Stops the relay; what a relay process used.
+type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Used>>>>;
+
+/// A relay process's peak RSS (KiB) and the CPU time (user + system) it spent from listening
+/// to the end of the load.
+struct Used {
+    peak_kib: u64,
+    cpu: Duration,
+}
+
+/// The CPU time (user + system) process `pid` has used, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / per_second.max(1) as f64,
+    ))
+}
+
+/// The library's server in this process, as `serve` runs it.
+async fn start_in_process(path: &std::path::Path) -> (std::net::SocketAddr, Stop) {
+    let config = Config::load_with_env(path, &[]).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let relay = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let forwarder = wechat_relay::forward::Forwarder::new();
+    let outbox = wechat_relay::outbox::Outbox::start(&config, forwarder.clone())
+        .await
+        .expect("store");
+    let server = tokio::spawn(wechat_relay::server::run(
+        config,
+        outbox,
+        forwarder,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let stop = Box::pin(async move {
+        let _ = stop.send(());
+        let _ = server.await;
+        None
+    });
+    (relay, stop)
+}
+
+/// `binary serve --config path` as its own process: its address from the listening line, its
+/// stderr read (and dropped) by a thread, as journald would take it.
+fn start_binary(binary: &str, path: &std::path::Path) -> (std::net::SocketAddr, Stop) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(binary)
+        .args(["serve", "--config"])
+        .arg(path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the relay binary");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let relay = loop {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("the relay's stderr");
+        assert!(n > 0, "the relay exited before listening");
+        if let Some(addr) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+        {
+            break addr.parse().expect("listen=ADDR");
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let cpu_at_start = cpu_time(child.id()).unwrap_or_default();
+    let stop = Box::pin(async move {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
+        let peak_kib = status.ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        });
+        let cpu = cpu_time(child.id()).map(|t| t.saturating_sub(cpu_at_start));
+        let used = peak_kib
+            .zip(cpu)
+            .map(|(peak_kib, cpu)| Used { peak_kib, cpu });
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        used
+    });
+    (relay, stop)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(index).copied().unwrap_or_default()
@@ -116,7 +216,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main]
 async fn main() {
     // Log as `serve` does (one info line per push), so the figures include that cost.
-    wechat_relay::telemetry::init();
+    let _flush = wechat_relay::telemetry::init();
     let options = options();
     let received = Arc::new(AtomicUsize::new(0));
     let target = if options.target_down {
@@ -156,23 +256,10 @@ async fn main() {
     );
     let path = dir.path().join("relay.toml");
     std::fs::write(&path, toml).expect("write config");
-    let config = Config::load_with_env(&path, &[]).expect("config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-    let relay = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let forwarder = wechat_relay::forward::Forwarder::new();
-    let outbox = wechat_relay::outbox::Outbox::start(&config, forwarder.clone())
-        .await
-        .expect("store");
-    let server = tokio::spawn(wechat_relay::server::run(
-        config,
-        outbox,
-        forwarder,
-        listener,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let (relay, stop) = match &options.binary {
+        Some(binary) => start_binary(binary, &path),
+        None => start_in_process(&path).await,
+    };
 
     // Build every push before the clock starts.
     let sender = Sender {
@@ -271,8 +358,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let delivered_in = started.elapsed();
-    let _ = stop.send(());
-    let _ = server.await;
+    let used = stop.await;
 
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -304,6 +390,14 @@ async fn main() {
         received.load(Ordering::Relaxed),
         delivered_in.as_secs_f64()
     );
+    if let Some(used) = used {
+        println!(
+            "relay process: peak RSS {:.1} MiB, CPU {:.2} s ({:.1} us a push)",
+            used.peak_kib as f64 / 1024.0,
+            used.cpu.as_secs_f64(),
+            used.cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64
+        );
+    }
     let undelivered = !options.target_down && received.load(Ordering::Relaxed) < latencies.len();
     if failed > 0 || undelivered {
         std::process::exit(1);

@@ -30,6 +30,7 @@ pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
 pub const CONNECTIONS_REFUSED: &str = "wechat_relay_connections_refused_total";
+pub const LOG_LINES_DROPPED: &str = "wechat_relay_log_lines_dropped_total";
 
 /// Seconds: from a millisecond to past WeChat's 5 s and a slow target's timeout.
 const BUCKETS: [f64; 14] = [
@@ -90,6 +91,8 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
+            // Present from the start, so that `increase(...) > 0` sees the first drop.
+            counter!(LOG_LINES_DROPPED).absolute(0);
             Some(handle)
         })
         .clone()
@@ -132,6 +135,10 @@ fn describe() {
     metrics::describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed at accept, before any HTTP, by reason"
+    );
+    metrics::describe_counter!(
+        LOG_LINES_DROPPED,
+        "Log lines dropped because the log output could not keep up"
     );
 }
 
@@ -234,6 +241,11 @@ pub fn connection_closed(listener: &'static str, reason: &'static str) {
 /// A connection closed at accept: `allow_ips` (its address is not allowed).
 pub fn connection_refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Log lines the output could not take (its buffer was full, or a write failed).
+pub fn log_lines_dropped(lines: u64) {
+    counter!(LOG_LINES_DROPPED).increment(lines);
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
 //! Logging: tracing-subscriber to stderr (journald takes it from there), as text (colours only
 //! on a terminal) or one JSON object per line (`[log] format = "json"`). The level comes from
 //! `RUST_LOG` when it is set, else from `[log] level`, and follows a reload. Lines a flood
-//! could repeat are rate limited ([`limit`]).
+//! could repeat are rate limited ([`limit`]). Lines reach stderr through a bounded buffer and
+//! a writer thread, in batches ([`output`]); the [`Flush`] guard that [`init_with`] returns
+//! writes what is left when `main` drops it.
 
 pub mod limit;
+pub mod output;
 
 use std::io::IsTerminal;
 
@@ -12,6 +15,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::{Log, LogFormat};
+pub use output::Flush;
+use output::LogOutput;
 
 /// Changes the level of the running logger.
 pub struct LogHandle {
@@ -31,17 +36,20 @@ impl LogHandle {
     }
 }
 
-/// Text at `info` (or `RUST_LOG`): for the commands and the benchmark.
-pub fn init() {
-    let _ = init_with(&Log {
+/// Text at `info` (or `RUST_LOG`): for the commands and the benchmark. Keep the guard until
+/// the end.
+pub fn init() -> Flush {
+    init_with(&Log {
         format: LogFormat::Text,
         level: "info".into(),
         content: false,
-    });
+    })
+    .1
 }
 
-/// The logger `[log]` asks for. `None` if one was installed already (tests).
-pub fn init_with(log: &Log) -> Option<LogHandle> {
+/// The logger `[log]` asks for, and the guard that flushes it: keep it until the process ends.
+/// The handle is `None` if a logger was installed already (tests).
+pub fn init_with(log: &Log) -> (Option<LogHandle>, Flush) {
     // A RUST_LOG that is set and valid wins; otherwise [log] level rules, also on reload.
     let from_env = std::env::var("RUST_LOG")
         .ok()
@@ -53,11 +61,12 @@ pub fn init_with(log: &Log) -> Option<LogHandle> {
     let filter = from_env.unwrap_or_else(filter_of_config);
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    let (output, flush) = LogOutput::stderr();
     let installed = match log.format {
         LogFormat::Text => registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(output)
                     .with_ansi(std::io::stderr().is_terminal())
                     .with_target(false),
             )
@@ -69,13 +78,14 @@ pub fn init_with(log: &Log) -> Option<LogHandle> {
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
-                    .with_writer(std::io::stderr)
+                    .with_writer(output)
                     .with_target(false),
             )
             .try_init(),
     };
-    installed.ok().map(|()| LogHandle {
+    let handle = installed.ok().map(|()| LogHandle {
         filter: handle,
         from_env: from_env_set,
-    })
+    });
+    (handle, flush)
 }
