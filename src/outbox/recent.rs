@@ -18,7 +18,7 @@ use bloomfilter::Bloom;
 /// Four quarters of the window, and the one filling now.
 const BUCKETS: usize = 5;
 /// The ids one bucket holds at [`FALSE_POSITIVES`]: a quarter of a five-minute window at
-/// about 1,700 pushes a second (about 120 KiB each).
+/// about 1,700 pushes a second (about 155 KiB each).
 const IDS_PER_BUCKET: usize = 131_072;
 const FALSE_POSITIVES: f64 = 0.01;
 
