@@ -306,7 +306,9 @@ run_wrk() {
 vmhwm_mib() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
 start_relay() { # CASE
-  "$relay_bin" serve --config "$dir/relay-$1.toml" 2>"$dir/relay-$1.log" &
+  # With the allocator settings of the systemd unit (systemd/wechat-relay.service).
+  MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0 \
+    "$relay_bin" serve --config "$dir/relay-$1.toml" 2>"$dir/relay-$1.log" &
   relay_pid=$!
   wait_port "$relay_port"
 }
