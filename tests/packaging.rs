@@ -295,14 +295,18 @@ fn unit_declares_what_the_relay_does_under_systemd() {
         ("User", "wechat-relay"),
         ("Group", "wechat-relay"),
         ("StateDirectory", "wechat-relay"),
-        (
-            "Environment",
-            "WECHAT_RELAY_STORE__PATH=/var/lib/wechat-relay",
-        ),
         ("Restart", "on-failure"),
     ] {
         assert_eq!(values(&unit, key), [value], "{key}=");
     }
+    assert_eq!(
+        values(&unit, "Environment"),
+        [
+            "WECHAT_RELAY_STORE__PATH=/var/lib/wechat-relay",
+            "MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0"
+        ],
+        "Environment="
+    );
     let watchdog = values(&unit, "WatchdogSec");
     assert!(
         matches!(watchdog.as_slice(), [s] if s.parse::<u32>().is_ok_and(|s| s > 0)),
