@@ -148,15 +148,17 @@ impl Lane {
         }
     }
 
-    /// Leaves out the deliveries of pushes being committed now: they come through memory.
-    pub fn without_committing(&self, due: Vec<Delivery>) -> Vec<Delivery> {
+    /// Leaves out of a store read what comes through memory: the deliveries waiting here, and
+    /// those of pushes being committed now.
+    pub fn not_in_memory(&self, due: Vec<Delivery>) -> Vec<Delivery> {
         let Ok(fresh) = self.fresh.lock() else {
             return due;
         };
-        if fresh.committing.is_empty() {
+        if fresh.committing.is_empty() && fresh.queue.is_empty() {
             return due;
         }
         due.into_iter()
+            .filter(|d| !fresh.queue.iter().any(|q| q.id == d.id))
             .filter(|d| match &d.push {
                 Ok(push) => !fresh.committing.contains_key(&push.event_id),
                 Err(_) => true,
@@ -209,15 +211,17 @@ mod tests {
     }
 
     #[test]
-    fn a_store_read_leaves_out_the_pushes_being_committed_which_come_through_memory() {
+    fn a_store_read_leaves_out_what_is_being_committed_or_waits_in_memory() {
         let lane = Lane::default();
         lane.committing("e1");
-        let read = lane.without_committing(vec![delivery(1, "e1"), delivery(2, "e2")]);
+        let read = lane.not_in_memory(vec![delivery(1, "e1"), delivery(2, "e2")]);
         assert_eq!(ids(&read), [2]);
         lane.committed("e1", Some(delivery(1, "e1")), None);
+        let read = lane.not_in_memory(vec![delivery(1, "e1"), delivery(2, "e2")]);
+        assert_eq!(ids(&read), [2], "waiting in memory");
         assert_eq!(ids(&lane.take_fresh(8)), [1]);
-        let read = lane.without_committing(vec![delivery(1, "e1")]);
-        assert_eq!(ids(&read), [1], "no longer being committed");
+        let read = lane.not_in_memory(vec![delivery(1, "e1")]);
+        assert_eq!(ids(&read), [1], "no longer in memory");
     }
 
     #[test]

@@ -181,16 +181,18 @@ impl TargetWorker {
                 },
             };
             let want = 1 + slots.available_permits();
-            let mut due = self.lane.take_fresh(want);
             let now = now_ms();
-            if due.is_empty() && self.lane.store_due_at(now) {
+            let mut due = Vec::new();
+            // The store first when it holds due deliveries memory does not (retries, an
+            // overflow): oldest due first, so that a steady stream in memory cannot starve them.
+            if self.lane.store_due_at(now) {
                 match self.store.due(name, now, want, self.lane.in_flight()).await {
                     Ok(read) => {
                         if read.len() < want {
                             let next = self.store.next_due(name, now).await.ok().flatten();
                             self.lane.store_read(next);
                         }
-                        due = self.lane.without_committing(read);
+                        due = self.lane.not_in_memory(read);
                     }
                     Err(e) => {
                         warn!(target = %name, error = %e, "cannot read due deliveries");
@@ -202,6 +204,7 @@ impl TargetWorker {
                     }
                 }
             }
+            due.extend(self.lane.take_fresh(want.saturating_sub(due.len())));
             if due.is_empty() {
                 drop(first);
                 let next = self.lane.next_store_due();
