@@ -129,8 +129,10 @@ fn entry_bytes(push: &Push, target: &str) -> u64 {
     ENTRY_OVERHEAD.saturating_add(variable as u64)
 }
 
+/// The bytes a dedupe record holds: its event id twice (its key, and in the index by commit
+/// time), the answer, the digest.
 fn record_bytes(event_id: &str, answer: &CachedAnswer) -> u64 {
-    let variable = event_id.len() + answer.body.len() + answer.content_type.len() + 32;
+    let variable = 2 * event_id.len() + answer.body.len() + answer.content_type.len() + 32;
     RECORD_OVERHEAD.saturating_add(variable as u64)
 }
 
