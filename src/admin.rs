@@ -98,7 +98,9 @@ impl Admin {
                 "metrics are not recorded\n".into(),
             );
         };
-        if let Ok(stats) = self.server.outbox().store().stats().await {
+        let store = self.server.outbox().store();
+        if let Ok(stats) = store.stats().await {
+            crate::metrics::store(store.used_bytes(), stats.dedupe_keys);
             let relay = self.server.relay();
             for target in &relay.config().targets {
                 let t = stats.targets.iter().find(|t| t.target == target.name);

@@ -24,6 +24,9 @@ pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
 pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
 pub const DEDUPE_COLLISIONS: &str = "wechat_relay_dedupe_collisions_total";
 pub const STORE_FULL: &str = "wechat_relay_store_full_total";
+pub const DEDUPE_EVICTED: &str = "wechat_relay_dedupe_evicted_total";
+pub const DEDUPE_RECORDS: &str = "wechat_relay_dedupe_records";
+pub const STORE_USED_BYTES: &str = "wechat_relay_store_used_bytes";
 pub const STORE_BATCH_SIZE: &str = "wechat_relay_store_batch_size";
 pub const STORE_CHECKPOINTS: &str = "wechat_relay_store_checkpoints_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
@@ -118,6 +121,15 @@ fn describe() {
         STORE_FULL,
         "Pushes answered 503 because the store was over max_bytes"
     );
+    metrics::describe_counter!(
+        DEDUPE_EVICTED,
+        "Dedupe records evicted, oldest first, to keep the store within max_bytes"
+    );
+    metrics::describe_gauge!(DEDUPE_RECORDS, "Dedupe records in the store");
+    metrics::describe_gauge!(
+        STORE_USED_BYTES,
+        "Bytes the store's data occupies, against max_bytes"
+    );
     metrics::describe_histogram!(
         STORE_BATCH_SIZE,
         "Writes applied in one transaction of the durable store (group commit)"
@@ -199,6 +211,17 @@ pub fn dedupe_collision(account: &str) {
 
 pub fn store_full() {
     counter!(STORE_FULL).increment(1);
+}
+
+/// `count` dedupe records evicted to keep the store within `max_bytes`.
+pub fn dedupe_evicted(count: u64) {
+    counter!(DEDUPE_EVICTED).increment(count);
+}
+
+/// What the store holds, read at each scrape.
+pub fn store(used_bytes: u64, dedupe_records: u64) {
+    gauge!(STORE_USED_BYTES).set(used_bytes as f64);
+    gauge!(DEDUPE_RECORDS).set(dedupe_records as f64);
 }
 
 /// One transaction of the durable store's writer, holding `writes` writes.

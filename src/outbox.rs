@@ -16,7 +16,8 @@
 //! retry but a collision, and the relay gives it an event id of its own.
 //!
 //! Bounds: past `[store] max_bytes` a push that needs a delivery is refused (503, WeChat
-//! retries) until deliveries drain or dead letters are purged; dead letters older than
+//! retries) until deliveries drain or dead letters are purged, and the oldest dedupe records
+//! make room for new ones ([`store::Budget`]); dead letters older than
 //! `dead_letter_retention_s` are purged in the background.
 
 pub mod command;
@@ -44,8 +45,8 @@ use crate::push::Push;
 use lane::Lane;
 use recent::RecentIds;
 use store::{
-    CachedAnswer, Commit, Committed, Delivery, DeliveryId, Digest, NewDelivery, Recorded, Settle,
-    Store, StoreError, StoreResult,
+    Budget, CachedAnswer, Commit, Committed, Delivery, DeliveryId, Digest, NewDelivery, Recorded,
+    Settle, Store, StoreError, StoreResult,
 };
 use worker::{TargetWorker, classify, decide};
 
@@ -419,6 +420,7 @@ impl Outbox {
                 deliveries: deliveries.clone(),
                 now_ms: now,
                 dedupe_since_ms: self.dedupe_since_ms(),
+                budget: Budget::at(self.limits.max_bytes.load(Ordering::Relaxed), now),
             };
             match self.store.commit(commit).await {
                 Ok(Committed::New(ids)) => {

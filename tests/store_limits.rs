@@ -1,7 +1,8 @@
 //! The store is bounded (issue #8): past `[store] max_bytes` a push that needs a delivery is
 //! answered 503 and `/readyz` says not ready, until deliveries drain; dead letters older than
 //! `dead_letter_retention_s` are purged in the background; a `Retry-After` too large for any
-//! clock makes a dead letter, not a fast retry. On both backends.
+//! clock makes a dead letter, not a fast retry; dedupe records past the budget are evicted,
+//! oldest first (issue #9). On both backends.
 
 mod common;
 
@@ -57,6 +58,19 @@ fn down_addr(backend: Backend) -> std::net::SocketAddr {
         Backend::Memory => 13,
     };
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Asserts that `relay` logged lines containing `text`, at most one a second over `during`.
+fn logged_once_a_second(relay: &Binary, text: &str, during: Duration) {
+    let lines = relay
+        .drain_lines()
+        .into_iter()
+        .filter(|l| l.contains(text))
+        .count() as u64;
+    assert!(
+        (1..=during.as_secs() + 2).contains(&lines),
+        "{lines} lines of {text:?} in {during:?}"
+    );
 }
 
 /// The pending deliveries of target `t`, as `/metrics` reads them from the store.
@@ -122,15 +136,7 @@ async fn over_budget(backend: Backend) {
         "{backend:?}: every refusal is counted"
     );
     // ...but logged at most once a second.
-    let lines = relay
-        .drain_lines()
-        .into_iter()
-        .filter(|l| l.contains("store over budget"))
-        .count() as u64;
-    assert!(
-        (1..=flood.as_secs() + 2).contains(&lines),
-        "{lines} lines in {flood:?}"
-    );
+    logged_once_a_second(&relay, "store over budget", flood);
 
     // The target comes back: deliveries drain, and the relay is ready and takes pushes again.
     let _target = FakeTarget::on(addr, Behaviour::default()).await;
@@ -244,4 +250,121 @@ async fn a_retry_after_beyond_any_clock_makes_a_dead_letter_not_a_fast_retry() {
         assert!(error.contains("max_age_s"), "Retry-After {after}: {error}");
         relay.stop().await;
     }
+}
+
+/// Sends pushes `from..to`, 32 at a time, each answered `success`; returns the last one's
+/// query and body (to send again as a WeChat retry).
+async fn flood(base: &str, from: u64, to: u64) -> (String, String) {
+    let mut last = (String::new(), String::new());
+    let mut msg_id = from;
+    while msg_id < to {
+        let mut sends = tokio::task::JoinSet::new();
+        for id in msg_id..to.min(msg_id + 32) {
+            let (query, body) =
+                PushBuilder::new(text_xml("a scan on a campaign QR code", id)).safe();
+            last = (query.clone(), body.clone());
+            let url = format!("{base}/wechat?{query}");
+            sends.spawn(async move { post(&url, body).await });
+        }
+        msg_id = to.min(msg_id + 32);
+        while let Some(answer) = sends.join_next().await {
+            assert_success(&answer.expect("push task"));
+        }
+    }
+    last
+}
+
+/// What `/metrics` says of `name` (0 when it is not there yet).
+async fn gauge(admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let metrics = get(&format!("http://{admin}/metrics")).await.text();
+    metric(&metrics, name, labels).unwrap_or(0.0)
+}
+
+const MAX_BYTES: f64 = 1_048_576.0;
+
+/// Pushes that leave nothing pending (the route's only target is its reply target, which
+/// takes each) write only dedupe records: past `max_bytes` the oldest of them are evicted,
+/// so the store stays near its budget, the evictions are counted and logged at most once a
+/// second, and a retry of a recent push is still answered from its record.
+async fn dedupe_records_are_bounded(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = FakeTarget::start().await;
+    let mut toml = config(
+        backend,
+        dir.path(),
+        &target.url("/t"),
+        "max_bytes = 1048576\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    toml.push_str("reply = \"t\"\n");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, toml).expect("config");
+    let relay = Binary::start(&path);
+    let admin = relay.admin_addr();
+    let base = relay.url("");
+    let used = || gauge(&admin, "wechat_relay_store_used_bytes", &[]);
+
+    // Up to the budget (a store at it holds a little less: what the next record needs is
+    // made room for).
+    let mut filled = 1;
+    while used().await < 0.9 * MAX_BYTES {
+        flood(&base, filled, filled + 256).await;
+        filled += 256;
+        assert!(
+            filled < 100_000,
+            "{backend:?}: 1 MiB holds far fewer records"
+        );
+    }
+    let evicted = || gauge(&admin, "wechat_relay_dedupe_evicted_total", &[]);
+    // Past the minimum age the records may go: as many pushes again, and the store stays
+    // near its budget, the oldest records making room.
+    let age = Duration::from_millis(wechat_relay::outbox::store::MIN_RECORD_AGE_MS);
+    tokio::time::sleep(age + Duration::from_millis(500)).await;
+    let flooded = Instant::now();
+    let (query, body) = flood(&base, filled, 2 * filled).await;
+    let flooded = flooded.elapsed();
+    let held = used().await;
+    assert!(
+        held <= 1.1 * MAX_BYTES,
+        "{backend:?}: {held} bytes after twice the pushes that fill 1 MiB"
+    );
+    let evicted = evicted().await;
+    let records = gauge(&admin, "wechat_relay_dedupe_records", &[]).await;
+    assert!(
+        evicted >= filled as f64 / 2.0,
+        "{backend:?}: {evicted} of {filled} evicted"
+    );
+    assert_eq!(
+        records + evicted,
+        (2 * filled - 1) as f64,
+        "{backend:?}: every record counted"
+    );
+    // ...said in the log at most once a second.
+    logged_once_a_second(&relay, "dedupe records evicted", flooded);
+
+    // A WeChat retry of the last push: answered from its record.
+    let hits = || {
+        gauge(
+            &admin,
+            "wechat_relay_dedupe_hits_total",
+            &[("account", "main")],
+        )
+    };
+    assert_eq!(hits().await, 0.0);
+    assert_success(&post(&format!("{base}/wechat?{query}"), body).await);
+    assert_eq!(
+        hits().await,
+        1.0,
+        "{backend:?}: the retry is answered from its record"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_dedupe_records_past_the_budget_are_evicted_oldest_first() {
+    dedupe_records_are_bounded(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn memory_dedupe_records_past_the_budget_are_evicted_oldest_first() {
+    dedupe_records_are_bounded(Backend::Memory).await;
 }

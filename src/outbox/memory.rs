@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use super::store::{
-    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    BoxFuture, Budget, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest,
+    Filter, RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult,
+    TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -40,6 +41,8 @@ struct State {
     /// Pending and dead per target, counted as entries come and go: what `stats` reads.
     tallies: BTreeMap<String, (u64, u64)>,
     dedupe: HashMap<String, Record>,
+    /// The dedupe records by commit time: what eviction, expiry and `recent` read.
+    committed: BTreeSet<(u64, String)>,
     /// The bytes of every entry and record held, counted as each is added and removed.
     used: u64,
 }
@@ -126,8 +129,10 @@ fn entry_bytes(push: &Push, target: &str) -> u64 {
     ENTRY_OVERHEAD.saturating_add(variable as u64)
 }
 
+/// The bytes a dedupe record holds: its event id twice (its key, and in the index by commit
+/// time), the answer, the digest.
 fn record_bytes(event_id: &str, answer: &CachedAnswer) -> u64 {
-    let variable = event_id.len() + answer.body.len() + answer.content_type.len() + 32;
+    let variable = 2 * event_id.len() + answer.body.len() + answer.content_type.len() + 32;
     RECORD_OVERHEAD.saturating_add(variable as u64)
 }
 
@@ -233,8 +238,39 @@ impl State {
 
     fn remove_record(&mut self, event_id: &str) {
         if let Some(record) = self.dedupe.remove(event_id) {
+            self.committed
+                .remove(&(record.committed_ms, event_id.to_owned()));
             self.used = self.used.saturating_sub(record.bytes);
         }
+    }
+
+    fn add_record(&mut self, event_id: &str, record: Record) {
+        self.used = self.used.saturating_add(record.bytes);
+        self.committed
+            .insert((record.committed_ms, event_id.to_owned()));
+        self.dedupe.insert(event_id.to_owned(), record);
+    }
+
+    /// The event id of the oldest dedupe record committed before `before_ms`, from the index.
+    fn oldest_record(&self, before_ms: u64) -> Option<String> {
+        self.committed
+            .first()
+            .filter(|(at, _)| *at < before_ms)
+            .map(|(_, event_id)| event_id.clone())
+    }
+
+    /// Evicts the oldest dedupe records that `budget` lets go until `bytes` more fit within
+    /// it, or none of those is left; returns how many.
+    fn make_room(&mut self, bytes: u64, budget: Budget) -> u64 {
+        let mut evicted = 0;
+        while self.used.saturating_add(bytes) > budget.max_bytes {
+            let Some(event_id) = self.oldest_record(budget.evict_before_ms) else {
+                break;
+            };
+            self.remove_record(&event_id);
+            evicted += 1;
+        }
+        evicted
     }
 
     /// Up to `limit` due deliveries to `target`, oldest due first, from the index: only the
@@ -277,10 +313,21 @@ impl Store for MemoryStore {
             }
             // An expired record of the same id is replaced.
             state.remove_record(event_id);
+            let push = if commit.deliveries.is_empty() {
+                Arc::clone(&commit.push)
+            } else {
+                compact(&commit.push)
+            };
             let bytes = record_bytes(event_id, &commit.answer);
-            state.used = state.used.saturating_add(bytes);
-            state.dedupe.insert(
-                event_id.clone(),
+            let entries = commit
+                .deliveries
+                .iter()
+                .map(|d| entry_bytes(&push, &d.target))
+                .fold(0, u64::saturating_add);
+            let evicted = state.make_room(bytes.saturating_add(entries), commit.budget);
+            super::store::evicted(evicted, commit.now_ms);
+            state.add_record(
+                event_id,
                 Record {
                     committed_ms: commit.now_ms,
                     answer: commit.answer.clone(),
@@ -288,11 +335,6 @@ impl Store for MemoryStore {
                     bytes,
                 },
             );
-            let push = if commit.deliveries.is_empty() {
-                commit.push
-            } else {
-                compact(&commit.push)
-            };
             let mut ids = Vec::with_capacity(commit.deliveries.len());
             for delivery in commit.deliveries {
                 state.next_id += 1;
@@ -326,18 +368,17 @@ impl Store for MemoryStore {
 
     fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
         Self::now(self.state().map(|state| {
-            let mut recent: Vec<RecentId> = state
-                .dedupe
-                .iter()
-                .filter(|(_, r)| r.committed_ms >= since_ms)
-                .map(|(event_id, r)| RecentId {
-                    event_id: event_id.clone(),
-                    digest: Some(r.digest),
-                    committed_ms: r.committed_ms,
+            state
+                .committed
+                .range((since_ms, String::new())..)
+                .filter_map(|(at, event_id)| {
+                    state.dedupe.get(event_id).map(|r| RecentId {
+                        event_id: event_id.clone(),
+                        digest: Some(r.digest),
+                        committed_ms: *at,
+                    })
                 })
-                .collect();
-            recent.sort_by_key(|r| r.committed_ms);
-            recent
+                .collect()
         }))
     }
 
@@ -405,16 +446,12 @@ impl Store for MemoryStore {
 
     fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.change(|state| {
-            let expired: Vec<String> = state
-                .dedupe
-                .iter()
-                .filter(|(_, r)| r.committed_ms < before_ms)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &expired {
-                state.remove_record(id);
+            let mut expired = 0;
+            while let Some(event_id) = state.oldest_record(before_ms) {
+                state.remove_record(&event_id);
+                expired += 1;
             }
-            expired.len() as u64
+            expired
         })
     }
 
@@ -526,6 +563,17 @@ mod tests {
 
     /// Commits push `msg_id` with one delivery per `(target, at_ms)`.
     async fn commit(store: &MemoryStore, msg_id: u32, deliveries: &[(&str, u64)]) {
+        commit_at(store, msg_id, deliveries, 1, Budget::UNLIMITED).await;
+    }
+
+    /// [`commit`] at `now_ms`, within `budget`.
+    async fn commit_at(
+        store: &MemoryStore,
+        msg_id: u32,
+        deliveries: &[(&str, u64)],
+        now_ms: u64,
+        budget: Budget,
+    ) {
         let push = push(msg_id);
         let committed = store
             .commit(Commit {
@@ -546,8 +594,9 @@ mod tests {
                         dead: false,
                     })
                     .collect(),
-                now_ms: 1,
+                now_ms,
                 dedupe_since_ms: 0,
+                budget,
             })
             .await;
         assert!(matches!(committed, Ok(Committed::New(_))));
@@ -625,6 +674,7 @@ mod tests {
                 }],
                 now_ms: 1,
                 dedupe_since_ms: 0,
+                budget: Budget::UNLIMITED,
             })
             .await
             .expect("commit");
@@ -682,6 +732,7 @@ mod tests {
                     deliveries: vec![],
                     now_ms: at,
                     dedupe_since_ms: 0,
+                    budget: Budget::UNLIMITED,
                 })
                 .await;
             assert!(matches!(committed, Ok(Committed::New(_))));
@@ -689,6 +740,67 @@ mod tests {
         let recent = store.recent(200).await.expect("recent");
         assert_eq!(recent, [expected[2].clone(), expected[1].clone()]);
         assert_eq!(store.recent(301).await, Ok(vec![]));
+    }
+
+    /// Commits push `msg_id` (0 to 9: records of one size) at `now_ms` with no delivery,
+    /// within `budget`.
+    async fn record(store: &MemoryStore, msg_id: u32, now_ms: u64, budget: Budget) {
+        commit_at(store, msg_id, &[], now_ms, budget).await;
+    }
+
+    /// The commit times of the records held, oldest first, and whether the index and
+    /// `used` agree with them.
+    fn record_times(store: &MemoryStore) -> Vec<u64> {
+        let state = store.state().expect("state");
+        let mut times: Vec<u64> = state.dedupe.values().map(|r| r.committed_ms).collect();
+        times.sort_unstable();
+        let indexed: Vec<u64> = state.committed.iter().map(|(at, _)| *at).collect();
+        assert_eq!(indexed, times, "the index holds every record");
+        let held = state.dedupe.values().map(|r| r.bytes);
+        let held = held
+            .chain(state.pending.values().map(|e| e.bytes))
+            .sum::<u64>();
+        assert_eq!(state.used, held, "used counts what is held");
+        times
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_the_oldest_evictable_records_go_and_deliveries_stay() {
+        let store = MemoryStore::new();
+        commit(&store, 9, &[("a", 0)]).await;
+        for (msg_id, at) in [(1, 50), (2, 10), (3, 40), (4, 20), (5, 30)] {
+            record(&store, msg_id, at, Budget::UNLIMITED).await;
+        }
+        assert_eq!(record_times(&store), [1, 10, 20, 30, 40, 50]);
+        let held = store.used_bytes();
+        let success = CachedAnswer {
+            status: 200,
+            content_type: "text/plain".into(),
+            body: Bytes::from_static(b"success"),
+        };
+        let one = record_bytes("e0", &success);
+        let budget = |max_bytes, evict_before_ms| Budget {
+            max_bytes,
+            evict_before_ms,
+        };
+        // Room for one more: nothing goes.
+        record(&store, 6, 100, budget(held + one, 100)).await;
+        assert_eq!(record_times(&store), [1, 10, 20, 30, 40, 50, 100]);
+        // Full: the oldest record goes for the next.
+        record(&store, 7, 100, budget(held + one, 15)).await;
+        assert_eq!(record_times(&store), [10, 20, 30, 40, 50, 100, 100]);
+        // Three should go, one may (committed before 15): it goes and the record is written.
+        record(&store, 8, 100, budget(held - one, 15)).await;
+        assert_eq!(record_times(&store), [20, 30, 40, 50, 100, 100, 100]);
+        // Oldest first, until it fits.
+        record(&store, 0, 100, budget(held - one, 45)).await;
+        assert_eq!(record_times(&store), [50, 100, 100, 100, 100]);
+        assert_eq!(store.used_bytes(), held - one);
+        assert_eq!(
+            due_ids(&store, "a", 0, vec![]).await,
+            [1],
+            "the delivery stays"
+        );
     }
 
     /// `stats` counted over every entry, as before the tallies.

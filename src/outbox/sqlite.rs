@@ -177,6 +177,17 @@ const RECORD: &str = "INSERT INTO dedupe (event_id, committed_ms, status, conten
     committed_ms = excluded.committed_ms, status = excluded.status, \
     content_type = excluded.content_type, body = excluded.body, digest = excluded.digest";
 const EXPIRE: &str = "DELETE FROM dedupe WHERE committed_ms < ?1";
+/// Eviction past the budget: the `?2` oldest dedupe records committed before `?1`, through
+/// `dedupe_committed`.
+const EVICT: &str = "DELETE FROM dedupe WHERE event_id IN (SELECT event_id FROM dedupe \
+    WHERE committed_ms < ?1 ORDER BY committed_ms LIMIT ?2)";
+/// Dedupe records evicted for each one written while the store is at its budget: more than
+/// one, so that what the records occupy shrinks back under it (the pages they free are reused
+/// by the next writes before the file grows).
+const EVICT_PER_RECORD: i64 = 2;
+/// What a row costs beside the bytes of its values (its key in the index, the cell's header),
+/// for the estimate of a commit's size.
+const ROW_OVERHEAD: usize = 64;
 /// The upkeep's purge: dead letters that died before `?1`, through `dead_letters_died`.
 const PURGE_BEFORE: &str = "DELETE FROM dead_letters WHERE at_ms < ?1";
 
@@ -851,12 +862,14 @@ fn checkpoint_elsewhere(
 
 /// The bytes the data occupies: the pages in use (not on the free list) times their size.
 fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
-    let pragma = |name: &str| -> rusqlite::Result<u64> {
-        conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, i64>(0))
+    // Cached: a commit near the budget measures it too.
+    let pragma = |sql: &str| -> rusqlite::Result<u64> {
+        conn.prepare_cached(sql)?
+            .query_row([], |row| row.get::<_, i64>(0))
             .map(unsigned)
     };
-    let pages = pragma("page_count")?.saturating_sub(pragma("freelist_count")?);
-    Ok(pages.saturating_mul(pragma("page_size")?))
+    let pages = pragma("PRAGMA page_count")?.saturating_sub(pragma("PRAGMA freelist_count")?);
+    Ok(pages.saturating_mul(pragma("PRAGMA page_size")?))
 }
 
 /// Writes a row of [`PROBE_BYTES`] and deletes it again, each in a transaction of its own
@@ -890,6 +903,7 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
             _ => Done::Collision,
         });
     }
+    make_room(tx, commit)?;
     {
         tx.prepare_cached(RECORD)?.execute(params![
             push.event_id,
@@ -931,6 +945,31 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
         }
         Ok(Done::New(ids))
     }
+}
+
+/// Evicts the oldest dedupe records the commit's budget lets go when its writes would put
+/// the store over it: [`EVICT_PER_RECORD`] of them, in the writer's transaction.
+fn make_room(tx: &Connection, commit: &Commit) -> rusqlite::Result<()> {
+    let budget = commit.budget;
+    if budget.max_bytes == u64::MAX {
+        return Ok(());
+    }
+    let push = &commit.push;
+    let record = push.event_id.len() + commit.answer.body.len() + commit.answer.content_type.len();
+    let delivery = push.body.len() + push.query.len() + push.message.xml().len();
+    let bytes = commit
+        .deliveries
+        .len()
+        .saturating_mul(delivery.saturating_add(ROW_OVERHEAD))
+        .saturating_add(record.saturating_add(ROW_OVERHEAD));
+    if used_bytes(tx)?.saturating_add(bytes as u64) <= budget.max_bytes {
+        return Ok(());
+    }
+    let evicted = tx
+        .prepare_cached(EVICT)?
+        .execute(params![ms(budget.evict_before_ms), EVICT_PER_RECORD])?;
+    super::store::evicted(evicted as u64, commit.now_ms);
+    Ok(())
 }
 
 fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
@@ -1245,7 +1284,7 @@ mod tests {
     use std::task::{Context, Waker};
 
     use super::*;
-    use crate::outbox::store::NewDelivery;
+    use crate::outbox::store::{Budget, NewDelivery};
 
     /// Holds the writer just before each COMMIT while closed, and records the
     /// `synchronous` level of every transaction that reached it.
@@ -1456,6 +1495,7 @@ mod tests {
             }],
             now_ms: 1,
             dedupe_since_ms: 0,
+            budget: Budget::UNLIMITED,
         })
     }
 
@@ -1607,6 +1647,64 @@ mod tests {
         assert!(matches!(results[2], Ok(Done::Count(0))));
         assert!(matches!(&results[3], Ok(Done::New(ids)) if ids.len() == 1));
         assert_eq!(count(&conn, "deliveries"), 2);
+    }
+
+    /// The commit times of the dedupe records, oldest first.
+    fn record_times(conn: &Connection) -> Vec<i64> {
+        let mut statement = conn
+            .prepare("SELECT committed_ms FROM dedupe ORDER BY committed_ms")
+            .expect("prepare");
+        let rows = statement.query_map([], |r| r.get(0)).expect("query");
+        rows.map(|r| r.expect("row")).collect()
+    }
+
+    #[test]
+    fn past_the_budget_the_oldest_evictable_records_go_and_deliveries_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        // Records committed out of order; one push with a pending delivery among them.
+        let ops: Vec<Op> = [50, 10, 40, 20, 30]
+            .into_iter()
+            .enumerate()
+            .map(|(i, at)| {
+                let mut commit = push_commit(i as u32, false);
+                commit.deliveries.clear();
+                commit.now_ms = at;
+                Op::Commit(commit)
+            })
+            .chain([Op::Commit(push_commit(9, true))])
+            .collect();
+        apply_all(&mut conn, ops.iter());
+        assert_eq!(record_times(&conn), [1, 10, 20, 30, 40, 50]);
+        // Within the budget: nothing goes.
+        let next = |msg_id: u32, max_bytes: u64, evict_before_ms: u64| {
+            let mut commit = push_commit(msg_id, false);
+            commit.deliveries.clear();
+            commit.now_ms = 100;
+            commit.budget = Budget {
+                max_bytes,
+                evict_before_ms,
+            };
+            Op::Commit(commit)
+        };
+        apply_all(&mut conn, [next(10, u64::MAX - 1, 100)].iter());
+        assert_eq!(record_times(&conn), [1, 10, 20, 30, 40, 50, 100]);
+        // Over it: the two oldest records committed before 15 (of 1 and 10) go...
+        apply_all(&mut conn, [next(11, 0, 15)].iter());
+        assert_eq!(record_times(&conn), [20, 30, 40, 50, 100, 100]);
+        // ...none left before 15: nothing goes, the record is still written...
+        apply_all(&mut conn, [next(12, 0, 15)].iter());
+        assert_eq!(record_times(&conn), [20, 30, 40, 50, 100, 100, 100]);
+        // ...and oldest first again when more may go.
+        apply_all(&mut conn, [next(13, 0, 45)].iter());
+        assert_eq!(record_times(&conn), [40, 50, 100, 100, 100, 100]);
+        assert_eq!(count(&conn, "deliveries"), 1, "the pending delivery stays");
+        let plan = plan(&conn, EVICT, params![45, 2]);
+        assert!(
+            plan.contains("INDEX dedupe_committed (committed_ms<?)"),
+            "{plan}"
+        );
     }
 
     /// How SQLite runs `sql` with `args`: the plan's details, one per line.

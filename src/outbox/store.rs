@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
@@ -117,6 +118,70 @@ pub struct Commit {
     /// A dedupe record of the push committed at or after this makes the commit a duplicate:
     /// nothing is written and the recorded answer is returned.
     pub dedupe_since_ms: u64,
+    /// What the commit may evict to stay within `[store] max_bytes`.
+    pub budget: Budget,
+}
+
+/// A dedupe record is kept at least this long, even past the budget: WeChat waits 5 s for an
+/// answer before it sends a push again (PROTOCOL.md §6), so the retries that do come find the
+/// records of the last seconds. An older record that is evicted costs only that a retry of its
+/// push asks the reply target again (it has the event id to dedupe); refusing new pushes
+/// instead would lose logins.
+pub const MIN_RECORD_AGE_MS: u64 = 5_000;
+
+/// The budget a commit is written within: when its writes would put the store over
+/// `max_bytes`, the oldest dedupe records committed before `evict_before_ms` are evicted
+/// first (pending deliveries and dead letters never are), until the writes fit or none of
+/// those is left. Past that the commit is still written: the store then passes its budget by
+/// at most the records of the last [`MIN_RECORD_AGE_MS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_bytes: u64,
+    pub evict_before_ms: u64,
+}
+
+impl Budget {
+    /// Nothing is evicted.
+    pub const UNLIMITED: Budget = Budget {
+        max_bytes: u64::MAX,
+        evict_before_ms: 0,
+    };
+
+    /// `max_bytes` for a commit at `now_ms`: records older than [`MIN_RECORD_AGE_MS`] may go.
+    pub fn at(max_bytes: u64, now_ms: u64) -> Budget {
+        Budget {
+            max_bytes,
+            evict_before_ms: now_ms.saturating_sub(MIN_RECORD_AGE_MS),
+        }
+    }
+}
+
+/// When the last "dedupe records evicted" line was written, and what was evicted since.
+static EVICTIONS_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
+static EVICTIONS_UNLOGGED: AtomicU64 = AtomicU64::new(0);
+/// At most one "dedupe records evicted" line per this.
+const EVICTIONS_LOG_EVERY_MS: u64 = 1000;
+
+/// Counts `count` dedupe records a backend evicted to stay within the budget, and says so in
+/// the log at most once a second, with every record evicted since the last line.
+pub fn evicted(count: u64, now_ms: u64) {
+    if count == 0 {
+        return;
+    }
+    crate::metrics::dedupe_evicted(count);
+    EVICTIONS_UNLOGGED.fetch_add(count, Ordering::Relaxed);
+    let last = EVICTIONS_LOGGED_MS.load(Ordering::Relaxed);
+    let due = now_ms.saturating_sub(last) >= EVICTIONS_LOG_EVERY_MS
+        && EVICTIONS_LOGGED_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+    if due {
+        let evicted = EVICTIONS_UNLOGGED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            evicted,
+            "store at max_bytes: the oldest dedupe records evicted (a WeChat retry of their pushes asks the reply target again)"
+        );
+    }
 }
 
 /// What a commit did.
