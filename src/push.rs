@@ -40,18 +40,23 @@ impl Push {
     /// `msg_signature`, every other pair byte for byte (`signature` stays valid: it never
     /// covered the body).
     pub fn plain_query(&self) -> String {
-        self.query
-            .split('&')
-            .filter(|pair| {
-                // Decode the key as the handler read it: `encrypt%5Ftype` is `encrypt_type`.
-                let key = form_urlencoded::parse(pair.as_bytes())
-                    .next()
-                    .map(|(key, _)| key.into_owned())
-                    .unwrap_or_default();
-                !pair.is_empty() && !ENCRYPTION_PARAMS.contains(&key.as_str())
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+        let kept = self.query.split('&').filter(|pair| {
+            // Decode the key as the handler read it: `encrypt%5Ftype` is `encrypt_type`
+            // (borrowed unless it has a `%` or a `+` to decode).
+            let key = form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .map(|(key, _)| key)
+                .unwrap_or_default();
+            !pair.is_empty() && !ENCRYPTION_PARAMS.contains(&key.as_ref())
+        });
+        let mut query = String::with_capacity(self.query.len());
+        for pair in kept {
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str(pair);
+        }
+        query
     }
 }
 

@@ -20,7 +20,7 @@ use crate::outbox::store::CachedAnswer;
 use crate::push::Push;
 use crate::telemetry::limit;
 use crate::wechat::crypto;
-use crate::wechat::message::{Fields, text_reply};
+use crate::wechat::message::{Envelope, text_reply};
 
 const SUCCESS: &str = "success";
 pub const TEXT_XML: &str = "text/xml; charset=utf-8";
@@ -148,8 +148,9 @@ fn answer_reply(
         return (success(), ReplyOutcome::TargetEmpty);
     }
     // Junk would make WeChat show the user an error: only an <xml> document goes back.
-    let fields = match Fields::parse(&answer.body) {
-        Ok(fields) if fields.root() == "xml" => fields,
+    // Read like a push's envelope: every XML rule, the root's name and `Encrypt`, no tree.
+    let envelope = match Envelope::parse(&answer.body) {
+        Ok(envelope) if envelope.is_wechat_xml() => envelope,
         Ok(_) => {
             warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
                 "reply is not a WeChat <xml> message; answered success");
@@ -174,7 +175,7 @@ fn answer_reply(
             ReplyOutcome::FromTarget,
         );
     }
-    if fields.get("Encrypt").is_some() {
+    if envelope.encrypt().is_some() {
         // Already sealed by the target: pass it on as it is.
         let body = answer.body.clone();
         return (

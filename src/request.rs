@@ -2,6 +2,7 @@
 //! and the push opened (`msg_signature` checked and decrypted, PROTOCOL.md §3-§5). Nothing here
 //! knows routes or targets; every check ends in a [`Rejection`] or in what the next step reads.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,28 +14,25 @@ use crate::config::{Account, Mode};
 use crate::error::Rejection;
 use crate::forward::unix_now;
 use crate::wechat::crypto::{self, CryptoError};
-use crate::wechat::message::{Envelope, Message};
+use crate::wechat::message::{Envelope, Fields, Message};
 use crate::wechat::signature::{verify_msg_signature, verify_signature};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The query parameters, percent-decoded; the first of a repeated name counts.
-pub struct Query(Vec<(String, String)>);
+/// The query parameters, percent-decoded; the first of a repeated name counts. Borrowed from
+/// the query string unless a pair needs decoding.
+pub struct Query<'q>(Vec<(Cow<'q, str>, Cow<'q, str>)>);
 
-impl Query {
-    pub fn parse(raw: &str) -> Self {
-        Self(
-            form_urlencoded::parse(raw.as_bytes())
-                .into_owned()
-                .collect(),
-        )
+impl<'q> Query<'q> {
+    pub fn parse(raw: &'q str) -> Self {
+        Self(form_urlencoded::parse(raw.as_bytes()).collect())
     }
 
     pub fn get(&self, name: &'static str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 
     pub fn require(&self, name: &'static str) -> Result<&str, Rejection> {
@@ -110,22 +108,21 @@ pub fn open(
     query: &Query,
     body: &Bytes,
 ) -> Result<(Message, Option<usize>), Rejection> {
-    let envelope = Envelope::parse(body)?;
     let encrypted = query
         .get("encrypt_type")
         .is_some_and(|t| t.eq_ignore_ascii_case("aes"));
     if !encrypted {
+        // The body is the message; it is refused as XML before the mode is looked at.
+        let fields = Fields::parse(body)?;
         // WeChat encrypts every push in safe and compatible mode; an unencrypted one is a
         // downgrade (`signature` does not cover the body, so anyone holding one captured
         // query could post any XML with it).
         if account.mode != Mode::Plaintext {
             return Err(Rejection::Downgrade);
         }
-        return Ok((
-            Message::from_parts(body.clone(), envelope.into_fields()),
-            None,
-        ));
+        return Ok((Message::from_parts(body.clone(), fields), None));
     }
+    let envelope = Envelope::parse(body)?;
     let encrypt = envelope.encrypt().ok_or(Rejection::MissingEncrypt)?;
     let msg_signature = query.require("msg_signature")?;
     let timestamp = query.require("timestamp")?;

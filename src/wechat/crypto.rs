@@ -120,23 +120,32 @@ pub fn decrypt(key: &AesKey, app_id: &str, encrypt: &str) -> Result<Vec<u8>, Cry
     let plain = decryptor
         .decrypt_padded::<NoPadding>(&mut buf)
         .map_err(|_| CryptoError::BlockLength(cipher_len))?;
-    let plain = strip_padding(plain)?;
-    if plain.len() < RANDOM_LEN + LEN_FIELD {
-        return Err(CryptoError::MessageLength);
-    }
-    let len_bytes: [u8; 4] = plain[RANDOM_LEN..RANDOM_LEN + LEN_FIELD]
-        .try_into()
-        .map_err(|_| CryptoError::MessageLength)?;
+    let plain_len = strip_padding(plain)?.len();
+    let message = message_range(&buf[..plain_len], app_id)?;
+    // The message is moved to the front of the decrypted buffer, which is cut to it: no copy
+    // into a second buffer.
+    buf.copy_within(message.clone(), 0);
+    buf.truncate(message.len());
+    Ok(buf)
+}
+
+/// Where the message lies in a decrypted, unpadded plaintext, after bounding the length field
+/// and comparing the trailing app id.
+fn message_range(plain: &[u8], app_id: &str) -> Result<std::ops::Range<usize>, CryptoError> {
+    let start = RANDOM_LEN + LEN_FIELD;
+    let len_bytes: [u8; 4] = plain
+        .get(RANDOM_LEN..start)
+        .and_then(|field| field.try_into().ok())
+        .ok_or(CryptoError::MessageLength)?;
     let msg_len = u32::from_be_bytes(len_bytes) as usize;
-    let body = &plain[RANDOM_LEN + LEN_FIELD..];
-    if msg_len > body.len() {
-        return Err(CryptoError::MessageLength);
-    }
-    let (message, trailing_app_id) = body.split_at(msg_len);
-    if trailing_app_id != app_id.as_bytes() {
+    let end = start
+        .checked_add(msg_len)
+        .filter(|&end| end <= plain.len())
+        .ok_or(CryptoError::MessageLength)?;
+    if &plain[end..] != app_id.as_bytes() {
         return Err(CryptoError::AppId);
     }
-    Ok(message.to_vec())
+    Ok(start..end)
 }
 
 /// Encrypts `message` for `app_id` with the given 16 random bytes and returns the base64 text

@@ -10,9 +10,12 @@
 //! instruction but the XML declaration, and only the characters XML 1.0 allows, also when
 //! written as a character reference. WeChat sends none of these.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use quick_xml::Reader;
 use quick_xml::events::Event;
+use quick_xml::name::QName;
 use sha2::{Digest, Sha256};
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -65,11 +68,61 @@ pub enum XmlError {
     InvalidChar(u32),
 }
 
+/// An element's name: one of WeChat's own field names without an allocation, any other owned.
+pub type Name = Cow<'static, str>;
+
+/// WeChat's field names (PROTOCOL.md §7), shared instead of copied for every push.
+const KNOWN_NAMES: [&str; 36] = [
+    "xml",
+    "ToUserName",
+    "FromUserName",
+    "CreateTime",
+    "MsgType",
+    "Content",
+    "MsgId",
+    "MsgID",
+    "MsgDataId",
+    "Idx",
+    "Event",
+    "EventKey",
+    "Ticket",
+    "Encrypt",
+    "PicUrl",
+    "MediaId",
+    "Format",
+    "Recognition",
+    "ThumbMediaId",
+    "Location_X",
+    "Location_Y",
+    "Scale",
+    "Label",
+    "Title",
+    "Description",
+    "Url",
+    "Latitude",
+    "Longitude",
+    "Precision",
+    "Status",
+    "ScanCodeInfo",
+    "ScanType",
+    "ScanResult",
+    "SendPicsInfo",
+    "Count",
+    "PicList",
+];
+
+fn name_of(name: &str) -> Name {
+    match KNOWN_NAMES.iter().find(|&&known| known == name) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(name.to_owned()),
+    }
+}
+
 /// One element's content: text (CDATA and character data joined) or child elements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     Text(String),
-    Element(Vec<(String, Node)>),
+    Element(Vec<(Name, Node)>),
 }
 
 impl Node {
@@ -82,156 +135,251 @@ impl Node {
 }
 
 /// Children as a JSON object; a name that repeats (items of a list) becomes an array.
-fn children_to_json(children: &[(String, Node)]) -> serde_json::Value {
+fn children_to_json(children: &[(Name, Node)]) -> serde_json::Value {
     let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (name, _) in children {
-        *counts.entry(name.as_str()).or_default() += 1;
+        *counts.entry(name.as_ref()).or_default() += 1;
     }
     let mut object = serde_json::Map::new();
     for (name, node) in children {
         let value = node.to_json();
-        if counts.get(name.as_str()).is_some_and(|&n| n > 1) {
+        if counts.get(name.as_ref()).is_some_and(|&n| n > 1) {
             let items = object
-                .entry(name.clone())
+                .entry(name.as_ref())
                 .or_insert_with(|| serde_json::Value::Array(Vec::new()));
             if let serde_json::Value::Array(items) = items {
                 items.push(value);
             }
         } else {
-            object.insert(name.clone(), value);
+            object.insert(name.to_string(), value);
         }
     }
     serde_json::Value::Object(object)
 }
 
+/// A piece of an element's text as the reader meets it: a run of character data or CDATA
+/// (borrowed from the document), or one resolved reference.
+enum Piece<'a> {
+    Str(&'a str),
+    Char(char),
+}
+
+/// What [`walk`] tells about a document, in document order. Depth 0 is the root element.
+trait Visitor<'a> {
+    fn open(&mut self, depth: usize, name: &str);
+    /// Text directly inside the innermost open element, at `depth`.
+    fn text(&mut self, depth: usize, piece: Piece<'a>);
+    fn close(&mut self);
+}
+
+/// Reads a whole document once, enforcing every rule of this module, and tells `visitor` its
+/// elements and text: the one reader behind [`Fields::parse`] and [`Envelope::parse`].
+fn walk<'a>(xml: &'a [u8], visitor: &mut impl Visitor<'a>) -> Result<(), XmlError> {
+    let xml = xml.strip_prefix(BOM).unwrap_or(xml);
+    check_chars(utf8(xml)?)?;
+    let mut reader = Reader::from_reader(xml);
+    // How many elements are open, and whether the root has been closed.
+    let mut depth = 0usize;
+    let mut rooted = false;
+    let mut singles = SingleFields::default();
+    let mut first = true;
+    loop {
+        let event = reader.read_event().map_err(|e| read_error(&e))?;
+        let at_start = std::mem::replace(&mut first, false);
+        match event {
+            Event::Start(start) => {
+                check_attributes(&start)?;
+                if rooted {
+                    return Err(XmlError::TrailingContent);
+                }
+                if depth >= MAX_DEPTH {
+                    return Err(XmlError::TooDeep);
+                }
+                let name = name(&start)?;
+                singles.opened(depth, name);
+                visitor.open(depth, name);
+                depth += 1;
+            }
+            Event::Empty(empty) => {
+                check_attributes(&empty)?;
+                let name = name(&empty)?;
+                if depth == 0 {
+                    if rooted {
+                        return Err(XmlError::TrailingContent);
+                    }
+                    rooted = true;
+                }
+                singles.opened(depth, name);
+                visitor.open(depth, name);
+                visitor.close();
+            }
+            Event::End(_) => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or(XmlError::Malformed("unexpected end tag"))?;
+                rooted |= depth == 0;
+                visitor.close();
+            }
+            Event::Text(text) => {
+                let text = match text.into_inner() {
+                    Cow::Borrowed(bytes) => std::str::from_utf8(bytes)
+                        .map_err(|_| XmlError::Malformed("bad text encoding"))?,
+                    Cow::Owned(_) => return Err(XmlError::Malformed("bad text encoding")),
+                };
+                match depth {
+                    0 if text.trim().is_empty() => {}
+                    0 => return Err(XmlError::Malformed("text outside the root")),
+                    _ => visitor.text(depth - 1, Piece::Str(text)),
+                }
+            }
+            Event::CData(cdata) => {
+                let text = match cdata.into_inner() {
+                    Cow::Borrowed(bytes) => utf8(bytes)?,
+                    Cow::Owned(_) => return Err(XmlError::Utf8),
+                };
+                match depth {
+                    0 => return Err(XmlError::Malformed("CDATA outside the root")),
+                    _ => visitor.text(depth - 1, Piece::Str(text)),
+                }
+            }
+            Event::GeneralRef(reference) => {
+                let resolved = resolve_reference(&reference)?;
+                match depth {
+                    0 => return Err(XmlError::Malformed("reference outside the root")),
+                    _ => visitor.text(depth - 1, Piece::Char(resolved)),
+                }
+            }
+            Event::Eof => break,
+            // The declaration only where XML allows it: first, at most once.
+            Event::Decl(_) if at_start => {}
+            Event::Decl(_) | Event::PI(_) => return Err(XmlError::ProcessingInstruction),
+            Event::DocType(doctype) => {
+                return Err(if contains_ignore_case(&doctype, b"<!ENTITY") {
+                    XmlError::Entity
+                } else {
+                    XmlError::Doctype
+                });
+            }
+            Event::Comment(_) => {}
+        }
+    }
+    if depth != 0 {
+        return Err(XmlError::Malformed("unclosed element"));
+    }
+    if !rooted {
+        return Err(XmlError::NoRoot);
+    }
+    singles.check()
+}
+
+/// Tracks the [`SINGLE_FIELDS`] at the top level: how often each appears, and whether its first
+/// appearance holds an element.
+#[derive(Default)]
+struct SingleFields {
+    seen: [(u8, bool); SINGLE_FIELDS.len()],
+    /// The entry open at depth 1, if the element open there is one of them.
+    open: Option<usize>,
+}
+
+impl SingleFields {
+    fn opened(&mut self, depth: usize, name: &str) {
+        if depth == 1 {
+            self.open = SINGLE_FIELDS.iter().position(|&field| field == name);
+            if let Some(i) = self.open {
+                self.seen[i].0 = self.seen[i].0.saturating_add(1);
+            }
+        } else if depth == 2
+            && let Some(i) = self.open
+            && self.seen[i].0 == 1
+        {
+            self.seen[i].1 = true;
+        }
+    }
+
+    fn check(&self) -> Result<(), XmlError> {
+        for (field, &(count, holds_element)) in SINGLE_FIELDS.into_iter().zip(&self.seen) {
+            if count > 1 {
+                return Err(XmlError::Repeated(field));
+            }
+            // Text only: a reader that flattens child elements would see another value.
+            if holds_element {
+                return Err(XmlError::NotText(field));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An element's name as the document spells it.
+fn name<'e>(start: &'e quick_xml::events::BytesStart<'_>) -> Result<&'e str, XmlError> {
+    let QName(name) = start.name();
+    utf8(name)
+}
+
 /// An open element while parsing: its name, its children so far and its text so far.
-type Frame = (String, Vec<(String, Node)>, String);
+type Frame = (Name, Vec<(Name, Node)>, String);
+
+/// Builds [`Fields`] from what [`walk`] reads.
+#[derive(Default)]
+struct Tree {
+    stack: Vec<Frame>,
+    root: Name,
+    children: Vec<(Name, Node)>,
+}
+
+impl<'a> Visitor<'a> for Tree {
+    fn open(&mut self, depth: usize, name: &str) {
+        let name = name_of(name);
+        if depth == 0 {
+            self.root.clone_from(&name);
+        }
+        self.stack.push((name, Vec::new(), String::new()));
+    }
+
+    fn text(&mut self, _depth: usize, piece: Piece<'a>) {
+        if let Some((_, _, text)) = self.stack.last_mut() {
+            match piece {
+                Piece::Str(s) => text.push_str(s),
+                Piece::Char(ch) => text.push(ch),
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        let Some((name, children, text)) = self.stack.pop() else {
+            return;
+        };
+        let node = if children.is_empty() {
+            Node::Text(text)
+        } else {
+            Node::Element(children)
+        };
+        match self.stack.last_mut() {
+            Some((_, siblings, _)) => siblings.push((name, node)),
+            None => {
+                if let Node::Element(children) = node {
+                    self.children = children;
+                }
+            }
+        }
+    }
+}
 
 /// The root element's name and its children, in document order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fields {
-    root: String,
-    children: Vec<(String, Node)>,
+    root: Name,
+    children: Vec<(Name, Node)>,
 }
 
 impl Fields {
     /// Parses a document and returns its root's children. A leading BOM is skipped.
     pub fn parse(xml: &[u8]) -> Result<Self, XmlError> {
-        let xml = xml.strip_prefix(BOM).unwrap_or(xml);
-        check_chars(utf8(xml)?)?;
-        let mut reader = Reader::from_reader(xml);
-        let mut stack: Vec<Frame> = Vec::new();
-        let mut root: Option<Vec<(String, Node)>> = None;
-        let mut root_name = String::new();
-        let mut first = true;
-        loop {
-            let event = reader.read_event().map_err(|e| read_error(&e))?;
-            let at_start = std::mem::replace(&mut first, false);
-            match event {
-                Event::Start(start) => {
-                    check_attributes(&start)?;
-                    if root.is_some() {
-                        return Err(XmlError::TrailingContent);
-                    }
-                    if stack.len() >= MAX_DEPTH {
-                        return Err(XmlError::TooDeep);
-                    }
-                    let name = utf8(start.name().as_ref())?.to_owned();
-                    if stack.is_empty() {
-                        root_name.clone_from(&name);
-                    }
-                    stack.push((name, Vec::new(), String::new()));
-                }
-                Event::Empty(empty) => {
-                    check_attributes(&empty)?;
-                    let name = utf8(empty.name().as_ref())?.to_owned();
-                    match stack.last_mut() {
-                        Some((_, children, _)) => children.push((name, Node::Text(String::new()))),
-                        None if root.is_none() => {
-                            root_name = name;
-                            root = Some(Vec::new());
-                        }
-                        None => return Err(XmlError::TrailingContent),
-                    }
-                }
-                Event::End(_) => {
-                    let Some((name, children, text)) = stack.pop() else {
-                        return Err(XmlError::Malformed("unexpected end tag"));
-                    };
-                    let node = if children.is_empty() {
-                        Node::Text(text)
-                    } else {
-                        Node::Element(children)
-                    };
-                    match stack.last_mut() {
-                        Some((_, siblings, _)) => siblings.push((name, node)),
-                        None => {
-                            root = Some(match node {
-                                Node::Element(children) => children,
-                                Node::Text(_) => Vec::new(),
-                            })
-                        }
-                    }
-                }
-                Event::Text(text) => {
-                    let decoded = text
-                        .decode()
-                        .map_err(|_| XmlError::Malformed("bad text encoding"))?;
-                    match stack.last_mut() {
-                        Some((_, _, buf)) => buf.push_str(&decoded),
-                        None if decoded.trim().is_empty() => {}
-                        None => return Err(XmlError::Malformed("text outside the root")),
-                    }
-                }
-                Event::CData(cdata) => {
-                    let inner = cdata.into_inner();
-                    let text = utf8(&inner)?;
-                    match stack.last_mut() {
-                        Some((_, _, buf)) => buf.push_str(text),
-                        None => return Err(XmlError::Malformed("CDATA outside the root")),
-                    }
-                }
-                Event::GeneralRef(reference) => {
-                    let resolved = resolve_reference(&reference)?;
-                    match stack.last_mut() {
-                        Some((_, _, buf)) => buf.push(resolved),
-                        None => {
-                            return Err(XmlError::Malformed("reference outside the root"));
-                        }
-                    }
-                }
-                Event::Eof => break,
-                // The declaration only where XML allows it: first, at most once.
-                Event::Decl(_) if at_start => {}
-                Event::Decl(_) | Event::PI(_) => return Err(XmlError::ProcessingInstruction),
-                Event::DocType(doctype) => {
-                    return Err(if contains_ignore_case(&doctype, b"<!ENTITY") {
-                        XmlError::Entity
-                    } else {
-                        XmlError::Doctype
-                    });
-                }
-                Event::Comment(_) => {}
-            }
-        }
-        if !stack.is_empty() {
-            return Err(XmlError::Malformed("unclosed element"));
-        }
-        let children = root.ok_or(XmlError::NoRoot)?;
-        for field in SINGLE_FIELDS {
-            let mut found = children.iter().filter(|(n, _)| n == field);
-            let first = found.next();
-            if found.next().is_some() {
-                return Err(XmlError::Repeated(field));
-            }
-            // Text only: a reader that flattens child elements would see another value.
-            if let Some((_, Node::Element(_))) = first {
-                return Err(XmlError::NotText(field));
-            }
-        }
+        let mut tree = Tree::default();
+        walk(xml, &mut tree)?;
         Ok(Fields {
-            root: root_name,
-            children,
+            root: tree.root,
+            children: tree.children,
         })
     }
 
@@ -250,7 +398,7 @@ impl Fields {
 
     /// Every top-level element in document order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Node)> {
-        self.children.iter().map(|(n, node)| (n.as_str(), node))
+        self.children.iter().map(|(n, node)| (n.as_ref(), node))
     }
 
     /// The fields as a JSON object (text stays text: WeChat's XML carries no types).
@@ -266,11 +414,29 @@ pub fn allowed_char(ch: char) -> bool {
 }
 
 /// The first character of `text` that XML 1.0 does not allow (NUL among them).
+///
+/// Scanned as bytes: in valid UTF-8 (no surrogates) the only refused characters are the C0
+/// controls but tab, newline and carriage return, and U+FFFE and U+FFFF (`EF BF BE`/`EF BF BF`).
 fn check_chars(text: &str) -> Result<(), XmlError> {
-    match text.chars().find(|&ch| !allowed_char(ch)) {
-        Some(ch) => Err(XmlError::InvalidChar(u32::from(ch))),
-        None => Ok(()),
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(at) = bytes
+        .get(from..)
+        .and_then(|rest| rest.iter().position(|&b| b < 0x20 || b == 0xEF))
+    {
+        let at = from + at;
+        match bytes[at..] {
+            [b'\t' | b'\n' | b'\r', ..] => {}
+            [0xEF, 0xBF, last @ (0xBE | 0xBF), ..] => {
+                return Err(XmlError::InvalidChar(0xFFC0 | u32::from(last & 0x3F)));
+            }
+            [0xEF, ..] => {}
+            [control, ..] => return Err(XmlError::InvalidChar(u32::from(control))),
+            [] => break,
+        }
+        from = at + 1;
     }
+    Ok(())
 }
 
 /// Attributes are not read, but a target's parser reads them: each must parse, and its
@@ -336,28 +502,74 @@ fn resolve_reference(reference: &quick_xml::events::BytesRef<'_>) -> Result<char
         .ok_or(XmlError::Malformed("unknown entity"))
 }
 
-/// A push as WeChat posted it, before any decryption: the root's fields and `Encrypt`, if any.
+/// A push as WeChat posted it, before any decryption: its `Encrypt` text, if any, borrowed from
+/// the body unless a reference or a split CDATA section makes it differ from the body's bytes.
+///
+/// Read in one pass, without a tree, under every rule [`Fields::parse`] applies.
 #[derive(Debug, Clone)]
-pub struct Envelope {
-    fields: Fields,
+pub struct Envelope<'a> {
+    encrypt: Option<Cow<'a, str>>,
+    xml_root: bool,
 }
 
-impl Envelope {
-    pub fn parse(body: &[u8]) -> Result<Self, XmlError> {
+impl<'a> Envelope<'a> {
+    pub fn parse(body: &'a [u8]) -> Result<Self, XmlError> {
+        let mut finder = EncryptFinder::default();
+        walk(body, &mut finder)?;
         Ok(Self {
-            fields: Fields::parse(body)?,
+            encrypt: finder.text,
+            xml_root: finder.xml_root,
         })
+    }
+
+    /// Whether the root element is `<xml>`, as in everything WeChat sends and accepts.
+    pub fn is_wechat_xml(&self) -> bool {
+        self.xml_root
     }
 
     /// The `Encrypt` text with surrounding ASCII whitespace trimmed (base64 never contains it),
     /// exactly as it is to be hashed for `msg_signature`.
     pub fn encrypt(&self) -> Option<&str> {
-        self.fields.get("Encrypt").map(str::trim_ascii)
+        self.encrypt.as_deref().map(str::trim_ascii)
+    }
+}
+
+/// Collects the text of the top-level `Encrypt` element (at most one: [`walk`] refuses two).
+#[derive(Default)]
+struct EncryptFinder<'a> {
+    /// Whether the element open at depth 1 is `Encrypt`.
+    inside: bool,
+    text: Option<Cow<'a, str>>,
+    xml_root: bool,
+}
+
+impl<'a> Visitor<'a> for EncryptFinder<'a> {
+    fn open(&mut self, depth: usize, name: &str) {
+        if depth == 0 {
+            self.xml_root = name == "xml";
+        } else if depth == 1 {
+            self.inside = name == "Encrypt";
+            if self.inside {
+                self.text.get_or_insert(Cow::Borrowed(""));
+            }
+        }
     }
 
-    pub fn into_fields(self) -> Fields {
-        self.fields
+    fn text(&mut self, depth: usize, piece: Piece<'a>) {
+        if depth != 1 || !self.inside {
+            return;
+        }
+        let Some(text) = self.text.as_mut() else {
+            return;
+        };
+        match piece {
+            Piece::Str(s) if text.is_empty() => *text = Cow::Borrowed(s),
+            Piece::Str(s) => text.to_mut().push_str(s),
+            Piece::Char(ch) => text.to_mut().push(ch),
+        }
     }
+
+    fn close(&mut self) {}
 }
 
 /// A message or event: its exact XML bytes (decrypted, for encrypted pushes) and its fields.
@@ -430,32 +642,40 @@ impl Message {
 
     /// The identity of a push across WeChat's retries (PROTOCOL.md §6): a retry may carry a new
     /// timestamp, nonce and signatures, but the decrypted message is the same.
-    pub fn dedupe_key(&self) -> DedupeKey {
-        let part = |name: &str| self.get(name).unwrap_or_default().to_owned();
-        let mut parts = vec![part("ToUserName"), part("FromUserName")];
+    pub fn dedupe_key(&self) -> DedupeKey<'_> {
+        let part = |name: &str| self.get(name).unwrap_or_default();
+        let (to, from, create_time) =
+            (part("ToUserName"), part("FromUserName"), part("CreateTime"));
         if self.is_event() {
-            parts.extend([part("CreateTime"), part("Event"), part("EventKey")]);
+            DedupeKey {
+                parts: [to, from, create_time, part("Event"), part("EventKey")],
+                len: 5,
+            }
         } else {
-            parts.extend([
-                self.msg_id().unwrap_or_default().to_owned(),
-                part("CreateTime"),
-            ]);
+            let msg_id = self.msg_id().unwrap_or_default();
+            DedupeKey {
+                parts: [to, from, msg_id, create_time, ""],
+                len: 4,
+            }
         }
-        DedupeKey(parts)
     }
 }
 
-/// The parts that identify a push (see [`Message::dedupe_key`]).
+/// The parts that identify a push (see [`Message::dedupe_key`]), borrowed from the message:
+/// the first `len` of `parts` (a message has four, an event five).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DedupeKey(Vec<String>);
+pub struct DedupeKey<'m> {
+    parts: [&'m str; 5],
+    len: usize,
+}
 
-impl DedupeKey {
+impl DedupeKey<'_> {
     /// A stable id for the push on `account`: the same for every retry of it. 32 hex digits of
     /// SHA-256, so it reveals nothing of the openid it covers.
     pub fn event_id(&self, account: &str) -> String {
         let mut hasher = Sha256::new();
         hasher.update(account.as_bytes());
-        for part in &self.0 {
+        for part in self.parts.iter().take(self.len) {
             // Length-prefixed so that ("ab", "c") and ("a", "bc") differ.
             hasher.update((part.len() as u64).to_be_bytes());
             hasher.update(part.as_bytes());
@@ -687,6 +907,152 @@ mod tests {
         ] {
             assert!(allowed_char(ch), "{:?}", ch);
         }
+    }
+
+    fn encrypt_of(body: &str) -> Result<Option<String>, XmlError> {
+        Envelope::parse(body.as_bytes()).map(|e| e.encrypt().map(str::to_owned))
+    }
+
+    #[test]
+    fn envelope_reads_encrypt_on_odd_but_valid_inputs() {
+        for (body, expected) in [
+            (
+                "<xml><ToUserName>gh</ToUserName><Encrypt>abc+/=</Encrypt></xml>",
+                Some("abc+/="),
+            ),
+            (
+                "<xml><Encrypt><![CDATA[ab]]><![CDATA[c=]]></Encrypt></xml>",
+                Some("abc="),
+            ),
+            (
+                "<xml>\n  <Encrypt>\n    <![CDATA[abc]]>\n  </Encrypt>\n</xml>\n",
+                Some("abc"),
+            ),
+            (
+                "<xml a=\"1\"><Encrypt b='2'>abc</Encrypt></xml>",
+                Some("abc"),
+            ),
+            (
+                "<xml><Encrypt>ab&#x2B;c&amp;</Encrypt></xml>",
+                Some("ab+c&"),
+            ),
+            (
+                "\u{feff}<?xml version=\"1.0\"?><!-- c --><xml><Encrypt>abc</Encrypt></xml>",
+                Some("abc"),
+            ),
+            // Only the top level's: a nested one is another field.
+            (
+                "<xml><A><Encrypt>x</Encrypt></A><Encrypt>abc</Encrypt></xml>",
+                Some("abc"),
+            ),
+            ("<xml><A><Encrypt>x</Encrypt></A></xml>", None),
+            ("<xml><Encrypt/></xml>", Some("")),
+            ("<xml/>", None),
+        ] {
+            assert!(Envelope::parse(body.as_bytes()).is_ok_and(|e| e.is_wechat_xml()));
+            assert_eq!(
+                encrypt_of(body),
+                Ok(expected.map(str::to_owned)),
+                "{body:?}"
+            );
+        }
+        // One CDATA section is borrowed from the body, not copied.
+        let body = b"<xml><Encrypt><![CDATA[abc]]></Encrypt></xml>";
+        let envelope = Envelope::parse(body).expect("valid");
+        assert!(matches!(envelope.encrypt, Some(Cow::Borrowed(_))));
+        for other in ["<html><Encrypt>abc</Encrypt></html>", "<XML/>", "<xmlx/>"] {
+            assert!(
+                Envelope::parse(other.as_bytes()).is_ok_and(|e| !e.is_wechat_xml()),
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn envelope_refuses_what_fields_refuses() {
+        for (body, expected) in [
+            (
+                "<xml><Encrypt>a</Encrypt><Encrypt>b</Encrypt></xml>",
+                XmlError::Repeated("Encrypt"),
+            ),
+            (
+                "<xml><Encrypt><b>a</b></Encrypt></xml>",
+                XmlError::NotText("Encrypt"),
+            ),
+            (
+                "<xml><ToUserName>a</ToUserName><ToUserName>b</ToUserName><Encrypt>x</Encrypt></xml>",
+                XmlError::Repeated("ToUserName"),
+            ),
+            (
+                "<!DOCTYPE xml><xml><Encrypt>a</Encrypt></xml>",
+                XmlError::Doctype,
+            ),
+            (
+                "<xml><?pi x?><Encrypt>a</Encrypt></xml>",
+                XmlError::ProcessingInstruction,
+            ),
+            (
+                "<xml><Encrypt>a\u{1}</Encrypt></xml>",
+                XmlError::InvalidChar(1),
+            ),
+            (
+                "<xml><Encrypt>a&#0;</Encrypt></xml>",
+                XmlError::InvalidChar(0),
+            ),
+            (
+                "<xml><Encrypt>a</Encrypt></xml><xml/>",
+                XmlError::TrailingContent,
+            ),
+            ("", XmlError::NoRoot),
+        ] {
+            assert_eq!(encrypt_of(body), Err(expected.clone()), "{body:?}");
+            assert_eq!(Fields::parse(body.as_bytes()), Err(expected), "{body:?}");
+        }
+        for body in [
+            "<xml><Encrypt>a</Encrypt>",
+            "<xml><Encrypt>&bogus;</Encrypt></xml>",
+            "x<xml/>",
+        ] {
+            assert!(
+                matches!(encrypt_of(body), Err(XmlError::Malformed(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refused_characters_are_found_as_bytes() {
+        // Around the bytes the scan stops at: fullwidth forms (EF BC..) are allowed, EF BF BE/BF
+        // are not; the first refused one is reported.
+        let fields = Fields::parse("<xml><a>\u{FF0C}\u{FFFD}\u{EFFF}\t</a></xml>".as_bytes())
+            .expect("allowed");
+        assert_eq!(fields.get("a"), Some("\u{FF0C}\u{FFFD}\u{EFFF}\t"));
+        for (body, code) in [
+            ("<xml><a>\u{FF0C}\u{FFFF}\u{1}</a></xml>", 0xFFFF),
+            ("<xml><a>\u{1F}\u{FFFE}</a></xml>", 0x1F),
+            ("<xml><a>\u{FFFE}</a></xml>", 0xFFFE),
+            ("<xml/>\u{7}", 7),
+        ] {
+            assert_eq!(
+                Fields::parse(body.as_bytes()),
+                Err(XmlError::InvalidChar(code)),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn known_names_are_not_copied() {
+        let fields =
+            Fields::parse(b"<xml><MsgType>text</MsgType><Custom>1</Custom></xml>").expect("xml");
+        assert!(matches!(fields.root, Cow::Borrowed("xml")));
+        let names: Vec<_> = fields
+            .children
+            .iter()
+            .map(|(n, _)| matches!(n, Cow::Borrowed(_)))
+            .collect();
+        assert_eq!(names, [true, false]);
+        assert_eq!(fields.get("Custom"), Some("1"));
     }
 
     #[test]
