@@ -258,3 +258,57 @@ fn log_forward(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::wechat::message::Message;
+
+    #[test]
+    fn a_passed_on_answer_does_not_keep_the_buffer_it_was_read_into() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "[[account]]\nname = \"main\"\npath = \"/wechat\"\napp_id = \"wx0123456789abcdef\"\ntoken = \"t0kenT0ken\"\n\
+             mode = \"plaintext\"\n[[target]]\nname = \"idp\"\nurl = \"http://127.0.0.1:9/\"\n\
+             format = \"raw\"\n[[route]]\nto = [\"idp\"]\nreply = \"idp\"\n",
+        )
+        .expect("config");
+        let config = Config::load_with_env(&path, &[]).expect("valid config");
+        let xml = b"<xml><ToUserName>a</ToUserName><MsgType>text</MsgType></xml>";
+        // The answer's body as hyper may hand it over: a slice of a much larger read buffer.
+        let mut buffer = vec![b' '; 64 << 10];
+        buffer[..xml.len()].copy_from_slice(xml);
+        let buffer = Bytes::from(buffer);
+        let answer = Answer {
+            status: StatusCode::OK,
+            content_type: None,
+            body: buffer.slice(..xml.len()),
+            retry_after: None,
+        };
+        let push = Push {
+            account: "main".into(),
+            event_id: "e".into(),
+            query: String::new(),
+            body: Bytes::new(),
+            content_type: None,
+            forwarded_for: String::new(),
+            message: Message::parse(Bytes::from_static(b"<xml/>")).expect("xml"),
+            key_index: None,
+            received_at: SystemTime::now(),
+        };
+        let (cached, outcome) =
+            answer_reply(&config.accounts[0], &push, &config.targets[0], &answer);
+        assert_eq!(outcome, ReplyOutcome::FromTarget);
+        assert_eq!(cached.body, &xml[..]);
+        let inside = buffer.as_ptr_range();
+        assert!(
+            !inside.contains(&cached.body.as_ptr()),
+            "the cached answer points into the read buffer (kept alive with it)"
+        );
+    }
+}
