@@ -32,6 +32,22 @@ pub struct Push {
 }
 
 impl Push {
+    /// A plaintext push of `<xml/>` under `event_id`, for unit tests.
+    #[cfg(test)]
+    pub fn for_test(event_id: &str) -> Push {
+        Push {
+            account: "main".into(),
+            event_id: event_id.into(),
+            query: String::new(),
+            body: Bytes::new(),
+            content_type: None,
+            forwarded_for: String::new(),
+            message: Message::parse(Bytes::from_static(b"<xml/>")).expect("xml"),
+            key_index: None,
+            received_at: SystemTime::now(),
+        }
+    }
+
     pub fn encrypted(&self) -> bool {
         self.key_index.is_some()
     }

@@ -261,11 +261,8 @@ fn log_forward(
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
     use crate::config::Config;
-    use crate::wechat::message::Message;
 
     #[test]
     fn a_passed_on_answer_does_not_keep_the_buffer_it_was_read_into() {
@@ -290,17 +287,7 @@ mod tests {
             body: buffer.slice(..xml.len()),
             retry_after: None,
         };
-        let push = Push {
-            account: "main".into(),
-            event_id: "e".into(),
-            query: String::new(),
-            body: Bytes::new(),
-            content_type: None,
-            forwarded_for: String::new(),
-            message: Message::parse(Bytes::from_static(b"<xml/>")).expect("xml"),
-            key_index: None,
-            received_at: SystemTime::now(),
-        };
+        let push = Push::for_test("e");
         let (cached, outcome) =
             answer_reply(&config.accounts[0], &push, &config.targets[0], &answer);
         assert_eq!(outcome, ReplyOutcome::FromTarget);

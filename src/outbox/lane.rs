@@ -177,26 +177,12 @@ impl Fresh {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::SystemTime;
-
-    use bytes::Bytes;
 
     use super::*;
     use crate::push::Push;
-    use crate::wechat::message::Message;
 
     fn delivery(id: DeliveryId, event_id: &str) -> Delivery {
-        let push = Push {
-            account: "main".into(),
-            event_id: event_id.into(),
-            query: String::new(),
-            body: Bytes::new(),
-            content_type: None,
-            forwarded_for: String::new(),
-            message: Message::parse(Bytes::from_static(b"<xml/>")).expect("xml"),
-            key_index: None,
-            received_at: SystemTime::now(),
-        };
+        let push = Push::for_test(event_id);
         Delivery {
             id,
             target: "t".into(),
