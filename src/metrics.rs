@@ -136,7 +136,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         STORE_CHECKPOINTS,
-        "WAL checkpoints of the durable store, by mode (passive, truncate past the WAL's bound)"
+        "WAL checkpoints of the durable store, by mode (passive; restart past the WAL's bound)"
     );
     metrics::describe_counter!(CONFIG_RELOADS, "Config reloads, by result");
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by listener");
@@ -229,10 +229,10 @@ pub fn store_batch(writes: usize) {
     histogram!(STORE_BATCH_SIZE).record(writes as f64);
 }
 
-/// A WAL checkpoint run off the commit path: `PASSIVE` or `TRUNCATE`.
+/// A WAL checkpoint run off the commit path: `PASSIVE` or `RESTART`.
 pub fn store_checkpoint(mode: &'static str) {
-    let mode = if mode == "TRUNCATE" {
-        "truncate"
+    let mode = if mode == "RESTART" {
+        "restart"
     } else {
         "passive"
     };

@@ -722,14 +722,15 @@ impl Writer {
             let (probes, batch): (Vec<Job>, Vec<Job>) = batch
                 .into_iter()
                 .partition(|(op, _)| matches!(op, Op::Probe));
+            self.wal.begin_write();
             if !batch.is_empty() {
-                self.wal.wait_below_hard();
                 self.apply(batch);
             }
             for (_, done) in probes {
                 let probed = self.at(Sync::Full).and_then(|()| probe(&mut self.conn));
                 let _ = done.send(probed.map(|()| Done::Count(0)).map_err(io_error));
             }
+            self.wal.end_write();
             match used_bytes(&self.conn) {
                 Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
                 Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
@@ -839,8 +840,9 @@ fn apply_batch<'a>(
 }
 
 /// Leaves the checkpoints to the [`checkpointer`]: the writer's connection does not run them
-/// (its WAL hook reports the WAL's frames instead), and truncates a WAL it restarts to the
-/// soft limit.
+/// (its WAL hook reports the WAL's frames instead), and keeps the WAL file at up to the
+/// hard bound's size when it restarts it (truncating it costs the writer more than reusing
+/// it).
 fn checkpoint_elsewhere(
     conn: &mut Connection,
     wal: &Arc<Wal>,
@@ -848,7 +850,7 @@ fn checkpoint_elsewhere(
 ) -> rusqlite::Result<()> {
     let page: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
     let frame = unsigned(page).saturating_add(24);
-    let limit = ms(limits.soft_frames.saturating_mul(frame));
+    let limit = ms(limits.hard_frames.saturating_mul(frame));
     // The pragma installs SQLite's own WAL hook: set it first, then replace the hook.
     conn.execute_batch(&format!(
         "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {limit};"
@@ -1794,7 +1796,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_its_bound_the_writer_waits_for_the_checkpointer_to_empty_the_wal() {
+    async fn past_its_bound_the_writer_waits_for_the_checkpointer_to_restart_the_wal() {
         let limits = WalLimits {
             every: Duration::from_millis(20),
             soft_frames: 64,
@@ -1830,13 +1832,25 @@ mod tests {
         }
         assert!(store.wal.frames().1, "the writer waits");
         assert!(pending(&mut next), "no write past the bound");
-        // The read ends: the checkpointer empties the WAL and the writer goes on.
+        // The read ends: the checkpointer restarts the WAL and the writer goes on.
         reader.execute_batch("COMMIT").expect("end the read");
         let next = tokio::time::timeout(WAIT, next).await.expect("written");
         assert!(matches!(next, Ok(Committed::New(_))));
-        assert!(store.wal.checkpoints().1 >= 1, "truncated");
+        assert!(store.wal.checkpoints().1 >= 1, "restarted");
+        // The commit after the restart wrote the WAL from its start, in a file kept at about
+        // the bound's size (not truncated, not grown past it).
+        assert!(store.wal.frames().0 < 64, "{:?}", store.wal.frames());
         let wal = std::fs::metadata(dir.path().join(format!("{DB_FILE}-wal"))).expect("wal");
-        assert!(wal.len() < limits.soft_frames * 4120, "{}", wal.len());
+        assert!(
+            wal.len() <= (limits.hard_frames + 64) * 4120,
+            "{}",
+            wal.len()
+        );
+        assert!(
+            wal.len() >= limits.soft_frames * 4120,
+            "truncated: {}",
+            wal.len()
+        );
     }
 
     /// A store whose deliveries table holds `backlog` deliveries for `down` (retried with
