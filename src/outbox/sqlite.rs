@@ -20,7 +20,8 @@
 //!   the record is lost (or the COMMIT fails after the answer), a WeChat retry of that push
 //!   finds no record and asks the reply target again (it has the event id to dedupe).
 //!
-//! The writer also keeps [`Store::used_bytes`] up to date: after each transaction it reads
+//! The writer also keeps [`Store::used_bytes`] up to date: in each transaction, just before
+//! its COMMIT (or after a probe or a failed transaction), it reads
 //! `(page_count - freelist_count) * page_size`, the bytes the data occupies (pages freed by
 //! deliveries and purges are reused before the file grows). Each transaction's size (writes)
 //! goes to `wechat_relay_store_batch_size`. The writer never checkpoints the WAL: the
@@ -726,15 +727,14 @@ impl Writer {
             if !batch.is_empty() {
                 self.apply(batch);
             }
-            for (_, done) in probes {
-                let probed = self.at(Sync::Full).and_then(|()| probe(&mut self.conn));
-                let _ = done.send(probed.map(|()| Done::Count(0)).map_err(io_error));
+            if !probes.is_empty() {
+                for (_, done) in probes {
+                    let probed = self.at(Sync::Full).and_then(|()| probe(&mut self.conn));
+                    let _ = done.send(probed.map(|()| Done::Count(0)).map_err(io_error));
+                }
+                self.measure();
             }
             self.wal.end_write();
-            match used_bytes(&self.conn) {
-                Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
-                Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
-            }
         }
         // Every handle is gone: the checkpointer stops, and the WAL is folded back into the
         // database before closing.
@@ -761,8 +761,10 @@ impl Writer {
         #[cfg(test)]
         let gate = Arc::clone(&self.gate);
         let early = Arc::clone(&self.early);
+        let mut measured = None;
         let results = apply_batch(
             &mut self.conn,
+            Room::after(self.used.load(Ordering::Relaxed)),
             ops.iter(),
             |i, result| {
                 if let Some(Op::Commit(commit)) = ops.get(i) {
@@ -772,17 +774,35 @@ impl Writer {
                     let _ = done.send(result.clone());
                 }
             },
-            |_conn| {
+            |conn| {
                 #[cfg(test)]
-                gate.hold(_conn);
+                gate.hold(conn);
+                // Inside the transaction: what the data occupies once it is committed,
+                // without a read transaction of its own.
+                measured = used_bytes(conn).ok();
             },
         );
+        if results.iter().any(Result::is_ok)
+            && let Some(bytes) = measured
+        {
+            self.used.store(bytes, Ordering::Relaxed);
+        } else {
+            self.measure();
+        }
         // Committed (or failed): the readers see what is written.
         self.early.clear();
         for (done, result) in senders.into_iter().zip(results) {
             if let Some(done) = done {
                 let _ = done.send(result);
             }
+        }
+    }
+
+    /// Measures what the data occupies into `used`.
+    fn measure(&self) {
+        match used_bytes(&self.conn) {
+            Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %describe(&e), "cannot measure the store"),
         }
     }
 
@@ -801,23 +821,20 @@ impl Writer {
 /// savepoint is released; `before_commit` just before the COMMIT. Returns every result.
 fn apply_batch<'a>(
     conn: &mut Connection,
+    mut room: Room,
     ops: impl ExactSizeIterator<Item = &'a Op>,
     mut released: impl FnMut(usize, &StoreResult<Done>),
     before_commit: impl FnOnce(&Connection),
 ) -> Vec<StoreResult<Done>> {
     let count = ops.len();
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return vec![Err(io_error(e)); count],
     };
     let mut results = Vec::with_capacity(count);
     for (i, op) in ops.enumerate() {
         // A savepoint per write: a failing one is rolled back alone...
-        let result = tx.savepoint().and_then(|savepoint| {
-            let n = apply(&savepoint, op)?;
-            savepoint.commit()?;
-            Ok(n)
-        });
+        let result = in_savepoint(&tx, &mut room, op);
         if let Err(e) = &result
             && tx.is_autocommit()
         {
@@ -864,6 +881,8 @@ fn checkpoint_elsewhere(
 
 /// The bytes the data occupies: the pages in use (not on the free list) times their size.
 fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    #[cfg(test)]
+    tests::MEASURES.with(|n| n.set(n.get() + 1));
     // Cached: a commit near the budget measures it too.
     let pragma = |sql: &str| -> rusqlite::Result<u64> {
         conn.prepare_cached(sql)?
@@ -889,15 +908,32 @@ fn probe(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<Done> {
+/// [`apply`] in a savepoint, released when it is written, rolled back when it fails. The
+/// statements are prepared once (rusqlite's `Savepoint` parses them for every write).
+fn in_savepoint(tx: &Connection, room: &mut Room, op: &Op) -> rusqlite::Result<Done> {
+    tx.prepare_cached("SAVEPOINT write")?.execute([])?;
+    match apply(tx, room, op) {
+        Ok(done) => {
+            tx.prepare_cached("RELEASE write")?.execute([])?;
+            Ok(done)
+        }
+        Err(e) => {
+            // Fails only when SQLite already rolled the whole transaction back.
+            let _ = tx.execute_batch("ROLLBACK TO write; RELEASE write;");
+            Err(e)
+        }
+    }
+}
+
+fn apply(tx: &Connection, room: &mut Room, op: &Op) -> rusqlite::Result<Done> {
     match op {
-        Op::Commit(commit) => commit_push(tx, commit),
+        Op::Commit(commit) => commit_push(tx, room, commit),
         other => apply_count(tx, other).map(Done::Count),
     }
 }
 
 /// A push's dedupe record and deliveries, unless the push is recorded already.
-fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
+fn commit_push(tx: &Connection, room: &mut Room, commit: &Commit) -> rusqlite::Result<Done> {
     let push = &commit.push;
     if let Some(recorded) = recorded(tx, &push.event_id, commit.dedupe_since_ms)? {
         return Ok(match recorded.meet(&commit.digest) {
@@ -905,7 +941,7 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
             _ => Done::Collision,
         });
     }
-    make_room(tx, commit)?;
+    make_room(tx, room, commit)?;
     {
         tx.prepare_cached(RECORD)?.execute(params![
             push.event_id,
@@ -949,9 +985,33 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
     }
 }
 
+/// What a transaction knows of the store's size: what it measured (or what the last
+/// transaction left) and an upper bound of what its commits added since, so that a commit
+/// far under its budget does not measure the store again (a pair of PRAGMAs, which SQLite
+/// prepares anew each time: a tenth of the writer's time when every commit measured).
+#[derive(Debug, Clone, Copy, Default)]
+struct Room {
+    measured: Option<u64>,
+    added: u64,
+}
+
+/// What a commit can grow the store by beyond its rows' bytes: a page split in each of the
+/// trees it inserts into (the dedupe record, its index, a delivery and its indexes).
+const SPLIT_SLACK: u64 = 4 * 4096;
+
+impl Room {
+    /// Room as of the last transaction's measure.
+    fn after(used: u64) -> Room {
+        Room {
+            measured: Some(used),
+            added: 0,
+        }
+    }
+}
+
 /// Evicts the oldest dedupe records the commit's budget lets go when its writes would put
 /// the store over it: [`EVICT_PER_RECORD`] of them, in the writer's transaction.
-fn make_room(tx: &Connection, commit: &Commit) -> rusqlite::Result<()> {
+fn make_room(tx: &Connection, room: &mut Room, commit: &Commit) -> rusqlite::Result<()> {
     let budget = commit.budget;
     if budget.max_bytes == u64::MAX {
         return Ok(());
@@ -964,9 +1024,23 @@ fn make_room(tx: &Connection, commit: &Commit) -> rusqlite::Result<()> {
         .len()
         .saturating_mul(delivery.saturating_add(ROW_OVERHEAD))
         .saturating_add(record.saturating_add(ROW_OVERHEAD));
-    if used_bytes(tx)?.saturating_add(bytes as u64) <= budget.max_bytes {
+    let bound = u64::try_from(bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_add(SPLIT_SLACK);
+    if let Some(used) = room.measured
+        && used.saturating_add(room.added).saturating_add(bound) <= budget.max_bytes
+    {
+        room.added = room.added.saturating_add(bound);
         return Ok(());
     }
+    let used = used_bytes(tx)?;
+    *room = Room::after(used);
+    if used.saturating_add(bytes as u64) <= budget.max_bytes {
+        room.added = bound;
+        return Ok(());
+    }
+    // Measured again by the next commit: eviction frees pages.
+    room.measured = None;
     let evicted = tx
         .prepare_cached(EVICT)?
         .execute(params![ms(budget.evict_before_ms), EVICT_PER_RECORD])?;
@@ -1356,7 +1430,7 @@ mod tests {
         conn: &mut Connection,
         ops: impl ExactSizeIterator<Item = &'a Op>,
     ) -> Vec<StoreResult<Done>> {
-        apply_batch(conn, ops, |_, _| {}, |_| {})
+        apply_batch(conn, Room::default(), ops, |_, _| {}, |_| {})
     }
 
     fn pending<T>(future: &mut BoxFuture<'_, T>) -> bool {
@@ -1658,6 +1732,51 @@ mod tests {
             .expect("prepare");
         let rows = statement.query_map([], |r| r.get(0)).expect("query");
         rows.map(|r| r.expect("row")).collect()
+    }
+
+    thread_local! {
+        /// Times this thread measured a store's size.
+        pub(super) static MEASURES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn commits_far_under_their_budget_do_not_measure_the_store_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        assert!(migrate(&mut conn).is_ok());
+        let ops: Vec<Op> = (0..50)
+            .map(|i| {
+                let mut commit = push_commit(i, true);
+                commit.budget = Budget {
+                    max_bytes: 1 << 30,
+                    evict_before_ms: 0,
+                };
+                Op::Commit(commit)
+            })
+            .collect();
+        let before = MEASURES.with(std::cell::Cell::get);
+        let results = apply_all(&mut conn, ops.iter());
+        assert!(results.iter().all(|r| matches!(r, Ok(Done::New(_)))));
+        let measured = MEASURES.with(std::cell::Cell::get) - before;
+        assert_eq!(
+            measured, 1,
+            "one measure for the transaction, not one a commit"
+        );
+        // Near the budget each commit measures again (and evicts what it may).
+        let near = used_bytes(&conn).expect("measure") + SPLIT_SLACK;
+        let ops: Vec<Op> = (50..60)
+            .map(|i| {
+                let mut commit = push_commit(i, true);
+                commit.budget = Budget {
+                    max_bytes: near,
+                    evict_before_ms: 0,
+                };
+                Op::Commit(commit)
+            })
+            .collect();
+        let before = MEASURES.with(std::cell::Cell::get);
+        apply_all(&mut conn, ops.iter());
+        assert_eq!(MEASURES.with(std::cell::Cell::get) - before, 10);
     }
 
     #[test]
