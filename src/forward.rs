@@ -88,10 +88,25 @@ impl Forwarder {
         push: &Push,
         attempt: u32,
     ) -> Result<Answer, ForwardError> {
-        let request = self.request(target, push, unix_now(), attempt)?;
-        tokio::time::timeout(target.timeout, self.send(request))
+        self.forward_within(target, push, attempt, target.timeout, ForwardError::Timeout)
             .await
-            .map_err(|_| ForwardError::Timeout)?
+    }
+
+    /// [`Forwarder::forward`] within `limit` instead of the target's `timeout_ms`, failing
+    /// with `cut` past it: the reply target's attempt during a push lasts until the reply
+    /// deadline ([`ForwardError::Deadline`]).
+    pub async fn forward_within(
+        &self,
+        target: &Target,
+        push: &Push,
+        attempt: u32,
+        limit: Duration,
+        cut: ForwardError,
+    ) -> Result<Answer, ForwardError> {
+        let request = self.request(target, push, unix_now(), attempt)?;
+        tokio::time::timeout(limit, self.send(request))
+            .await
+            .map_err(|_| cut)?
     }
 
     /// Sends any request through the pool and reads the answer (at most [`MAX_ANSWER_BYTES`]),
