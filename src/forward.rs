@@ -1,5 +1,7 @@
 //! Requests to targets: one pooled HTTP/1.1 + HTTP/2 client (https through rustls with the
-//! webpki roots), and the three request shapes, `raw`, `plain` and `json` (Standard Webhooks).
+//! webpki roots), and the three request shapes, `raw`, `plain` and `json`, each signed the
+//! Standard Webhooks way when its target has a secret (`json` always, the others with
+//! `sign = true`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -170,7 +172,9 @@ impl Forwarder {
         if let Some(authorization) = target.url.authorization() {
             builder = builder.header(AUTHORIZATION, authorization.clone());
         }
-        if let (ForwardFormat::Json, Some(secret)) = (target.format, &target.secret) {
+        // Every format signs the body it sends the same way: `json` always, `raw` and `plain`
+        // with `sign = true` (the config holds a secret only for a target that signs).
+        if let Some(secret) = &target.secret {
             let id = push.event_id.as_str();
             let timestamp = now.to_string();
             builder = builder
