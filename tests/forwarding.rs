@@ -414,16 +414,15 @@ async fn sign_true_on_raw_and_plain_targets_adds_standard_webhooks_headers() {
 }
 
 /// `wechat-relay check` on one safe account, one target of `format` with `extra` and a
-/// route to it: exit code and stderr.
-fn check_target(format: &str, extra: &str) -> (Option<i32>, String) {
+/// route to it: exit code, stdout and stderr.
+fn check_target(format: &str, extra: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("relay.toml");
     let mut toml = account_section("main", "/wechat", "safe");
     toml.push_str(&target_section("t", "http://127.0.0.1:9/", format, extra));
     toml.push_str("[[route]]\nto = [\"t\"]\n");
     std::fs::write(&path, toml).expect("config");
-    let (code, _, stderr) = cli(&["check", "--config", &path.to_string_lossy()]);
-    (code, stderr)
+    cli(&["check", "--config", &path.to_string_lossy()])
 }
 
 #[test]
@@ -456,15 +455,32 @@ fn check_refuses_signing_without_a_secret_and_a_secret_that_signs_nothing() {
             "sign: a format = \"json\" target always signs its requests",
         ),
     ] {
-        let (code, stderr) = check_target(format, &extra);
+        let (code, _, stderr) = check_target(format, &extra);
         assert_eq!(code, Some(2), "{format} with {extra:?}: {stderr}");
         assert!(stderr.contains(why), "{format} with {extra:?}: {stderr}");
     }
-    for (format, extra) in [
-        ("raw", format!("sign = true\n{secret}")),
-        ("plain", String::new()),
+    // Accepted; the summary says which target signs, never with what.
+    for (format, extra, summary) in [
+        (
+            "raw",
+            format!("sign = true\n{secret}"),
+            ", signed with secret <redacted>\n",
+        ),
+        ("plain", String::new(), " max age\n"),
     ] {
-        let (code, stderr) = check_target(format, &extra);
+        let (code, stdout, stderr) = check_target(format, &extra);
         assert_eq!(code, Some(0), "{format} with {extra:?}: {stderr}");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("target t:"))
+            .unwrap_or_else(|| panic!("a target line in {stdout}"));
+        assert!(
+            format!("{line}\n").ends_with(summary),
+            "{format} with {extra:?}: {line}"
+        );
+        assert!(
+            !stdout.contains(WHSEC.trim_start_matches("whsec_")),
+            "{stdout}"
+        );
     }
 }
