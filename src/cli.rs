@@ -156,6 +156,18 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "GH_ID", default_value = "gh_simulate")]
     pub to: String,
 
+    /// Then send the same push N more times, as WeChat's retries do (the same MsgId,
+    /// CreateTime, nonce and signature), and check that each gets the first answer's bytes
+    /// (the relay's cached answer). WeChat itself retries at most 3 times.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        conflicts_with = "verify_url",
+        value_parser = clap::value_parser!(u32).range(0..=10)
+    )]
+    pub repeat: u32,
+
     /// Do WeChat's URL check instead (GET with signature, timestamp, nonce and a random
     /// echostr) and report whether the relay echoed echostr.
     #[arg(long, conflicts_with_all = ["from", "to"])]

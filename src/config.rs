@@ -206,7 +206,8 @@ pub struct Target {
     pub url: TargetUrl,
     pub format: ForwardFormat,
     pub timeout: Duration,
-    /// The HMAC key decoded from `whsec_...` (json targets only).
+    /// The HMAC key decoded from `whsec_...`: set when the target's requests are signed
+    /// (Standard Webhooks), always for `json`, with `sign = true` for `raw` and `plain`.
     pub secret: Option<Secret>,
     /// Deliveries in flight at once to this target.
     pub concurrency: usize,

@@ -178,3 +178,15 @@ pub enum ForwardError {
     #[error("answer body larger than {0} bytes")]
     AnswerTooLarge(usize),
 }
+
+impl ForwardError {
+    /// What cut an attempt that got no answer in time, for the log's `cut` field: `timeout`
+    /// (the target's `timeout_ms`), `deadline` (the reply deadline), `-` (not cut).
+    pub fn cut(&self) -> &'static str {
+        match self {
+            ForwardError::Timeout => "timeout",
+            ForwardError::Deadline => "deadline",
+            ForwardError::Transport(_) | ForwardError::AnswerTooLarge(_) => "-",
+        }
+    }
+}

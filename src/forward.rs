@@ -1,5 +1,7 @@
 //! Requests to targets: one pooled HTTP/1.1 + HTTP/2 client (https through rustls with the
-//! webpki roots), and the three request shapes, `raw`, `plain` and `json` (Standard Webhooks).
+//! webpki roots), and the three request shapes, `raw`, `plain` and `json`, each signed the
+//! Standard Webhooks way when its target has a secret (`json` always, the others with
+//! `sign = true`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -88,10 +90,25 @@ impl Forwarder {
         push: &Push,
         attempt: u32,
     ) -> Result<Answer, ForwardError> {
-        let request = self.request(target, push, unix_now(), attempt)?;
-        tokio::time::timeout(target.timeout, self.send(request))
+        self.forward_within(target, push, attempt, target.timeout, ForwardError::Timeout)
             .await
-            .map_err(|_| ForwardError::Timeout)?
+    }
+
+    /// [`Forwarder::forward`] within `limit` instead of the target's `timeout_ms`, failing
+    /// with `cut` past it: the reply target's attempt during a push lasts until the reply
+    /// deadline ([`ForwardError::Deadline`]).
+    pub async fn forward_within(
+        &self,
+        target: &Target,
+        push: &Push,
+        attempt: u32,
+        limit: Duration,
+        cut: ForwardError,
+    ) -> Result<Answer, ForwardError> {
+        let request = self.request(target, push, unix_now(), attempt)?;
+        tokio::time::timeout(limit, self.send(request))
+            .await
+            .map_err(|_| cut)?
     }
 
     /// Sends any request through the pool and reads the answer (at most [`MAX_ANSWER_BYTES`]),
@@ -155,7 +172,9 @@ impl Forwarder {
         if let Some(authorization) = target.url.authorization() {
             builder = builder.header(AUTHORIZATION, authorization.clone());
         }
-        if let (ForwardFormat::Json, Some(secret)) = (target.format, &target.secret) {
+        // Every format signs the body it sends the same way: `json` always, `raw` and `plain`
+        // with `sign = true` (the config holds a secret only for a target that signs).
+        if let Some(secret) = &target.secret {
             let id = push.event_id.as_str();
             let timestamp = now.to_string();
             builder = builder

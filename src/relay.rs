@@ -402,6 +402,7 @@ impl Relay {
             targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
             outcome = %label,
             reply = %reply.as_str(),
+            cut = %reply.cut(),
             ms = elapsed.as_millis() as u64,
             event_id = %push.event_id,
             content = content,

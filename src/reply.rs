@@ -55,6 +55,15 @@ impl ReplyOutcome {
             ReplyOutcome::Cached => "cached",
         }
     }
+
+    /// What cut the reply target's attempt, for the push line's `cut` field: `deadline` (the
+    /// reply deadline; during a push nothing else cuts it) or `-`.
+    pub fn cut(self) -> &'static str {
+        match self {
+            ReplyOutcome::Deadline => ForwardError::Deadline.cut(),
+            _ => "-",
+        }
+    }
 }
 
 /// A push's answer, and the reply target's attempt if one was made.
@@ -102,8 +111,11 @@ impl Replier<'_> {
         }
     }
 
-    /// Attempt 1 to the reply target, within what is left of the reply deadline (cut at the
-    /// deadline: its delivery is then retried by the outbox).
+    /// Attempt 1 to the reply target, for all that is left of the reply deadline whatever
+    /// the target's `timeout_ms` (which governs the outbox's later attempts): WeChat waits
+    /// that long anyway, and an attempt cut sooner would leave the user without a reply and
+    /// the target with the push again. Cut at the deadline, its delivery is retried by the
+    /// outbox.
     async fn ask(
         &self,
         account: &Account,
@@ -112,19 +124,20 @@ impl Replier<'_> {
     ) -> (CachedAnswer, ReplyOutcome, Result<Answer, ForwardError>) {
         let left = self.deadline.saturating_sub(self.started.elapsed());
         let attempt_started = Instant::now();
-        let result = tokio::time::timeout(left, self.forwarder.forward(target, push, 1)).await;
-        let Ok(result) = result else {
-            let cut = Err(ForwardError::Deadline);
-            metrics::forward(&target.name, &cut, attempt_started.elapsed());
+        let result = self
+            .forwarder
+            .forward_within(target, push, 1, left, ForwardError::Deadline)
+            .await;
+        metrics::forward(&target.name, &result, attempt_started.elapsed());
+        if matches!(result, Err(ForwardError::Deadline)) {
             if limit::DELIVERY_FAILURES.admit(&target.name) {
                 warn!(account = %account.name, target = %target.name, event_id = %push.event_id,
                     deadline_ms = self.deadline.as_millis() as u64,
                     "reply target missed the deadline; answered success, delivery queued");
             }
-            return (success(), ReplyOutcome::Deadline, cut);
-        };
+            return (success(), ReplyOutcome::Deadline, result);
+        }
         log_forward(target, push, &result, attempt_started);
-        metrics::forward(&target.name, &result, attempt_started.elapsed());
         let (answer, outcome) = match &result {
             Err(_) => (success(), ReplyOutcome::TargetFailed),
             Ok(answer) => answer_reply(account, push, target, answer),

@@ -17,7 +17,7 @@ use crate::cli::SimulateArgs;
 use crate::config::{Account, Config, Mode};
 use crate::error::ForwardError;
 use crate::forward::{Answer, Forwarder, unix_now};
-use crate::wechat::crypto::{random_nonce, random_prefix};
+use crate::wechat::crypto::{CryptoError, random_nonce, random_prefix};
 use crate::wechat::message::Fields;
 use crate::wechat::sender::{Outgoing, PushContent, ReplyError, Sender, Stamp, message_fields};
 
@@ -178,7 +178,8 @@ async fn push(
         args.from,
         args.to,
     );
-    let answer = send(Method::POST, url, &query, Bytes::from(body)).await?;
+    let body = Bytes::from(body);
+    let answer = send(Method::POST, url, &query, body.clone()).await?;
     let _ = writeln!(output, "HTTP {}", answer.status);
     let failure = if answer.status.is_success() {
         read_reply(sender, account.mode, sealed, &answer.body, &mut output)
@@ -186,7 +187,50 @@ async fn push(
         let _ = writeln!(output, "answer: {}", one_line(&answer.body));
         Some(format!("the relay answered {}", answer.status))
     };
-    Ok(Report { output, failure })
+    let retried = resend(args.repeat, url, &query, &body, &answer, &mut output).await?;
+    Ok(Report {
+        output,
+        failure: failure.or(retried),
+    })
+}
+
+/// WeChat's retries of a push it got no answer to in time: the same request again (the same
+/// MsgId, CreateTime, nonce and signature), `times` times. Each must get the first answer's
+/// bytes, from the relay's dedupe record (PROTOCOL.md §6: it dedupes on the message, so a
+/// retry with a new nonce and signature would get them too), not a second handling.
+async fn resend(
+    times: u32,
+    url: &Uri,
+    query: &str,
+    body: &Bytes,
+    first: &Answer,
+    output: &mut String,
+) -> Result<Option<String>, SimulateError> {
+    let mut failure = None;
+    for retry in 1..=times {
+        let answer = send(Method::POST, url, query, body.clone()).await?;
+        let same = answer.status == first.status
+            && answer.content_type == first.content_type
+            && answer.body == first.body;
+        if same {
+            let _ = writeln!(
+                output,
+                "retry {retry} of {times}: HTTP {}, the same bytes as the first answer (the relay's cached answer)",
+                answer.status
+            );
+        } else {
+            let _ = writeln!(
+                output,
+                "retry {retry} of {times}: HTTP {}, NOT the first answer: {}",
+                answer.status,
+                one_line(&answer.body)
+            );
+            failure.get_or_insert_with(|| {
+                format!("retry {retry} got another answer than the first push: WeChat's retries must get the cached answer")
+            });
+        }
+    }
+    Ok(failure)
 }
 
 /// What the command line asks to push, and how to describe it.
@@ -286,9 +330,23 @@ fn read_reply(
             Some("the reply's MsgSignature does not verify: WeChat would refuse it".into())
         }
         Err(e) => {
-            let _ = writeln!(output, "reply (encrypted): cannot open it: {e}");
-            Some(format!("the reply cannot be opened: {e}"))
+            let why = cannot_open(&e);
+            let _ = writeln!(output, "reply (encrypted): cannot open it: {why}");
+            Some(format!("the reply cannot be opened: {why}"))
         }
+    }
+}
+
+/// Why a reply whose `MsgSignature` verified cannot be opened. The token matched, so a
+/// ciphertext that decrypts to garbage (bad padding, a length out of bounds) was sealed with
+/// another EncodingAESKey than this relay.toml's: the crypto error alone would not say so.
+fn cannot_open(error: &ReplyError) -> String {
+    match error {
+        ReplyError::Crypto(e @ (CryptoError::Padding | CryptoError::MessageLength)) => format!(
+            "it does not decrypt with this account's EncodingAESKey: the key that sealed it (the \
+             relay's, or a raw reply target's) does not match the one in this relay.toml ({e})"
+        ),
+        e => e.to_string(),
     }
 }
 

@@ -4,24 +4,34 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
 use common::*;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
 use wechat_relay::wechat::signature::verify_signature;
 
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// A secret no target has.
+const OTHER_WHSEC: &str = "whsec_cGxhaW4tdGFyZ2V0LXNpZ25pbmcta2V5Mg==";
 
 fn config(mode: &str, targets: &[(&str, &FakeTarget, &str)], routes: &str) -> String {
+    let targets: Vec<_> = targets
+        .iter()
+        .map(|&(name, target, format)| {
+            let extra = if format == "json" {
+                format!("secret = \"{WHSEC}\"")
+            } else {
+                String::new()
+            };
+            (name, target, format, extra)
+        })
+        .collect();
+    config_with(mode, &targets, routes)
+}
+
+/// [`config`] with each target's own extra settings.
+fn config_with(mode: &str, targets: &[(&str, &FakeTarget, &str, String)], routes: &str) -> String {
     let mut toml = server_section(4000, 300);
     toml.push_str(&account_section("main", "/wechat", mode));
-    for (name, target, format) in targets {
-        let extra = if *format == "json" {
-            format!("secret = \"{WHSEC}\"")
-        } else {
-            String::new()
-        };
-        toml.push_str(&target_section(name, &target.url("/hook"), format, &extra));
+    for (name, target, format, extra) in targets {
+        toml.push_str(&target_section(name, &target.url("/hook"), format, extra));
     }
     toml.push_str(routes);
     toml
@@ -100,21 +110,8 @@ async fn safe_push_reaches_raw_plain_and_json_targets() {
     // json: Standard Webhooks headers and a signature any verifier accepts.
     let got = json.next().await;
     assert_eq!(got.header("content-type"), Some("application/json"));
-    let id = got.header("webhook-id").expect("webhook-id");
-    let ts = got.header("webhook-timestamp").expect("webhook-timestamp");
-    let signature = got.header("webhook-signature").expect("webhook-signature");
-    assert_eq!(id, event_id);
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(WHSEC.trim_start_matches("whsec_"))
-        .expect("key");
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("hmac");
-    mac.update(format!("{id}.{ts}.").as_bytes());
-    mac.update(&got.body);
-    let expected = format!(
-        "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    );
-    assert_eq!(signature, expected);
+    assert_signed(&got, WHSEC);
+    assert_eq!(got.header("webhook-id"), Some(event_id.as_str()));
     let payload: serde_json::Value = serde_json::from_slice(&got.body).expect("json body");
     assert_eq!(payload["type"], "wechat.event.subscribe");
     assert_eq!(payload["data"]["account"], "main");
@@ -124,6 +121,27 @@ async fn safe_push_reaches_raw_plain_and_json_targets() {
     assert_eq!(payload["data"]["message"]["FromUserName"], OPENID);
     assert_eq!(payload["data"]["xml"], xml);
     relay.stop().await;
+}
+
+/// Asserts that `got` carries the Standard Webhooks headers and that the reference library
+/// verifies them over its body with `secret` (and refuses them with another secret).
+fn assert_signed(got: &Received, secret: &str) {
+    for header in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        assert!(
+            got.header(header).is_some(),
+            "{header} in {:?}",
+            got.headers
+        );
+    }
+    let verifier = standardwebhooks::Webhook::new(secret).expect("a whsec_ secret");
+    if let Err(e) = verifier.verify(&got.body, &got.headers) {
+        panic!("the signature does not verify: {e}");
+    }
+    let other = standardwebhooks::Webhook::new(OTHER_WHSEC).expect("a whsec_ secret");
+    assert!(
+        other.verify(&got.body, &got.headers).is_err(),
+        "verified with a secret the target does not have"
+    );
 }
 
 fn plain_query_of(push: &PushBuilder) -> String {
@@ -342,4 +360,127 @@ async fn previous_key_opens_pushes_and_seals_their_replies() {
         "{reply}"
     );
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn sign_true_on_raw_and_plain_targets_adds_standard_webhooks_headers() {
+    let mut raw = FakeTarget::start().await;
+    let mut plain = FakeTarget::start().await;
+    let mut unsigned = FakeTarget::start().await;
+    // The raw target's secret from a file, the plain one's inline.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let raw_secret = "whsec_cmF3LXRhcmdldC1zaWduaW5nLWtleS0wMQ==";
+    let file = secrets.path().join("raw.whsec");
+    std::fs::write(&file, format!("{raw_secret}\n")).expect("secret file");
+    let toml = config_with(
+        "safe",
+        &[
+            (
+                "raw",
+                &raw,
+                "raw",
+                format!("sign = true\nsecret_file = \"{}\"", file.display()),
+            ),
+            (
+                "plain",
+                &plain,
+                "plain",
+                format!("sign = true\nsecret = \"{WHSEC}\""),
+            ),
+            ("unsigned", &unsigned, "plain", String::new()),
+        ],
+        "[[route]]\nto = [\"raw\", \"plain\", \"unsigned\"]\n",
+    );
+    let relay = TestRelay::start(&toml).await;
+    let xml = text_xml("signed", 5151);
+    let (query, body) = PushBuilder::new(&xml).safe();
+    assert_success(&post(&relay.url(&format!("/wechat?{query}")), body.clone()).await);
+
+    // Each signs the body it sends, with its own secret, under the push's event id.
+    let got = raw.next().await;
+    assert_eq!(got.body, body.as_bytes());
+    assert_signed(&got, raw_secret);
+    let event_id = got.header("x-wechat-relay-event-id").expect("event id");
+    assert_eq!(got.header("webhook-id"), Some(event_id));
+    let got = plain.next().await;
+    assert_eq!(got.body, xml.as_bytes());
+    assert_signed(&got, WHSEC);
+    // Without sign: no Standard Webhooks headers at all.
+    let got = unsigned.next().await;
+    assert_eq!(got.body, xml.as_bytes());
+    assert_eq!(got.header("webhook-signature"), None);
+    assert_eq!(got.header("webhook-id"), None);
+    relay.stop().await;
+}
+
+/// `wechat-relay check` on one safe account, one target of `format` with `extra` and a
+/// route to it: exit code, stdout and stderr.
+fn check_target(format: &str, extra: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    let mut toml = account_section("main", "/wechat", "safe");
+    toml.push_str(&target_section("t", "http://127.0.0.1:9/", format, extra));
+    toml.push_str("[[route]]\nto = [\"t\"]\n");
+    std::fs::write(&path, toml).expect("config");
+    cli(&["check", "--config", &path.to_string_lossy()])
+}
+
+#[test]
+fn check_refuses_signing_without_a_secret_and_a_secret_that_signs_nothing() {
+    let secret = format!("secret = \"{WHSEC}\"");
+    for (format, extra, why) in [
+        (
+            "raw",
+            "sign = true".to_owned(),
+            "secret: required with sign = true",
+        ),
+        (
+            "plain",
+            "sign = true".to_owned(),
+            "secret: required with sign = true",
+        ),
+        (
+            "plain",
+            secret.clone(),
+            "secret: signs nothing without sign = true on a format = \"plain\" target",
+        ),
+        (
+            "raw",
+            format!("{secret}\nsign = false"),
+            "secret: signs nothing without sign = true on a format = \"raw\" target",
+        ),
+        (
+            "json",
+            format!("{secret}\nsign = false"),
+            "sign: a format = \"json\" target always signs its requests",
+        ),
+    ] {
+        let (code, _, stderr) = check_target(format, &extra);
+        assert_eq!(code, Some(2), "{format} with {extra:?}: {stderr}");
+        assert!(stderr.contains(why), "{format} with {extra:?}: {stderr}");
+    }
+    // Accepted; the summary says which target signs, never with what.
+    for (format, extra, summary) in [
+        (
+            "raw",
+            format!("sign = true\n{secret}"),
+            ", signed with secret <redacted>\n",
+        ),
+        ("plain", String::new(), " max age\n"),
+    ] {
+        let (code, stdout, stderr) = check_target(format, &extra);
+        assert_eq!(code, Some(0), "{format} with {extra:?}: {stderr}");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("target t:"))
+            .unwrap_or_else(|| panic!("a target line in {stdout}"));
+        assert!(
+            format!("{line}\n").ends_with(summary),
+            "{format} with {extra:?}: {line}"
+        );
+        assert!(
+            !stdout.contains(WHSEC.trim_start_matches("whsec_")),
+            "{stdout}"
+        );
+    }
 }

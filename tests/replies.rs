@@ -291,3 +291,93 @@ async fn no_reply_key_answers_success_without_waiting() {
     slow.next().await;
     relay.stop().await;
 }
+
+/// The real binary on one plaintext account whose route's reply target is `replier` (a
+/// `plain` target with `extra` settings), under a reply deadline of `deadline_ms`.
+fn binary_with_reply(
+    dir: &std::path::Path,
+    deadline_ms: u64,
+    replier: &str,
+    extra: &str,
+) -> Binary {
+    let mut toml = server_section(deadline_ms, 300);
+    toml.push_str(&account_section("main", "/wechat", "plaintext"));
+    toml.push_str(&target_section("replier", replier, "plain", extra));
+    toml.push_str("[[route]]\nname = \"ask\"\nto = [\"replier\"]\nreply = \"replier\"\n");
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, toml).expect("config");
+    Binary::start(&path)
+}
+
+/// A plaintext text push to `relay`: WeChat's answer and the push's log line.
+async fn push_to_binary(relay: &Binary, msg_id: u64) -> (Answer, String) {
+    let push = PushBuilder::new(text_xml("hello", msg_id));
+    let (query, body) = push.plaintext();
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    (answer, relay.wait_for("route=ask"))
+}
+
+/// The `key=value` fields of a text log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[tokio::test]
+async fn a_reply_target_slower_than_its_timeout_but_inside_the_deadline_gets_its_reply_to_wechat() {
+    // 3.5 s: past the target's timeout_ms (3000, its default), inside the 4.5 s deadline.
+    let mut replier = FakeTarget::with(Behaviour {
+        delay: Duration::from_millis(3500),
+        ..answering(200, REPLY_XML)
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = binary_with_reply(
+        dir.path(),
+        4500,
+        &replier.url("/r"),
+        "retry_initial_ms = 100",
+    );
+    let (answer, line) = push_to_binary(&relay, 79).await;
+    assert_eq!(answer.text(), REPLY_XML, "the user gets the target's reply");
+    assert_eq!(field(&line, "reply"), Some("from_target"), "{line}");
+    assert_eq!(field(&line, "cut"), Some("-"), "{line}");
+    assert_eq!(
+        replier.next().await.header("x-wechat-relay-attempt"),
+        Some("1")
+    );
+    // It answered: nothing is queued, the handler does not get the push again.
+    replier.expect_none(Duration::from_millis(1500)).await;
+}
+
+// Two threads: the fake target answers while the test waits for the binary's log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_target_slower_than_the_deadline_is_cut_there_and_gets_the_push_again() {
+    // Its timeout_ms is longer than the deadline: the deadline cuts the attempt.
+    let mut replier = FakeTarget::with(Behaviour {
+        delay: Duration::from_millis(2000),
+        ..answering(200, REPLY_XML)
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = binary_with_reply(
+        dir.path(),
+        1000,
+        &replier.url("/r"),
+        "timeout_ms = 5000\nretry_initial_ms = 100",
+    );
+    let (answer, line) = push_to_binary(&relay, 80).await;
+    assert_success(&answer);
+    assert_eq!(field(&line, "reply"), Some("deadline"), "{line}");
+    assert_eq!(field(&line, "cut"), Some("deadline"), "{line}");
+    // Queued: the outbox's next attempt, which its timeout_ms lets finish.
+    assert_eq!(
+        replier.next().await.header("x-wechat-relay-attempt"),
+        Some("1")
+    );
+    assert_eq!(
+        replier.next().await.header("x-wechat-relay-attempt"),
+        Some("2")
+    );
+    relay.wait_for("delivered after retries");
+}

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use wechat_relay::wechat::crypto::AesKey;
 use wechat_relay::wechat::message::Fields;
 
 const DEFAULT_OPENID: &str = "o_simulate_0000000000000000";
@@ -274,25 +275,29 @@ async fn a_relay_that_is_not_running_exits_1_with_one_line() {
     }
 }
 
-#[tokio::test]
-async fn a_sealed_reply_whose_msg_signature_does_not_verify_is_reported() {
-    // A stand-in for a relay that seals its reply with another token.
-    let key = sender().key.expect("key");
+/// A server that answers every request with a reply sealed with `key` and `token`.
+async fn answering_sealed(key: &AesKey, token: &str) -> FakeTarget {
     let reply = wechat_relay::wechat::crypto::seal_reply(
-        &key,
+        key,
         APP_ID,
-        "anotherToken",
+        token,
         b"<xml><Content>x</Content></xml>",
         "1",
         "2",
         &[0; 16],
     );
-    let fake = FakeTarget::with(Behaviour {
+    FakeTarget::with(Behaviour {
         body: reply.into(),
         content_type: "text/xml",
         ..Behaviour::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_sealed_reply_whose_msg_signature_does_not_verify_is_reported() {
+    // A stand-in for a relay that seals its reply with another token.
+    let fake = answering_sealed(&sender().key.expect("key"), "anotherToken").await;
     let target = FakeTarget::start().await;
     let (_dir, path) = config_file(&config("safe", "127.0.0.1:0", &target, ""));
     let (code, stdout, stderr) =
@@ -348,4 +353,103 @@ fn a_bad_command_line_or_account_exits_2() {
         stderr.contains("no [[account]] named \"other\" in the config (it has: main)"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn repeat_resends_the_same_push_and_gets_the_cached_answer() {
+    // reply_text in safe mode: every sealing has a fresh nonce, so only the cached answer is
+    // the same bytes again.
+    let mut target = FakeTarget::start().await;
+    let relay = relay("safe", &target, "reply_text = \"Welcome aboard\"").await;
+    let url = relay.url("/wechat");
+    let stdout = simulate_ok(
+        &relay.config,
+        &["--text", "hello", "--url", &url, "--repeat", "2"],
+    )
+    .await;
+    assert!(
+        stdout.contains("<Content><![CDATA[Welcome aboard]]></Content>"),
+        "{stdout}"
+    );
+    for retry in ["retry 1 of 2", "retry 2 of 2"] {
+        assert!(
+            stdout.contains(&format!(
+                "{retry}: HTTP 200 OK, the same bytes as the first answer (the relay's cached answer)"
+            )),
+            "{stdout}"
+        );
+    }
+    // The same push each time (the same MsgId and CreateTime): the target gets it once.
+    target.next().await;
+    target
+        .expect_none(std::time::Duration::from_millis(500))
+        .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn repeat_reports_a_retry_that_gets_another_answer() {
+    // A stand-in for a relay that handles every retry afresh: its second answer differs.
+    let mut fake = FakeTarget::with(Behaviour {
+        // Holds the first answer until the next behaviour is set.
+        delay: std::time::Duration::from_millis(300),
+        ..Behaviour::default()
+    })
+    .await;
+    let url = fake.url("/wechat");
+    let behaviour = fake.behaviour();
+    let changed = tokio::spawn(async move {
+        fake.next().await;
+        *behaviour.lock().expect("lock") = Behaviour {
+            body: bytes::Bytes::from_static(b""),
+            ..Behaviour::default()
+        };
+        fake
+    });
+    let target = FakeTarget::start().await;
+    let (_dir, path) = config_file(&config("safe", "127.0.0.1:0", &target, ""));
+    let (code, stdout, stderr) =
+        simulate(&path, &["--text", "hi", "--url", &url, "--repeat", "1"]).await;
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("reply: success"), "{stdout}");
+    assert!(
+        stdout.contains("retry 1 of 1: HTTP 200 OK, NOT the first answer"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("retry 1 got another answer than the first push"),
+        "{stderr}"
+    );
+    changed.await.expect("the stand-in");
+}
+
+#[tokio::test]
+async fn a_reply_sealed_with_another_key_says_the_encoding_aes_key_does_not_match() {
+    // A raw reply target (an identity provider) with the right token and another key.
+    let other =
+        AesKey::from_encoding_aes_key("AnotherEncodingAESKey0123456789abcdefghijkl").expect("key");
+    let provider = answering_sealed(&other, TOKEN).await;
+    let toml = format!(
+        "{}{}{}[[route]]\nto = [\"idp\"]\nreply = \"idp\"\n",
+        server_section(3000, 300),
+        account_section("main", "/wechat", "safe"),
+        target_section("idp", &provider.url("/events"), "raw", ""),
+    );
+    let relay = TestRelay::start(&toml).await;
+    let (code, stdout, stderr) = simulate(
+        &relay.config,
+        &["--text", "hi", "--url", &relay.url("/wechat")],
+    )
+    .await;
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    for output in [&stdout, &stderr] {
+        assert!(
+            output.contains(
+                "it does not decrypt with this account's EncodingAESKey: the key that sealed it \
+                 (the relay's, or a raw reply target's) does not match the one in this relay.toml"
+            ),
+            "{output}"
+        );
+    }
+    relay.stop().await;
 }

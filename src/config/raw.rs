@@ -151,6 +151,9 @@ pub(super) struct RawTarget {
     pub format: ForwardFormat,
     #[serde(default = "number::<3000>")]
     pub timeout_ms: u64,
+    /// Standard Webhooks headers on a `raw` or `plain` target's requests (a `json` target's
+    /// always have them).
+    pub sign: Option<bool>,
     pub secret: Option<String>,
     pub secret_file: Option<PathBuf>,
     #[serde(default = "number::<16>")]

@@ -114,7 +114,7 @@ impl fmt::Display for Config {
                 t.max_attempts,
                 t.max_age.as_secs(),
                 if t.secret.is_some() {
-                    " secret <redacted>"
+                    ", signed with secret <redacted>"
                 } else {
                     ""
                 }

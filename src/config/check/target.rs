@@ -1,4 +1,4 @@
-//! `[[target]]`: the URL, the format and its secret, timeouts and the retry policy.
+//! `[[target]]`: the URL, the format, its signing and secret, timeouts and the retry policy.
 
 use std::time::Duration;
 
@@ -60,40 +60,7 @@ impl Checker<'_> {
         let Ok(secret) = self.secret(&at, "secret", raw.secret, raw.secret_file) else {
             return None;
         };
-        let secret = match (raw.format, secret) {
-            (ForwardFormat::Json, None) => {
-                self.problem(
-                    format!("{at}.secret"),
-                    "required for format = \"json\" (a Standard Webhooks secret, whsec_...)",
-                );
-                None
-            }
-            (ForwardFormat::Json, Some(secret)) => {
-                let decoded = secret
-                    .strip_prefix("whsec_")
-                    .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-                    .map(Secret::new)
-                    .filter(|key| key.expose().len() >= 16);
-                if decoded.is_none() {
-                    self.problem(
-                        format!("{at}.secret"),
-                        "must be \"whsec_\" followed by the base64 of a key of at least 16 bytes",
-                    );
-                }
-                decoded
-            }
-            (format, Some(_)) => {
-                self.problem(
-                    format!("{at}.secret"),
-                    format!(
-                        "only format = \"json\" signs its requests, this target is {:?}",
-                        format.as_str()
-                    ),
-                );
-                None
-            }
-            (_, None) => None,
-        };
+        let secret = self.signing(&at, raw.format, raw.sign, secret);
         if self.problems.len() > before {
             return None;
         }
@@ -109,5 +76,64 @@ impl Checker<'_> {
             max_attempts: u32::try_from(raw.max_attempts).unwrap_or(u32::MAX),
             max_age: Duration::from_secs(raw.max_age_s),
         })
+    }
+
+    /// The key a target signs its requests with (Standard Webhooks), if it signs: a `json`
+    /// target always, a `raw` or `plain` one with `sign = true`. A secret that would sign
+    /// nothing is refused rather than warned about: whoever set it believes the target's
+    /// requests are authenticated, and they would not be.
+    fn signing(
+        &mut self,
+        at: &str,
+        format: ForwardFormat,
+        sign: Option<bool>,
+        secret: Option<Zeroizing<String>>,
+    ) -> Option<Secret> {
+        let signs = match (format, sign) {
+            (ForwardFormat::Json, Some(false)) => {
+                self.problem(
+                    format!("{at}.sign"),
+                    "a format = \"json\" target always signs its requests: leave sign out",
+                );
+                return None;
+            }
+            (ForwardFormat::Json, _) => true,
+            (_, sign) => sign.unwrap_or(false),
+        };
+        let Some(secret) = secret else {
+            if signs {
+                let why = match format {
+                    ForwardFormat::Json => "required for format = \"json\"",
+                    _ => "required with sign = true",
+                };
+                self.problem(
+                    format!("{at}.secret"),
+                    format!("{why} (a Standard Webhooks secret, whsec_..., or secret_file)"),
+                );
+            }
+            return None;
+        };
+        if !signs {
+            self.problem(
+                format!("{at}.secret"),
+                format!(
+                    "signs nothing without sign = true on a format = {:?} target: add sign = true, or remove the secret",
+                    format.as_str()
+                ),
+            );
+            return None;
+        }
+        let key = secret
+            .strip_prefix("whsec_")
+            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+            .map(Secret::new)
+            .filter(|key| key.expose().len() >= 16);
+        if key.is_none() {
+            self.problem(
+                format!("{at}.secret"),
+                "must be \"whsec_\" followed by the base64 of a key of at least 16 bytes",
+            );
+        }
+        key
     }
 }
