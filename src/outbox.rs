@@ -387,8 +387,8 @@ impl Outbox {
         }
     }
 
-    /// Commits an admitted push with the answer WeChat gets: its dedupe record and a delivery
-    /// for each target in `to` that still needs one (the reply target's `attempt` counts as
+    /// Commits an admitted push, taken by the route named `route`, with the answer WeChat
+    /// gets: its dedupe record and a delivery for each target in `to` that still needs one (the reply target's `attempt` counts as
     /// attempt 1 of its delivery: delivered, retried later, or dead). Then wakes the workers
     /// of its targets and gives the answer to the retries waiting on it.
     ///
@@ -399,6 +399,7 @@ impl Outbox {
         &self,
         mut ticket: Ticket,
         answer: CachedAnswer,
+        route: &str,
         to: &[String],
         attempt: Option<ReplyAttempt>,
     ) -> StoreResult<Accepted> {
@@ -415,6 +416,7 @@ impl Outbox {
             let handover = self.handover(&ticket.push.event_id, &deliveries);
             let commit = Commit {
                 push: Arc::clone(&ticket.push),
+                route: route.to_owned(),
                 digest: ticket.digest,
                 answer: (*answer).clone(),
                 deliveries: deliveries.clone(),

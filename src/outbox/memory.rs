@@ -58,6 +58,8 @@ struct Record {
 struct Entry {
     target: String,
     push: Arc<Push>,
+    /// The route that took the push.
+    route: Arc<str>,
     attempts: u32,
     enqueued_ms: u64,
     at_ms: u64,
@@ -73,6 +75,9 @@ impl Entry {
             target: self.target.clone(),
             account: self.push.account.clone(),
             event_id: self.push.event_id.clone(),
+            msg_type: self.push.message.msg_type().map(str::to_owned),
+            event: self.push.message.event().map(str::to_owned),
+            route: Some(self.route.to_string()),
             attempts: self.attempts,
             last_error: self.last_error.clone(),
             enqueued_ms: self.enqueued_ms,
@@ -116,7 +121,8 @@ fn compact(push: &Push) -> Arc<Push> {
 }
 
 /// The bytes a delivery of `push` to `target` holds: the push as received and as read, its
-/// parsed fields (about the size of the message again), the rest of its fields.
+/// parsed fields (about the size of the message again), the rest of its fields (the route's
+/// name is shared by the push's deliveries, and counted in [`ENTRY_OVERHEAD`]).
 fn entry_bytes(push: &Push, target: &str) -> u64 {
     let variable = push.body.len()
         + 2 * push.message.xml().len()
@@ -335,6 +341,7 @@ impl Store for MemoryStore {
                     bytes,
                 },
             );
+            let route: Arc<str> = commit.route.into();
             let mut ids = Vec::with_capacity(commit.deliveries.len());
             for delivery in commit.deliveries {
                 state.next_id += 1;
@@ -344,6 +351,7 @@ impl Store for MemoryStore {
                     bytes: entry_bytes(&push, &delivery.target),
                     target: delivery.target,
                     push: Arc::clone(&push),
+                    route: Arc::clone(&route),
                     attempts: delivery.attempts,
                     enqueued_ms: commit.now_ms,
                     at_ms: delivery.at_ms,
@@ -579,6 +587,7 @@ mod tests {
             .commit(Commit {
                 digest: Digest::of(push.message.xml()),
                 push,
+                route: "r".into(),
                 answer: CachedAnswer {
                     status: 200,
                     content_type: "text/plain".into(),
@@ -660,6 +669,7 @@ mod tests {
             .commit(Commit {
                 digest: Digest::of(read.message.xml()),
                 push: Arc::clone(&read),
+                route: "r".into(),
                 answer: CachedAnswer {
                     status: 200,
                     content_type: "text/plain".into(),
@@ -724,6 +734,7 @@ mod tests {
                 .commit(Commit {
                     digest,
                     push,
+                    route: "r".into(),
                     answer: CachedAnswer {
                         status: 200,
                         content_type: "text/plain".into(),

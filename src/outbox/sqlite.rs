@@ -54,8 +54,9 @@ pub const DB_FILE: &str = "relay.db";
 /// Held by the running server so that two relays never deliver from one store.
 const LOCK_FILE: &str = "relay.lock";
 /// 1: the first schema; 2: `dedupe.digest` and the `probe` table; 3: the `tallies` and the
-/// indexes that keep `stats` and the upkeep off full scans.
-const SCHEMA_VERSION: i64 = 3;
+/// indexes that keep `stats` and the upkeep off full scans; 4: a delivery's message type,
+/// event and route.
+const SCHEMA_VERSION: i64 = 4;
 /// The row `/readyz` writes and deletes: a few pages, so that a full disk fails it.
 const PROBE_BYTES: i64 = 16 << 10;
 /// The most writes one transaction takes.
@@ -97,7 +98,7 @@ fn schema() -> String {
              body BLOB NOT NULL
          ) WITHOUT ROWID;
          CREATE INDEX dedupe_committed ON dedupe (committed_ms);
-         {SCHEMA_2}{}",
+         {SCHEMA_2}{}{SCHEMA_4}",
         schema_3()
     )
 }
@@ -146,6 +147,17 @@ fn schema_3() -> String {
     );
     sql
 }
+
+/// From version 3 to 4: the message's `MsgType` and `Event` and the route's name beside each
+/// delivery and dead letter, for `outbox list` (NULL for the rows written before, shown `-`).
+/// Adding a column rewrites no row.
+const SCHEMA_4: &str = "
+    ALTER TABLE deliveries ADD COLUMN msg_type TEXT;
+    ALTER TABLE deliveries ADD COLUMN event TEXT;
+    ALTER TABLE deliveries ADD COLUMN route TEXT;
+    ALTER TABLE dead_letters ADD COLUMN msg_type TEXT;
+    ALTER TABLE dead_letters ADD COLUMN event TEXT;
+    ALTER TABLE dead_letters ADD COLUMN route TEXT;";
 
 /// Up to `?3` deliveries to `?1` due at `?2`, oldest due first, but the ids in the JSON
 /// array `?4`: a range of `deliveries_due`, in its order.
@@ -198,13 +210,15 @@ const RECORDS: i64 = 2;
 
 /// Every column of both delivery tables, in order: what moves a row from one to the other.
 const ALL_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
-    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, last_error";
+    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, last_error, \
+    msg_type, event, route";
 
 /// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
 const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
     forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts";
-const INFO_COLUMNS: &str =
-    "id, target, account, event_id, attempts, last_error, enqueued_ms, at_ms";
+/// The columns a [`DeliveryInfo`] is read from, in [`info_from_row`]'s order.
+const INFO_COLUMNS: &str = "id, target, account, event_id, attempts, last_error, enqueued_ms, at_ms, msg_type, event, \
+    route";
 
 /// Who opens the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -628,18 +642,7 @@ impl Store for SqliteStore {
             let mut statement = conn.prepare(&format!(
                 "SELECT {INFO_COLUMNS} FROM {table} WHERE ?1 IS NULL OR target = ?1 ORDER BY id"
             ))?;
-            let rows = statement.query_map(params![filter.target], |row| {
-                Ok(DeliveryInfo {
-                    id: row.get(0)?,
-                    target: row.get(1)?,
-                    account: row.get(2)?,
-                    event_id: row.get(3)?,
-                    attempts: row.get(4)?,
-                    last_error: row.get(5)?,
-                    enqueued_ms: unsigned(row.get(6)?),
-                    at_ms: unsigned(row.get(7)?),
-                })
-            })?;
+            let rows = statement.query_map(params![filter.target], info_from_row)?;
             rows.collect()
         })
     }
@@ -919,7 +922,8 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
             tx.prepare_cached(
                     "INSERT INTO deliveries (target, account, event_id, query, body, content_type, \
                      forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, \
-                     last_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                     last_error, msg_type, event, route) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                 )?
                 .execute(params![
                     delivery.target,
@@ -936,6 +940,9 @@ fn commit_push(tx: &Connection, commit: &Commit) -> rusqlite::Result<Done> {
                     delivery.attempts,
                     ms(delivery.at_ms),
                     delivery.last_error,
+                    push.message.msg_type(),
+                    push.message.event(),
+                    commit.route,
                 ])?;
             let id = tx.last_insert_rowid();
             ids.push(id);
@@ -1192,8 +1199,9 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
         .map_err(Migration::Sql)?;
     let upgrade = match version {
         0 => schema(),
-        1 => format!("{SCHEMA_2}{}", schema_3()),
-        2 => schema_3(),
+        1 => format!("{SCHEMA_2}{}{SCHEMA_4}", schema_3()),
+        2 => format!("{}{SCHEMA_4}", schema_3()),
+        3 => SCHEMA_4.to_owned(),
         SCHEMA_VERSION => return Ok(()),
         newer => return Err(Migration::Newer(newer)),
     };
@@ -1239,6 +1247,23 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         push,
         attempts: row.get(12)?,
         enqueued_ms: unsigned(row.get(11)?),
+    })
+}
+
+/// A delivery as `outbox list` shows it, from the [`INFO_COLUMNS`].
+fn info_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
+    Ok(DeliveryInfo {
+        id: row.get(0)?,
+        target: row.get(1)?,
+        account: row.get(2)?,
+        event_id: row.get(3)?,
+        attempts: row.get(4)?,
+        last_error: row.get(5)?,
+        enqueued_ms: unsigned(row.get(6)?),
+        at_ms: unsigned(row.get(7)?),
+        msg_type: row.get(8)?,
+        event: row.get(9)?,
+        route: row.get(10)?,
     })
 }
 
@@ -1481,6 +1506,7 @@ mod tests {
         Op::Commit(Commit {
             digest: Digest::of(push.message.xml()),
             push: Arc::new(push),
+            route: "r".into(),
             answer: CachedAnswer {
                 status: 200,
                 content_type: "text/plain".into(),
@@ -1605,7 +1631,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         // The schema as version 1 created it, with one dedupe record.
-        let v1 = schema().replace(SCHEMA_2, "").replace(&schema_3(), "");
+        let v1 = schema()
+            .replace(SCHEMA_2, "")
+            .replace(&schema_3(), "")
+            .replace(SCHEMA_4, "");
         conn.execute_batch(&format!("{v1} PRAGMA user_version = 1;"))
             .expect("v1");
         let Op::Commit(c) = commit(1, 10) else {
@@ -2016,13 +2045,15 @@ mod tests {
     fn a_version_2_store_gets_its_tallies_from_its_rows() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
-        let v2 = schema().replace(&schema_3(), "");
-        conn.execute_batch(&format!("{v2} PRAGMA user_version = 2;"))
-            .expect("v2");
+        // Written by this relay, then made version 2: without the tallies and the columns of 4.
+        conn.execute_batch(&schema().replace(&schema_3(), ""))
+            .expect("v2 and 4");
         let ops: Vec<Op> = (0..20)
             .map(|i| Op::Commit(push_commit(i, i % 4 != 0)))
             .collect();
         apply_all(&mut conn, ops.iter());
+        conn.execute_batch(&format!("{UNDO_4} PRAGMA user_version = 2;"))
+            .expect("v2");
         let before = counted(&conn);
         assert!(migrate(&mut conn).is_ok());
         let store_dir = dir.path().to_owned();
@@ -2032,5 +2063,53 @@ mod tests {
             .build()
             .expect("runtime");
         assert_eq!(runtime.block_on(store.stats()), Ok(before));
+    }
+
+    /// Takes a store back from version 4 to 3: the columns [`SCHEMA_4`] added, dropped.
+    const UNDO_4: &str = "
+        ALTER TABLE deliveries DROP COLUMN msg_type;
+        ALTER TABLE deliveries DROP COLUMN event;
+        ALTER TABLE deliveries DROP COLUMN route;
+        ALTER TABLE dead_letters DROP COLUMN msg_type;
+        ALTER TABLE dead_letters DROP COLUMN event;
+        ALTER TABLE dead_letters DROP COLUMN route;";
+
+    #[tokio::test]
+    async fn a_version_3_store_lists_its_old_rows_without_type_event_and_route() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        conn.execute_batch(&schema()).expect("schema");
+        let ops: Vec<Op> = (0..4)
+            .map(|i| Op::Commit(push_commit(i, i % 2 == 0)))
+            .collect();
+        apply_all(&mut conn, ops.iter());
+        conn.execute_batch(&format!("{UNDO_4} PRAGMA user_version = 3;"))
+            .expect("v3");
+        drop(conn);
+        let store = SqliteStore::open(dir.path(), Role::Server).expect("migrated");
+        let mut new = push_commit(9, true);
+        new.route = "catch-all".into();
+        assert!(matches!(store.commit(new).await, Ok(Committed::New(_))));
+        let pending = store.list(Filter::default()).await.expect("list");
+        let dead = store
+            .list(Filter {
+                dead: true,
+                target: None,
+            })
+            .await
+            .expect("list");
+        let shown = |d: &DeliveryInfo| (d.msg_type.clone(), d.event.clone(), d.route.clone());
+        assert_eq!(
+            pending.iter().map(shown).collect::<Vec<_>>(),
+            [
+                (None, None, None),
+                (None, None, None),
+                (Some("text".into()), None, Some("catch-all".into()))
+            ]
+        );
+        assert_eq!(
+            dead.iter().map(shown).collect::<Vec<_>>(),
+            [(None, None, None), (None, None, None)]
+        );
     }
 }

@@ -110,6 +110,8 @@ pub struct NewDelivery {
 #[derive(Debug, Clone)]
 pub struct Commit {
     pub push: Arc<Push>,
+    /// The name of the route that took the push, kept with its deliveries (`outbox list`).
+    pub route: String,
     /// Of the push's message, kept in its dedupe record.
     pub digest: Digest,
     pub answer: CachedAnswer,
@@ -229,6 +231,11 @@ pub struct DeliveryInfo {
     pub target: String,
     pub account: String,
     pub event_id: String,
+    /// The message's `MsgType` and `Event`, and the route that took it: `None` when the
+    /// message has none, and for a delivery stored before they were kept.
+    pub msg_type: Option<String>,
+    pub event: Option<String>,
+    pub route: Option<String>,
     pub attempts: u32,
     pub last_error: Option<String>,
     pub enqueued_ms: u64,

@@ -1,0 +1,170 @@
+//! The `outbox` commands on a running relay (the real binary, `serve` and the commands in
+//! processes of their own), issue #11: what `list` and `show` say about each delivery, `replay`
+//! and `drop` of pending ones, `--json`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const TICKET: &str = "gQH47joAAAAAAAAAASxodHRwOi8vd2VpeGluLnFxLmNvbS9xL2tIVXJ";
+
+/// A Mode 2 relay: QR logins (`qr-login`) to `identity` (json, signed), everything else
+/// (`catch-all`) to `business` at `business` (a port nobody listens on, until a test starts
+/// a target there), which retries only after a minute.
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    identity: FakeTarget,
+    business: std::net::SocketAddr,
+}
+
+async fn setup(identity: Behaviour) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = FakeTarget::with(identity).await;
+    let business = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let mut toml = server_section(2000, 300);
+    toml.push_str(&format!(
+        "[store]\npath = \"{}\"\n",
+        dir.path().join("data").display()
+    ));
+    toml.push_str(&account_section("main", "/wechat", "safe"));
+    toml.push_str(&target_section(
+        "identity",
+        &identity.url("/login"),
+        "json",
+        &format!("secret = \"{WHSEC}\""),
+    ));
+    toml.push_str(&target_section(
+        "business",
+        &format!("http://{business}/hook"),
+        "raw",
+        "retry_initial_ms = 60000\nretry_max_ms = 60000\n",
+    ));
+    toml.push_str(
+        "[[route]]\nname = \"qr-login\"\nmsg_type = [\"event\"]\nevent = [\"subscribe\", \"SCAN\"]\n\
+         ticket = true\nto = [\"identity\"]\n\n[[route]]\nname = \"catch-all\"\nto = [\"business\"]\n",
+    );
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, toml).expect("write config");
+    Setup {
+        _dir: dir,
+        config,
+        identity,
+        business,
+    }
+}
+
+/// `wechat-relay outbox <args> --config <relay.toml>`: exit code, stdout, stderr.
+fn outbox(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let config = config.to_string_lossy().into_owned();
+    let mut all = vec!["outbox"];
+    all.extend_from_slice(args);
+    all.extend(["--config", config.as_str()]);
+    cli(&all)
+}
+
+/// The same, asserting exit 0; stdout.
+fn ok(config: &Path, args: &[&str]) -> String {
+    let (code, stdout, stderr) = outbox(config, args);
+    assert_eq!(code, Some(0), "outbox {args:?}: {stderr}");
+    stdout
+}
+
+/// Polls `outbox <args>` until its stdout has `lines` lines (within 10 s).
+fn until_lines(config: &Path, args: &[&str], lines: usize) -> String {
+    let started = Instant::now();
+    loop {
+        let out = ok(config, args);
+        if out.lines().count() == lines {
+            return out;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "outbox {args:?}: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A QR login (subscribe with a ticket) and a text, each pushed to the relay and answered.
+async fn push_login_and_text(relay: &Binary) {
+    for xml in [
+        event_xml("subscribe", "qrscene_42", Some(TICKET)),
+        text_xml("hello business", 1),
+    ] {
+        let (query, body) = PushBuilder::new(xml).safe();
+        assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
+    }
+}
+
+fn status(code: u16) -> Behaviour {
+    Behaviour {
+        status: StatusCode::from_u16(code).expect("status"),
+        ..Behaviour::default()
+    }
+}
+
+/// The value of `key=` in a `key=value` line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key}= in {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_tells_a_qr_login_from_a_text_and_says_when_there_is_nothing() {
+    let mut setup = setup(status(404)).await;
+    let relay = Binary::start(&setup.config);
+    for (args, none) in [
+        (&["list"][..], "no pending deliveries"),
+        (&["list", "--dead"][..], "no dead letters"),
+        (
+            &["list", "--target", "business"][..],
+            "no pending deliveries for target business",
+        ),
+    ] {
+        let (code, stdout, stderr) = outbox(&setup.config, args);
+        assert_eq!((code, stdout.as_str()), (Some(0), ""), "{args:?}");
+        assert_eq!(stderr.trim(), none, "{args:?}");
+    }
+
+    push_login_and_text(&relay).await;
+    setup.identity.next().await;
+    let dead = until_lines(&setup.config, &["list", "--dead"], 1);
+    for (key, value) in [
+        ("target", "identity"),
+        ("account", "main"),
+        ("type", "event"),
+        ("event", "subscribe"),
+        ("route", "qr-login"),
+        ("attempts", "1"),
+    ] {
+        assert_eq!(field(&dead, key), value, "{dead}");
+    }
+    assert!(dead.contains("error=\"HTTP 404 (not retried)\""), "{dead}");
+    let pending = until_lines(&setup.config, &["list"], 1);
+    for (key, value) in [
+        ("target", "business"),
+        ("type", "text"),
+        ("event", "-"),
+        ("route", "catch-all"),
+        ("attempts", "1"),
+    ] {
+        assert_eq!(field(&pending, key), value, "{pending}");
+    }
+    assert!(field(&pending, "age").ends_with('s'), "{pending}");
+    assert!(
+        pending.contains("error=\"client error (Connect)"),
+        "{pending}"
+    );
+    assert_ne!(field(&dead, "id"), field(&pending, "id"));
+    let _ = setup.business;
+}
