@@ -62,7 +62,8 @@ pub enum Command {
 pub enum OutboxCommand {
     /// Per target: pending deliveries, the oldest one's age, dead letters.
     Stats,
-    /// One line per delivery: id, target, event id, attempts, last error.
+    /// One line per delivery: id, target, message type, event, route, age, attempts, last
+    /// error.
     List {
         /// Dead letters instead of pending deliveries.
         #[arg(long)]
@@ -70,6 +71,15 @@ pub enum OutboxCommand {
         /// Only this target's.
         #[arg(long)]
         target: Option<String>,
+    },
+    /// One delivery (pending or dead) in full: its metadata and the request that will be
+    /// sent; the decrypted message only with --content. Never a token, key or secret.
+    Show {
+        /// A delivery id from `outbox list`.
+        id: i64,
+        /// Also print the decrypted message.
+        #[arg(long)]
+        content: bool,
     },
     /// Put deliveries back in line, due now, with a fresh attempt count and age: one by id
     /// (dead or pending), or every dead letter (of one target with --target).

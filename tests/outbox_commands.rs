@@ -11,6 +11,9 @@ use common::*;
 use http::StatusCode;
 
 const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The business target's credentials: in its URL's user info and its own query.
+const PASSWORD: &str = "hunter2secret";
+const URL_KEY: &str = "s3cretApiKey";
 const TICKET: &str = "gQH47joAAAAAAAAAASxodHRwOi8vd2VpeGluLnFxLmNvbS9xL2tIVXJ";
 
 /// A Mode 2 relay: QR logins (`qr-login`) to `identity` (json, signed), everything else
@@ -44,7 +47,7 @@ async fn setup(identity: Behaviour) -> Setup {
     ));
     toml.push_str(&target_section(
         "business",
-        &format!("http://{business}/hook"),
+        &format!("http://ops:{PASSWORD}@{business}/hook?key={URL_KEY}"),
         "raw",
         "retry_initial_ms = 60000\nretry_max_ms = 60000\n",
     ));
@@ -167,4 +170,92 @@ async fn list_tells_a_qr_login_from_a_text_and_says_when_there_is_nothing() {
     );
     assert_ne!(field(&dead, "id"), field(&pending, "id"));
     let _ = setup.business;
+}
+
+/// Every secret the config holds, and the ways one could be printed.
+fn assert_no_secret(text: &str) {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("ops:{PASSWORD}"));
+    for secret in [
+        TOKEN,
+        KEY,
+        WHSEC,
+        WHSEC.trim_start_matches("whsec_"),
+        PASSWORD,
+        URL_KEY,
+        basic.as_str(),
+    ] {
+        assert!(!text.contains(secret), "{secret} printed in {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_gives_a_delivery_s_metadata_and_request_and_its_message_only_with_content() {
+    let mut setup = setup(status(404)).await;
+    let relay = Binary::start(&setup.config);
+    push_login_and_text(&relay).await;
+    let login = setup.identity.next().await;
+    let event_id = login.header("x-wechat-relay-event-id").expect("event id");
+    let dead = until_lines(&setup.config, &["list", "--dead"], 1);
+    let pending = until_lines(&setup.config, &["list"], 1);
+
+    let shown = ok(&setup.config, &["show", field(&dead, "id")]);
+    for line in [
+        "state: dead".to_owned(),
+        "target: identity".to_owned(),
+        "format: json".to_owned(),
+        "account: main".to_owned(),
+        format!("event_id: {event_id}"),
+        "type: event".to_owned(),
+        "event: subscribe".to_owned(),
+        "route: qr-login".to_owned(),
+        "attempts: 1".to_owned(),
+        "last error: \"HTTP 404 (not retried)\"".to_owned(),
+        format!("  POST {}", setup.identity.url("/login")),
+        "  content-type: application/json".to_owned(),
+        format!("  x-wechat-relay-event-id: {event_id}"),
+        "  x-wechat-relay-attempt: 2".to_owned(),
+        format!("  webhook-id: {event_id}"),
+        "  webhook-signature: <computed when sent>".to_owned(),
+    ] {
+        assert!(shown.lines().any(|l| l == line), "{line:?} in\n{shown}");
+    }
+    assert!(shown.lines().any(|l| l.starts_with("died: ")), "{shown}");
+    assert!(shown.contains("`--content` shows it"), "{shown}");
+    assert!(
+        !shown.contains(TICKET),
+        "the message only with --content: {shown}"
+    );
+    assert_no_secret(&shown);
+    let content = ok(&setup.config, &["show", field(&dead, "id"), "--content"]);
+    assert!(
+        content.contains(&format!("<Ticket><![CDATA[{TICKET}]]></Ticket>")),
+        "{content}"
+    );
+    assert!(content.contains("message (decrypted):"), "{content}");
+    assert_no_secret(&content);
+
+    // A raw delivery: WeChat's query after the target's own (redacted), no credentials.
+    let shown = ok(&setup.config, &["show", field(&pending, "id"), "--content"]);
+    assert!(shown.contains("state: pending"), "{shown}");
+    assert!(shown.contains("format: raw"), "{shown}");
+    assert!(
+        shown.lines().any(|l| l.starts_with("next attempt: ")),
+        "{shown}"
+    );
+    let url = format!(
+        "  POST http://<redacted>@{}/hook?<redacted>&signature=",
+        setup.business
+    );
+    assert!(
+        shown.lines().any(|l| l.starts_with(&url)),
+        "{url} in\n{shown}"
+    );
+    assert!(shown.contains("  authorization: <redacted>"), "{shown}");
+    assert!(shown.contains("hello business"), "{shown}");
+    assert_no_secret(&shown);
+
+    let (code, _, stderr) = outbox(&setup.config, &["show", "999999"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no delivery with id 999999"), "{stderr}");
 }

@@ -6,11 +6,18 @@
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
+use http::header::AUTHORIZATION;
+use serde::Serialize;
+
 use super::now_ms;
 use super::sqlite::Role;
-use super::store::{DeliveryInfo, Filter, Selection, StoreError};
+use super::store::{DeliveryInfo, Filter, Selection, StoreError, StoredDelivery};
 use crate::cli::OutboxCommand;
 use crate::config::Config;
+use crate::forward::{Forwarder, unix_now};
+
+/// Signed at send time, with the target's secret: `show` prints this instead.
+const SIGNATURE_HEADER: &str = "webhook-signature";
 
 /// What a command prints: `out` on stdout, `note` (if any) on stderr.
 #[derive(Debug, Default)]
@@ -90,6 +97,13 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
                 });
             }
         }
+        OutboxCommand::Show { id, content } => {
+            let Some(stored) = store.get(*id).await? else {
+                return Err(CommandError::NotFound(format!("no delivery with id {id}")));
+            };
+            let shown = Shown::new(config, &stored, *content, now);
+            shown.write(out);
+        }
         OutboxCommand::Replay { id, dead, target } => {
             let selection = match id {
                 Some(id) => Selection::Id(*id),
@@ -118,6 +132,220 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
         }
     }
     Ok(printed)
+}
+
+/// A delivery as `list` and `show` give it: the same fields in text and JSON.
+#[derive(Debug, Serialize)]
+struct Listed {
+    id: i64,
+    /// `pending` or `dead`.
+    state: &'static str,
+    target: String,
+    account: String,
+    event_id: String,
+    msg_type: Option<String>,
+    event: Option<String>,
+    route: Option<String>,
+    attempts: u32,
+    /// Seconds since it was committed (or replayed).
+    age_s: u64,
+    enqueued_at: String,
+    /// Pending: when the next attempt is due.
+    next_attempt_at: Option<String>,
+    /// Dead: when it died.
+    died_at: Option<String>,
+    last_error: Option<String>,
+}
+
+impl Listed {
+    fn new(d: &DeliveryInfo, dead: bool, now: u64) -> Listed {
+        Listed {
+            id: d.id,
+            state: if dead { "dead" } else { "pending" },
+            target: d.target.clone(),
+            account: d.account.clone(),
+            event_id: d.event_id.clone(),
+            msg_type: d.msg_type.clone(),
+            event: d.event.clone(),
+            route: d.route.clone(),
+            attempts: d.attempts,
+            age_s: now.saturating_sub(d.enqueued_ms) / 1000,
+            enqueued_at: time(d.enqueued_ms),
+            next_attempt_at: (!dead).then(|| time(d.at_ms)),
+            died_at: dead.then(|| time(d.at_ms)),
+            last_error: d.last_error.clone(),
+        }
+    }
+}
+
+/// One header of the request `show` prints.
+#[derive(Debug, Serialize)]
+struct Header {
+    name: String,
+    value: String,
+}
+
+/// The request a delivery's next attempt sends, as `show` prints it.
+#[derive(Debug, Serialize)]
+struct Request {
+    method: String,
+    /// The target's URL (its user info and own query redacted) with the query the relay adds.
+    url: String,
+    headers: Vec<Header>,
+}
+
+/// What `show` prints about a delivery.
+#[derive(Debug, Serialize)]
+struct Shown {
+    #[serde(flatten)]
+    listed: Listed,
+    received_at: Option<String>,
+    /// The target's format and URL as configured (redacted); `None` when no target of that
+    /// name is configured.
+    format: Option<String>,
+    /// The next attempt's request: `None` with `request_error` saying why.
+    request: Option<Request>,
+    request_error: Option<String>,
+    /// The decrypted message's size, and the message itself with `--content`.
+    message_bytes: Option<usize>,
+    content: Option<String>,
+}
+
+impl Shown {
+    fn new(config: &Config, stored: &StoredDelivery, with_content: bool, now: u64) -> Shown {
+        let listed = Listed::new(&stored.info, stored.dead, now);
+        let target = config.targets.iter().find(|t| t.name == stored.info.target);
+        let push = stored.push.as_ref();
+        let request = match (target, push) {
+            (None, _) => Err("the target is not configured".to_owned()),
+            (_, Err(why)) => Err(why.clone()),
+            (Some(target), Ok(push)) => {
+                let attempt = stored.info.attempts.saturating_add(1);
+                Forwarder::new()
+                    .request(target, push, unix_now(), attempt)
+                    .map(|request| shown_request(target, &request))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let (request, request_error) = match request {
+            Ok(request) => (Some(request), None),
+            Err(why) => (None, Some(why)),
+        };
+        let message = push.ok().map(|p| p.message.xml());
+        Shown {
+            listed,
+            received_at: push
+                .ok()
+                .map(|p| time(super::sqlite::unix_ms(p.received_at))),
+            format: target.map(|t| format!("{:?}", t.format).to_lowercase()),
+            request,
+            request_error,
+            message_bytes: message.map(|m| m.len()),
+            content: message
+                .filter(|_| with_content)
+                .map(|m| String::from_utf8_lossy(m).into_owned()),
+        }
+    }
+
+    /// `key: value` lines, then the request and the message.
+    fn write(&self, out: &mut String) {
+        let l = &self.listed;
+        let optional = |v: &Option<String>| shown(v.as_deref());
+        let mut fields = vec![
+            ("id", l.id.to_string()),
+            ("state", l.state.to_owned()),
+            ("target", l.target.clone()),
+            ("format", optional(&self.format)),
+            ("account", l.account.clone()),
+            ("event_id", l.event_id.clone()),
+            ("type", optional(&l.msg_type)),
+            ("event", optional(&l.event)),
+            ("route", optional(&l.route)),
+            ("attempts", l.attempts.to_string()),
+            ("received", optional(&self.received_at)),
+            (
+                "enqueued",
+                format!("{} (age {})", l.enqueued_at, age_of(l.age_s)),
+            ),
+        ];
+        fields.push(match (&l.next_attempt_at, &l.died_at) {
+            (_, Some(died)) => ("died", died.clone()),
+            (next, None) => ("next attempt", optional(next)),
+        });
+        fields.push((
+            "last error",
+            l.last_error
+                .as_deref()
+                .map_or("-".to_owned(), |e| format!("{e:?}")),
+        ));
+        for (key, value) in fields {
+            let _ = writeln!(out, "{key}: {value}");
+        }
+        match (&self.request, &self.request_error) {
+            (Some(request), _) => {
+                let _ = writeln!(out, "request (the next attempt, as it would be sent now):");
+                let _ = writeln!(out, "  {} {}", request.method, request.url);
+                for header in &request.headers {
+                    let _ = writeln!(out, "  {}: {}", header.name, header.value);
+                }
+            }
+            (None, why) => {
+                let why = why.as_deref().unwrap_or("-");
+                let _ = writeln!(out, "request: cannot be shown: {why}");
+            }
+        }
+        match (&self.content, self.message_bytes) {
+            (Some(content), _) => {
+                let _ = writeln!(out, "message (decrypted):\n{content}");
+            }
+            (None, Some(bytes)) => {
+                let _ = writeln!(
+                    out,
+                    "message: {bytes} bytes (decrypted); `--content` shows it"
+                );
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+/// The request as `show` prints it: the URL without the target's credentials or own query,
+/// no `Authorization` (nor any other sensitive value), the signature not computed.
+fn shown_request(target: &crate::config::Target, request: &http::Request<impl Sized>) -> Request {
+    let own = target.url.uri().query();
+    let added = request.uri().query().map(|full| match own {
+        Some(own) => full
+            .strip_prefix(own)
+            .map_or(full, |rest| rest.trim_start_matches('&')),
+        None => full,
+    });
+    let base = target.url.to_string();
+    let url = match added.filter(|q| !q.is_empty()) {
+        Some(query) if base.contains('?') => format!("{base}&{query}"),
+        Some(query) => format!("{base}?{query}"),
+        None => base,
+    };
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: if value.is_sensitive() || *name == AUTHORIZATION {
+                "<redacted>".to_owned()
+            } else if name.as_str() == SIGNATURE_HEADER {
+                "<computed when sent>".to_owned()
+            } else {
+                value
+                    .to_str()
+                    .map_or("<not text>".to_owned(), |v| v.to_owned())
+            },
+        })
+        .collect();
+    Request {
+        method: request.method().to_string(),
+        url,
+        headers,
+    }
 }
 
 /// `id=7 target=crm account=main type=event event=SCAN route=qr-login event_id=...
@@ -161,8 +389,12 @@ fn time(ms: u64) -> String {
 
 /// How long ago `at_ms` was, in whole seconds, as one word: `2m5s`, `1day3h`.
 fn age(now_ms: u64, at_ms: u64) -> String {
-    let secs = Duration::from_secs(now_ms.saturating_sub(at_ms) / 1000);
-    humantime::format_duration(secs)
+    age_of(now_ms.saturating_sub(at_ms) / 1000)
+}
+
+/// `secs` as one word: `2m5s`.
+fn age_of(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs))
         .to_string()
         .replace(' ', "")
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::store::{
     BoxFuture, Budget, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest,
     Filter, RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult,
-    TargetStats,
+    StoredDelivery, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -494,6 +494,20 @@ impl Store for MemoryStore {
                 .filter(|(_, e)| filter.target.as_ref().is_none_or(|t| *t == e.target))
                 .map(|(id, e)| e.info(*id))
                 .collect()
+        }))
+    }
+
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>> {
+        Self::now(self.state().map(|state| {
+            let (entry, dead) = match state.pending.get(&id) {
+                Some(entry) => (entry, false),
+                None => (state.dead.get(&id)?, true),
+            };
+            Some(StoredDelivery {
+                info: entry.info(id),
+                dead,
+                push: Ok(Arc::clone(&entry.push)),
+            })
         }))
     }
 

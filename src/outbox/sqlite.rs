@@ -42,7 +42,8 @@ use checkpointer::{Checkpointer, Wal, WalLimits};
 
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
+    TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -644,6 +645,30 @@ impl Store for SqliteStore {
             ))?;
             let rows = statement.query_map(params![filter.target], info_from_row)?;
             rows.collect()
+        })
+    }
+
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>> {
+        self.read(move |conn| {
+            for (table, dead) in [("deliveries", false), ("dead_letters", true)] {
+                let by_id = |columns: &str| format!("SELECT {columns} FROM {table} WHERE id = ?1");
+                let Some(info) = conn
+                    .prepare_cached(&by_id(INFO_COLUMNS))?
+                    .query_row(params![id], info_from_row)
+                    .optional()?
+                else {
+                    continue;
+                };
+                let delivery = conn
+                    .prepare_cached(&by_id(DELIVERY_COLUMNS))?
+                    .query_row(params![id], delivery_from_row)?;
+                return Ok(Some(StoredDelivery {
+                    info,
+                    dead,
+                    push: delivery.push,
+                }));
+            }
+            Ok(None)
         })
     }
 

@@ -243,6 +243,15 @@ pub struct DeliveryInfo {
     pub at_ms: u64,
 }
 
+/// One delivery, pending or dead, as `outbox show` shows it: what `list` says, and the push
+/// to send (or why it cannot be read back).
+#[derive(Debug, Clone)]
+pub struct StoredDelivery {
+    pub info: DeliveryInfo,
+    pub dead: bool,
+    pub push: Result<Arc<Push>, String>,
+}
+
 /// Per target counts for `outbox stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TargetStats {
@@ -324,6 +333,9 @@ pub trait Store: Send + Sync {
     fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>>;
 
     fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>>;
+
+    /// The delivery or dead letter with this id, if there is one.
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>>;
 
     /// Puts the selected deliveries back in line, due now, with a fresh attempt count and age.
     /// Returns how many.
