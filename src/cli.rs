@@ -82,17 +82,41 @@ pub enum OutboxCommand {
         content: bool,
     },
     /// Put deliveries back in line, due now, with a fresh attempt count and age: one by id
-    /// (dead or pending), or every dead letter (of one target with --target).
+    /// (dead or pending), a target's pending deliveries (--target), or every dead letter
+    /// (--dead, of one target with --target).
+    #[command(group(
+        ArgGroup::new("which")
+            .required(true)
+            .multiple(true)
+            .args(["id", "dead", "target"])
+    ))]
     Replay {
         /// A delivery id from `outbox list`.
-        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        #[arg(conflicts_with_all = ["dead", "target"])]
         id: Option<i64>,
-        /// Every dead letter.
+        /// Dead letters: every one, or the target's with --target.
         #[arg(long)]
         dead: bool,
-        /// With --dead: only this target's.
-        #[arg(long, requires = "dead")]
+        /// This target's pending deliveries (with --dead: its dead letters).
+        #[arg(long, value_name = "NAME")]
         target: Option<String>,
+    },
+    /// Delete pending deliveries for good (test pushes, a target gone): one by id, or a
+    /// target's (--target). Refuses without --yes, saying how many it would delete.
+    #[command(group(
+        ArgGroup::new("which")
+            .required(true)
+            .args(["id", "target"])
+    ))]
+    Drop {
+        /// A pending delivery's id from `outbox list`.
+        id: Option<i64>,
+        /// Every pending delivery of this target.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Delete them (without it, nothing is deleted).
+        #[arg(long)]
+        yes: bool,
     },
     /// Delete dead letters for good.
     Purge {

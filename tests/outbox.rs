@@ -407,6 +407,9 @@ impl Store for FaultyStore {
     fn replay(&self, selection: Selection, now: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.inner.replay(selection, now)
     }
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.inner.discard(selection)
+    }
     fn purge_dead(
         &self,
         before: Option<u64>,

@@ -259,3 +259,92 @@ async fn show_gives_a_delivery_s_metadata_and_request_and_its_message_only_with_
     assert_eq!(code, Some(1));
     assert!(stderr.contains("no delivery with id 999999"), "{stderr}");
 }
+
+/// `n` texts to the business target (down: each stays pending, retried in a minute).
+async fn push_texts(relay: &Binary, n: u64) {
+    for msg_id in 1..=n {
+        let (query, body) = PushBuilder::new(text_xml("to business", msg_id)).safe();
+        assert_success(&post(&relay.url(&format!("/wechat?{query}")), body).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_target_makes_its_pending_deliveries_due_now_beside_the_running_relay() {
+    let setup = setup(Behaviour::default()).await;
+    let relay = Binary::start(&setup.config);
+    push_texts(&relay, 2).await;
+    // Both failed their first attempt (nobody listens); the next is a minute away.
+    let pending = until_lines(&setup.config, &["list", "--target", "business"], 2);
+    assert!(
+        pending.lines().all(|l| field(l, "attempts") == "1"),
+        "{pending}"
+    );
+    let mut business = FakeTarget::on(setup.business, Behaviour::default()).await;
+    let replayed = ok(&setup.config, &["replay", "--target", "business"]);
+    assert!(replayed.starts_with("replayed=2 "), "{replayed}");
+    for _ in 0..2 {
+        let got = business.next().await;
+        assert_eq!(
+            got.header("x-wechat-relay-attempt"),
+            Some("1"),
+            "a fresh count"
+        );
+    }
+    until_lines(&setup.config, &["list"], 0);
+    // Nothing pending for the identity target: nothing replayed.
+    assert!(ok(&setup.config, &["replay", "--target", "identity"]).starts_with("replayed=0 "));
+
+    // The usage line names every way to choose.
+    let (code, _, stderr) = outbox(&setup.config, &["replay"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("<ID|--dead|--target <NAME>>"), "{stderr}");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_deletes_pending_deliveries_only_with_yes_and_says_how_many() {
+    let mut setup = setup(status(404)).await;
+    let relay = Binary::start(&setup.config);
+    push_texts(&relay, 3).await;
+    push_login_and_text(&relay).await;
+    setup.identity.next().await;
+    let dead = until_lines(&setup.config, &["list", "--dead"], 1);
+    let pending = until_lines(&setup.config, &["list"], 4);
+
+    let (code, stdout, stderr) = outbox(&setup.config, &["drop", "--target", "business"]);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""));
+    assert!(
+        stderr.contains("this deletes the 4 pending deliveries of business for good")
+            && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    until_lines(&setup.config, &["list"], 4);
+
+    let first = field(pending.lines().next().expect("a line"), "id");
+    assert_eq!(ok(&setup.config, &["drop", first, "--yes"]), "dropped=1\n");
+    let (code, _, stderr) = outbox(&setup.config, &["drop", first, "--yes"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains(&format!("no pending delivery with id {first}")),
+        "{stderr}"
+    );
+    // A dead letter is not dropped: purge deletes those.
+    let (code, _, stderr) = outbox(&setup.config, &["drop", field(&dead, "id"), "--yes"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("is a dead letter"), "{stderr}");
+    until_lines(&setup.config, &["list", "--dead"], 1);
+
+    let dropped = ok(&setup.config, &["drop", "--target", "business", "--yes"]);
+    assert_eq!(dropped, "dropped=3\n");
+    let (_, stdout, stderr) = outbox(&setup.config, &["list"]);
+    assert_eq!(
+        (stdout.as_str(), stderr.trim()),
+        ("", "no pending deliveries")
+    );
+    // Gone, not waiting: a replay finds nothing, and the running relay sends nothing.
+    let mut business = FakeTarget::on(setup.business, Behaviour::default()).await;
+    let replayed = ok(&setup.config, &["replay", "--target", "business"]);
+    assert!(replayed.starts_with("replayed=0 "), "{replayed}");
+    business.expect_none(Duration::from_millis(1500)).await;
+    drop(relay);
+}

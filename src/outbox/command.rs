@@ -105,12 +105,14 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
             shown.write(out);
         }
         OutboxCommand::Replay { id, dead, target } => {
-            let selection = match id {
-                Some(id) => Selection::Id(*id),
-                None if *dead => Selection::Dead {
+            let selection = match (id, dead) {
+                (Some(id), _) => Selection::Id(*id),
+                (None, true) => Selection::Dead {
                     target: target.clone(),
                 },
-                None => return Err(CommandError::Usage("give a delivery id or --dead".into())),
+                (None, false) => Selection::Pending {
+                    target: target.clone(),
+                },
             };
             let count = store.replay(selection, now).await?;
             if let (0, Some(id)) = (count, id) {
@@ -120,6 +122,48 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
                 out,
                 "replayed={count} (due now; a running relay picks them up within a second)"
             );
+        }
+        OutboxCommand::Drop { id, target, yes } => {
+            let (selection, what) = match (id, target) {
+                (Some(id), _) => match store.get(*id).await? {
+                    Some(stored) if !stored.dead => {
+                        (Selection::Id(*id), format!("pending delivery {id}"))
+                    }
+                    Some(_) => {
+                        return Err(CommandError::NotFound(format!(
+                            "{id} is a dead letter, not a pending delivery: `outbox purge --dead` deletes dead letters"
+                        )));
+                    }
+                    None => {
+                        return Err(CommandError::NotFound(format!(
+                            "no pending delivery with id {id}"
+                        )));
+                    }
+                },
+                (None, target) => {
+                    let stats = store.stats().await?;
+                    let pending: u64 = stats
+                        .targets
+                        .iter()
+                        .filter(|t| target.as_ref().is_none_or(|name| *name == t.target))
+                        .map(|t| t.pending)
+                        .sum();
+                    let of = target.as_deref().unwrap_or("every target");
+                    (
+                        Selection::Pending {
+                            target: target.clone(),
+                        },
+                        format!("{pending} pending deliveries of {of}"),
+                    )
+                }
+            };
+            if !*yes {
+                return Err(CommandError::Usage(format!(
+                    "not dropped: this deletes the {what} for good; run it again with --yes"
+                )));
+            }
+            let count = store.discard(selection).await?;
+            let _ = writeln!(out, "dropped={count}");
         }
         OutboxCommand::Purge {
             dead: _,

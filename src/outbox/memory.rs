@@ -223,6 +223,22 @@ impl State {
     }
 
     /// When the oldest pending delivery to `target` was enqueued, from the index.
+    /// The ids of the selected deliveries (an id given is taken as it is).
+    fn selected(&self, selection: &Selection) -> Vec<DeliveryId> {
+        let of = |table: &BTreeMap<DeliveryId, Entry>, target: &Option<String>| {
+            table
+                .iter()
+                .filter(|(_, e)| target.as_ref().is_none_or(|t| *t == e.target))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        match selection {
+            Selection::Id(id) => vec![*id],
+            Selection::Pending { target } => of(&self.pending, target),
+            Selection::Dead { target } => of(&self.dead, target),
+        }
+    }
+
     fn oldest_pending(&self, target: &str) -> Option<u64> {
         let from = (target.to_owned(), 0, DeliveryId::MIN);
         self.enqueued
@@ -513,15 +529,7 @@ impl Store for MemoryStore {
 
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.change(move |state| {
-            let ids: Vec<DeliveryId> = match &selection {
-                Selection::Id(id) => vec![*id],
-                Selection::Dead { target } => state
-                    .dead
-                    .iter()
-                    .filter(|(_, e)| target.as_ref().is_none_or(|t| *t == e.target))
-                    .map(|(id, _)| *id)
-                    .collect(),
-            };
+            let ids = state.selected(&selection);
             let mut count = 0;
             for id in ids {
                 let entry = match state.remove_dead(id) {
@@ -535,6 +543,18 @@ impl Store for MemoryStore {
                 }
             }
             count
+        })
+    }
+
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.change(move |state| {
+            let ids = match selection {
+                Selection::Dead { .. } => Vec::new(),
+                pending => state.selected(&pending),
+            };
+            ids.into_iter()
+                .filter(|id| state.remove_pending(*id).is_some())
+                .count() as u64
         })
     }
 

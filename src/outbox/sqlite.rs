@@ -237,6 +237,7 @@ enum Op {
     Settle(DeliveryId, Settle, u64),
     ExpireDedupe(u64),
     Replay(Selection, u64),
+    Discard(Selection),
     PurgeDead(Option<u64>, Option<String>),
 }
 
@@ -676,6 +677,10 @@ impl Store for SqliteStore {
         self.count(Op::Replay(selection, now_ms))
     }
 
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.count(Op::Discard(selection))
+    }
+
     fn purge_dead(
         &self,
         before_ms: Option<u64>,
@@ -1035,34 +1040,42 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             .execute(params![ms(*before_ms)])
             .map(|n| n as u64),
         Op::Replay(selection, now_ms) => {
-            let (id, target) = match selection {
-                Selection::Id(id) => (Some(*id), None),
-                Selection::Dead { target } => (None, target.clone()),
-            };
-            let condition = "(?1 IS NULL OR id = ?1) AND (?2 IS NULL OR target = ?2)";
+            let (id, target, of_pending, of_dead) = selected(selection);
             // Back in line, due now, with a fresh attempt count and age.
             let fresh = format!(
-                "SET attempts = 0, enqueued_ms = ?3, at_ms = ?3, last_error = NULL WHERE {condition}"
+                "SET attempts = 0, enqueued_ms = ?3, at_ms = ?3, last_error = NULL WHERE {SELECTED}"
             );
             let args = params![id, target, ms(*now_ms)];
-            let pending = match selection {
-                Selection::Id(_) => tx.execute(&format!("UPDATE deliveries {fresh}"), args)?,
-                Selection::Dead { .. } => 0,
+            let pending = match of_pending {
+                true => tx.execute(&format!("UPDATE deliveries {fresh}"), args)?,
+                false => 0,
             };
+            if !of_dead {
+                return Ok(pending as u64);
+            }
             tx.execute(&format!("UPDATE dead_letters {fresh}"), args)?;
             let revived = tx.execute(
                 &format!(
                     "INSERT INTO deliveries ({ALL_COLUMNS}) \
-                     SELECT {ALL_COLUMNS} FROM dead_letters WHERE {condition}"
+                     SELECT {ALL_COLUMNS} FROM dead_letters WHERE {SELECTED}"
                 ),
                 params![id, target],
             )?;
             tx.execute(
-                &format!("DELETE FROM dead_letters WHERE {condition}"),
+                &format!("DELETE FROM dead_letters WHERE {SELECTED}"),
                 params![id, target],
             )?;
             Ok((pending + revived) as u64)
         }
+        Op::Discard(selection) => match selected(selection) {
+            (id, target, true, _) => tx
+                .execute(
+                    &format!("DELETE FROM deliveries WHERE {SELECTED}"),
+                    params![id, target],
+                )
+                .map(|n| n as u64),
+            _ => Ok(0),
+        },
         Op::PurgeDead(Some(before_ms), None) => tx
             .prepare_cached(PURGE_BEFORE)?
             .execute(params![ms(*before_ms)])
@@ -1074,6 +1087,19 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
                 params![before_ms.map(ms), target],
             )
             .map(|n| n as u64),
+    }
+}
+
+/// The rows a [`Selection`] names, given `?1` (an id) and `?2` (a target) from [`selected`].
+const SELECTED: &str = "(?1 IS NULL OR id = ?1) AND (?2 IS NULL OR target = ?2)";
+
+/// A selection as the id and target of [`SELECTED`], and whether it names pending
+/// deliveries, dead letters, or both (an id).
+fn selected(selection: &Selection) -> (Option<DeliveryId>, Option<String>, bool, bool) {
+    match selection {
+        Selection::Id(id) => (Some(*id), None, true, true),
+        Selection::Pending { target } => (None, target.clone(), true, false),
+        Selection::Dead { target } => (None, target.clone(), false, true),
     }
 }
 

@@ -275,11 +275,13 @@ pub struct Filter {
     pub target: Option<String>,
 }
 
-/// Which deliveries `replay` puts back in line.
+/// Which deliveries `replay` puts back in line, or `discard` deletes.
 #[derive(Debug, Clone)]
 pub enum Selection {
-    /// One delivery, dead or pending (a pending one is made due now).
+    /// One delivery, dead or pending.
     Id(DeliveryId),
+    /// Every pending delivery, or those of one target.
+    Pending { target: Option<String> },
     /// Every dead letter, or those of one target.
     Dead { target: Option<String> },
 }
@@ -337,9 +339,13 @@ pub trait Store: Send + Sync {
     /// The delivery or dead letter with this id, if there is one.
     fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>>;
 
-    /// Puts the selected deliveries back in line, due now, with a fresh attempt count and age.
-    /// Returns how many.
+    /// Puts the selected deliveries (pending or dead) back in line, due now, with a fresh
+    /// attempt count and age. Returns how many.
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>>;
+
+    /// Deletes the selected pending deliveries for good (never a dead letter: those go with
+    /// [`Store::purge_dead`]). Returns how many.
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Deletes dead letters that died before `before_ms` (all of them when `None`), of one
     /// target or all. Returns how many.
