@@ -61,7 +61,11 @@ pub enum Command {
 #[derive(Debug, Clone, Subcommand)]
 pub enum OutboxCommand {
     /// Per target: pending deliveries, the oldest one's age, dead letters.
-    Stats,
+    Stats {
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// One line per delivery: id, target, message type, event, route, age, attempts, last
     /// error.
     List {
@@ -71,6 +75,9 @@ pub enum OutboxCommand {
         /// Only this target's.
         #[arg(long)]
         target: Option<String>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// One delivery (pending or dead) in full: its metadata and the request that will be
     /// sent; the decrypted message only with --content. Never a token, key or secret.
@@ -80,6 +87,9 @@ pub enum OutboxCommand {
         /// Also print the decrypted message.
         #[arg(long)]
         content: bool,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Put deliveries back in line, due now, with a fresh attempt count and age: one by id
     /// (dead or pending), a target's pending deliveries (--target), or every dead letter
@@ -100,6 +110,9 @@ pub enum OutboxCommand {
         /// This target's pending deliveries (with --dead: its dead letters).
         #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete pending deliveries for good (test pushes, a target gone): one by id, or a
     /// target's (--target). Refuses without --yes, saying how many it would delete.
@@ -117,6 +130,9 @@ pub enum OutboxCommand {
         /// Delete them (without it, nothing is deleted).
         #[arg(long)]
         yes: bool,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete dead letters for good.
     Purge {
@@ -129,6 +145,9 @@ pub enum OutboxCommand {
         /// Only this target's.
         #[arg(long)]
         target: Option<String>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -348,3 +348,153 @@ async fn drop_deletes_pending_deliveries_only_with_yes_and_says_how_many() {
     business.expect_none(Duration::from_millis(1500)).await;
     drop(relay);
 }
+
+/// `outbox <args> --json`, parsed (exit 0, nothing on stderr).
+fn json(config: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, stdout, stderr) = outbox(config, &all);
+    assert_eq!((code, stderr.as_str()), (Some(0), ""), "outbox {all:?}");
+    assert_no_secret(&stdout);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Asserts that the object `value` has each of `fields`.
+fn assert_has<const N: usize>(value: &serde_json::Value, fields: [(&str, serde_json::Value); N]) {
+    for (key, expected) in fields {
+        assert_eq!(value[key], expected, "{key} in {value}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_stats_show_replay_and_drop_speak_json() {
+    use serde_json::{Value, json as doc};
+    let mut setup = setup(status(404)).await;
+    let relay = Binary::start(&setup.config);
+    push_login_and_text(&relay).await;
+    setup.identity.next().await;
+    until_lines(&setup.config, &["list", "--dead"], 1);
+    until_lines(&setup.config, &["list"], 1);
+
+    let pending = json(&setup.config, &["list"]);
+    assert_eq!(
+        (&pending["state"], &pending["target"]),
+        (&doc!("pending"), &Value::Null)
+    );
+    let [p] = pending["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .as_slice()
+    else {
+        panic!("one pending delivery: {pending}");
+    };
+    assert_has(
+        p,
+        [
+            ("state", doc!("pending")),
+            ("target", doc!("business")),
+            ("account", doc!("main")),
+            ("msg_type", doc!("text")),
+            ("event", Value::Null),
+            ("route", doc!("catch-all")),
+            ("attempts", doc!(1)),
+            ("died_at", Value::Null),
+        ],
+    );
+    assert!(p["id"].is_i64() && p["age_s"].is_u64(), "{p}");
+    assert!(
+        p["enqueued_at"].is_string() && p["next_attempt_at"].is_string(),
+        "{p}"
+    );
+    assert!(
+        p["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Connect")),
+        "{p}"
+    );
+
+    let dead = json(&setup.config, &["list", "--dead"]);
+    let [d] = dead["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .as_slice()
+    else {
+        panic!("one dead letter: {dead}");
+    };
+    assert_has(
+        d,
+        [
+            ("state", doc!("dead")),
+            ("target", doc!("identity")),
+            ("msg_type", doc!("event")),
+            ("event", doc!("subscribe")),
+            ("route", doc!("qr-login")),
+            ("next_attempt_at", Value::Null),
+            ("last_error", doc!("HTTP 404 (not retried)")),
+        ],
+    );
+    assert!(d["died_at"].is_string(), "{d}");
+    // Nothing to list: an empty list, and no note.
+    let none = json(&setup.config, &["list", "--target", "identity"]);
+    assert_eq!(none["deliveries"], doc!([]), "{none}");
+    assert_eq!(none["target"], doc!("identity"), "{none}");
+
+    let stats = json(&setup.config, &["stats"]);
+    assert_eq!(stats["dedupe_keys"], doc!(2), "{stats}");
+    let targets = stats["targets"].as_array().expect("targets");
+    let of = |name: &str| {
+        targets
+            .iter()
+            .find(|t| t["target"] == name)
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    let identity = of("identity");
+    assert_eq!(
+        (
+            &identity["configured"],
+            &identity["pending"],
+            &identity["dead"]
+        ),
+        (&doc!(true), &doc!(0), &doc!(1))
+    );
+    assert_eq!(identity["oldest_pending_age_s"], Value::Null);
+    let business = of("business");
+    assert_eq!(
+        (&business["pending"], &business["dead"]),
+        (&doc!(1), &doc!(0))
+    );
+    assert!(business["oldest_pending_age_s"].is_u64(), "{stats}");
+
+    let id = d["id"].to_string();
+    let shown = json(&setup.config, &["show", &id]);
+    assert_eq!((&shown["id"], &shown["state"]), (&d["id"], &doc!("dead")));
+    assert_eq!(
+        (&shown["route"], &shown["format"]),
+        (&doc!("qr-login"), &doc!("json"))
+    );
+    assert_eq!(shown["content"], Value::Null, "only with --content");
+    assert!(shown["message_bytes"].is_u64(), "{shown}");
+    let request = &shown["request"];
+    assert_eq!(request["method"], "POST");
+    assert_eq!(request["url"], doc!(setup.identity.url("/login")));
+    let headers = request["headers"].as_array().expect("headers");
+    assert!(
+        headers.contains(&doc!({"name": "webhook-signature", "value": "<computed when sent>"})),
+        "{shown}"
+    );
+    let content = json(&setup.config, &["show", &id, "--content"]);
+    assert!(
+        content["content"]
+            .as_str()
+            .is_some_and(|c| c.contains(TICKET)),
+        "{content}"
+    );
+
+    assert_eq!(json(&setup.config, &["replay", &id]), doc!({"replayed": 1}));
+    let pending_id = p["id"].to_string();
+    assert_eq!(
+        json(&setup.config, &["drop", &pending_id, "--yes"]),
+        doc!({"dropped": 1})
+    );
+    drop(relay);
+}

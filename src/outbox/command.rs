@@ -37,6 +37,9 @@ pub enum CommandError {
     /// The command line asks for something the command will not do as given.
     #[error("{0}")]
     Usage(String),
+    /// What was read could not be printed.
+    #[error("{0}")]
+    Output(String),
 }
 
 /// Runs `command` and returns what to print.
@@ -53,7 +56,7 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
     let out = &mut printed.out;
     let now = now_ms();
     match command {
-        OutboxCommand::Stats => {
+        OutboxCommand::Stats { json } => {
             let stats = store.stats().await?;
             let mut names: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
             for t in &stats.targets {
@@ -61,31 +64,50 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
                     names.push(&t.target);
                 }
             }
-            for name in names {
-                let t = stats.targets.iter().find(|t| t.target == name);
-                let configured = config.targets.iter().any(|c| c.name == name);
-                let _ = writeln!(
-                    out,
-                    "target={name} pending={} dead={} oldest_pending_age={}{}",
-                    t.map_or(0, |t| t.pending),
-                    t.map_or(0, |t| t.dead),
-                    t.and_then(|t| t.oldest_pending_ms)
-                        .map_or("-".to_owned(), |at| age(now, at)),
-                    if configured { "" } else { " (not configured)" }
-                );
+            let targets: Vec<TargetRow> = names
+                .into_iter()
+                .map(|name| {
+                    let t = stats.targets.iter().find(|t| t.target == name);
+                    TargetRow {
+                        target: name.to_owned(),
+                        configured: config.targets.iter().any(|c| c.name == name),
+                        pending: t.map_or(0, |t| t.pending),
+                        dead: t.map_or(0, |t| t.dead),
+                        oldest_pending_age_s: t
+                            .and_then(|t| t.oldest_pending_ms)
+                            .map(|at| now.saturating_sub(at) / 1000),
+                    }
+                })
+                .collect();
+            let document = StatsDocument {
+                targets,
+                dedupe_keys: stats.dedupe_keys,
+            };
+            if *json {
+                write_json(out, &document)?;
+            } else {
+                document.write(out);
             }
-            let _ = writeln!(out, "dedupe_keys={}", stats.dedupe_keys);
         }
-        OutboxCommand::List { dead, target } => {
+        OutboxCommand::List { dead, target, json } => {
             let filter = Filter {
                 dead: *dead,
                 target: target.clone(),
             };
-            let deliveries = store.list(filter).await?;
-            for delivery in &deliveries {
-                let _ = writeln!(out, "{}", line(delivery, *dead, now));
-            }
-            if deliveries.is_empty() {
+            let deliveries: Vec<Listed> = store
+                .list(filter)
+                .await?
+                .iter()
+                .map(|d| Listed::new(d, *dead, now))
+                .collect();
+            if *json {
+                let document = ListDocument {
+                    state: if *dead { "dead" } else { "pending" },
+                    target: target.clone(),
+                    deliveries,
+                };
+                write_json(out, &document)?;
+            } else if deliveries.is_empty() {
                 let what = if *dead {
                     "no dead letters"
                 } else {
@@ -95,16 +117,29 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
                     Some(target) => format!("{what} for target {target}"),
                     None => what.to_owned(),
                 });
+            } else {
+                for delivery in &deliveries {
+                    let _ = writeln!(out, "{}", delivery.line());
+                }
             }
         }
-        OutboxCommand::Show { id, content } => {
+        OutboxCommand::Show { id, content, json } => {
             let Some(stored) = store.get(*id).await? else {
                 return Err(CommandError::NotFound(format!("no delivery with id {id}")));
             };
             let shown = Shown::new(config, &stored, *content, now);
-            shown.write(out);
+            if *json {
+                write_json(out, &shown)?;
+            } else {
+                shown.write(out);
+            }
         }
-        OutboxCommand::Replay { id, dead, target } => {
+        OutboxCommand::Replay {
+            id,
+            dead,
+            target,
+            json,
+        } => {
             let selection = match (id, dead) {
                 (Some(id), _) => Selection::Id(*id),
                 (None, true) => Selection::Dead {
@@ -118,12 +153,21 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
             if let (0, Some(id)) = (count, id) {
                 return Err(CommandError::NotFound(format!("no delivery with id {id}")));
             }
-            let _ = writeln!(
-                out,
-                "replayed={count} (due now; a running relay picks them up within a second)"
-            );
+            if *json {
+                write_json(out, &serde_json::json!({ "replayed": count }))?;
+            } else {
+                let _ = writeln!(
+                    out,
+                    "replayed={count} (due now; a running relay picks them up within a second)"
+                );
+            }
         }
-        OutboxCommand::Drop { id, target, yes } => {
+        OutboxCommand::Drop {
+            id,
+            target,
+            yes,
+            json,
+        } => {
             let (selection, what) = match (id, target) {
                 (Some(id), _) => match store.get(*id).await? {
                     Some(stored) if !stored.dead => {
@@ -163,16 +207,25 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
                 )));
             }
             let count = store.discard(selection).await?;
-            let _ = writeln!(out, "dropped={count}");
+            if *json {
+                write_json(out, &serde_json::json!({ "dropped": count }))?;
+            } else {
+                let _ = writeln!(out, "dropped={count}");
+            }
         }
         OutboxCommand::Purge {
             dead: _,
             older_than,
             target,
+            json,
         } => {
             let before = older_than.map(|age| now.saturating_sub(millis(age)));
             let count = store.purge_dead(before, target.clone()).await?;
-            let _ = writeln!(out, "purged={count}");
+            if *json {
+                write_json(out, &serde_json::json!({ "purged": count }))?;
+            } else {
+                let _ = writeln!(out, "purged={count}");
+            }
         }
     }
     Ok(printed)
@@ -392,26 +445,90 @@ fn shown_request(target: &crate::config::Target, request: &http::Request<impl Si
     }
 }
 
-/// `id=7 target=crm account=main type=event event=SCAN route=qr-login event_id=...
-/// attempts=3 age=2m5s enqueued=... next=... error="..."` (`died=` for a dead letter).
-fn line(d: &DeliveryInfo, dead: bool, now: u64) -> String {
-    format!(
-        "id={} target={} account={} type={} event={} route={} event_id={} attempts={} age={} \
-         enqueued={} {}={} error={:?}",
-        d.id,
-        d.target,
-        d.account,
-        shown(d.msg_type.as_deref()),
-        shown(d.event.as_deref()),
-        shown(d.route.as_deref()),
-        d.event_id,
-        d.attempts,
-        age(now, d.enqueued_ms),
-        time(d.enqueued_ms),
-        if dead { "died" } else { "next" },
-        time(d.at_ms),
-        d.last_error.as_deref().unwrap_or("-"),
-    )
+impl Listed {
+    /// `id=7 target=crm account=main type=event event=SCAN route=qr-login event_id=...
+    /// attempts=3 age=2m5s enqueued=... next=... error="..."` (`died=` for a dead letter).
+    fn line(&self) -> String {
+        let (at_key, at) = match (&self.next_attempt_at, &self.died_at) {
+            (_, Some(died)) => ("died", died.as_str()),
+            (next, None) => ("next", next.as_deref().unwrap_or("-")),
+        };
+        format!(
+            "id={} target={} account={} type={} event={} route={} event_id={} attempts={} \
+             age={} enqueued={} {at_key}={at} error={:?}",
+            self.id,
+            self.target,
+            self.account,
+            shown(self.msg_type.as_deref()),
+            shown(self.event.as_deref()),
+            shown(self.route.as_deref()),
+            self.event_id,
+            self.attempts,
+            age_of(self.age_s),
+            self.enqueued_at,
+            self.last_error.as_deref().unwrap_or("-"),
+        )
+    }
+}
+
+/// `outbox list --json`.
+#[derive(Debug, Serialize)]
+struct ListDocument {
+    /// `pending` or `dead`: which were listed.
+    state: &'static str,
+    /// The `--target` given, if any.
+    target: Option<String>,
+    deliveries: Vec<Listed>,
+}
+
+/// `outbox stats --json`, and the lines of `outbox stats`.
+#[derive(Debug, Serialize)]
+struct StatsDocument {
+    targets: Vec<TargetRow>,
+    dedupe_keys: u64,
+}
+
+/// One target in `outbox stats`: every configured one, and any other the store holds
+/// deliveries for.
+#[derive(Debug, Serialize)]
+struct TargetRow {
+    target: String,
+    configured: bool,
+    pending: u64,
+    dead: u64,
+    /// Seconds since the oldest pending delivery was committed (or replayed).
+    oldest_pending_age_s: Option<u64>,
+}
+
+impl StatsDocument {
+    /// `target=crm pending=0 dead=412 oldest_pending_age=-` per target, then `dedupe_keys=`.
+    fn write(&self, out: &mut String) {
+        for t in &self.targets {
+            let _ = writeln!(
+                out,
+                "target={} pending={} dead={} oldest_pending_age={}{}",
+                t.target,
+                t.pending,
+                t.dead,
+                t.oldest_pending_age_s.map_or("-".to_owned(), age_of),
+                if t.configured {
+                    ""
+                } else {
+                    " (not configured)"
+                }
+            );
+        }
+        let _ = writeln!(out, "dedupe_keys={}", self.dedupe_keys);
+    }
+}
+
+/// `document` as pretty JSON, with a newline.
+fn write_json(out: &mut String, document: &impl Serialize) -> Result<(), CommandError> {
+    let text = serde_json::to_string_pretty(document)
+        .map_err(|e| CommandError::Output(format!("cannot write JSON: {e}")))?;
+    out.push_str(&text);
+    out.push('\n');
+    Ok(())
 }
 
 /// A value from the message, as one word: `-` when there is none, `?` for each character
@@ -431,12 +548,7 @@ fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// How long ago `at_ms` was, in whole seconds, as one word: `2m5s`, `1day3h`.
-fn age(now_ms: u64, at_ms: u64) -> String {
-    age_of(now_ms.saturating_sub(at_ms) / 1000)
-}
-
-/// `secs` as one word: `2m5s`.
+/// `secs` as one word: `2m5s`, `1day3h`.
 fn age_of(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs))
         .to_string()
@@ -453,10 +565,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ages_are_one_word_and_never_negative() {
-        assert_eq!(age(125_900, 0), "2m5s");
-        assert_eq!(age(0, 5_000), "0s");
-        assert_eq!(age(97_200_000, 0), "1day3h");
+    fn ages_are_one_word() {
+        assert_eq!(age_of(125), "2m5s");
+        assert_eq!(age_of(0), "0s");
+        assert_eq!(age_of(97_200), "1day3h");
     }
 
     #[test]
