@@ -651,6 +651,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_target_s_pending_deliveries_are_replayed_or_discarded_and_dead_letters_kept() {
+        let store = MemoryStore::new();
+        // Ids 1..=4: a at 30, b at 30, a at 40, then 4 (to b) dies.
+        commit(&store, 1, &[("a", 30), ("b", 30)]).await;
+        commit(&store, 2, &[("a", 40), ("b", 40)]).await;
+        let dead = Settle::Dead {
+            attempts: 1,
+            error: "HTTP 404".into(),
+        };
+        store.settle(4, dead, 50).await.expect("settle");
+        let a = || Some("a".to_owned());
+        assert_eq!(
+            store.replay(Selection::Pending { target: a() }, 5).await,
+            Ok(2)
+        );
+        assert_eq!(due_ids(&store, "a", 5, vec![]).await, [1, 3]);
+        assert_eq!(due_ids(&store, "b", 5, vec![]).await, Vec::<i64>::new());
+        let shown = store.get(4).await.expect("get").expect("dead letter 4");
+        assert!(shown.dead && shown.info.target == "b" && shown.info.route.is_some());
+        assert!(store.get(9).await.expect("get").is_none());
+        // Dead letters are not discarded, by id or by selection.
+        assert_eq!(store.discard(Selection::Id(4)).await, Ok(0));
+        assert_eq!(store.discard(Selection::Dead { target: None }).await, Ok(0));
+        assert_eq!(
+            store.discard(Selection::Pending { target: a() }).await,
+            Ok(2)
+        );
+        assert_eq!(store.discard(Selection::Id(2)).await, Ok(1));
+        let stats = store.stats().await.expect("stats");
+        let pending: u64 = stats.targets.iter().map(|t| t.pending).sum();
+        let dead: u64 = stats.targets.iter().map(|t| t.dead).sum();
+        assert_eq!((pending, dead), (0, 1));
+    }
+
+    #[tokio::test]
     async fn due_deliveries_come_oldest_due_first_per_target_without_the_skipped() {
         let store = MemoryStore::new();
         // Ids 1..=5: a at 30, b at 10, a at 10, a at 20, a at 90.
