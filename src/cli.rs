@@ -61,8 +61,13 @@ pub enum Command {
 #[derive(Debug, Clone, Subcommand)]
 pub enum OutboxCommand {
     /// Per target: pending deliveries, the oldest one's age, dead letters.
-    Stats,
-    /// One line per delivery: id, target, event id, attempts, last error.
+    Stats {
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per delivery: id, target, message type, event, route, age, attempts, last
+    /// error.
     List {
         /// Dead letters instead of pending deliveries.
         #[arg(long)]
@@ -70,19 +75,64 @@ pub enum OutboxCommand {
         /// Only this target's.
         #[arg(long)]
         target: Option<String>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One delivery (pending or dead) in full: its metadata and the request that will be
+    /// sent; the decrypted message only with --content. Never a token, key or secret.
+    Show {
+        /// A delivery id from `outbox list`.
+        id: i64,
+        /// Also print the decrypted message.
+        #[arg(long)]
+        content: bool,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Put deliveries back in line, due now, with a fresh attempt count and age: one by id
-    /// (dead or pending), or every dead letter (of one target with --target).
+    /// (dead or pending), a target's pending deliveries (--target), or every dead letter
+    /// (--dead, of one target with --target).
+    #[command(group(
+        ArgGroup::new("which")
+            .required(true)
+            .multiple(true)
+            .args(["id", "dead", "target"])
+    ))]
     Replay {
         /// A delivery id from `outbox list`.
-        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        #[arg(conflicts_with_all = ["dead", "target"])]
         id: Option<i64>,
-        /// Every dead letter.
+        /// Dead letters: every one, or the target's with --target.
         #[arg(long)]
         dead: bool,
-        /// With --dead: only this target's.
-        #[arg(long, requires = "dead")]
+        /// This target's pending deliveries (with --dead: its dead letters).
+        #[arg(long, value_name = "NAME")]
         target: Option<String>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete pending deliveries for good (test pushes, a target gone): one by id, or a
+    /// target's (--target). Refuses without --yes, saying how many it would delete.
+    #[command(group(
+        ArgGroup::new("which")
+            .required(true)
+            .args(["id", "target"])
+    ))]
+    Drop {
+        /// A pending delivery's id from `outbox list`.
+        id: Option<i64>,
+        /// Every pending delivery of this target.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Delete them (without it, nothing is deleted).
+        #[arg(long)]
+        yes: bool,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete dead letters for good.
     Purge {
@@ -95,6 +145,9 @@ pub enum OutboxCommand {
         /// Only this target's.
         #[arg(long)]
         target: Option<String>,
+        /// One JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -81,18 +81,25 @@ fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, ExitCode> {
 }
 
 fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {
+    use wechat_relay::outbox::command::CommandError;
     let result = match block_on(wechat_relay::outbox::command::run(config, command)) {
         Ok(result) => result,
         Err(code) => return code,
     };
     match result {
-        Ok(out) => {
-            stdout(&out);
+        Ok(printed) => {
+            stdout(&printed.out);
+            if let Some(note) = printed.note {
+                eprintln!("{note}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("outbox: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(match e {
+                CommandError::Usage(_) => EXIT_INVALID_CONFIG,
+                _ => EXIT_FAILURE,
+            })
         }
     }
 }

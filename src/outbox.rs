@@ -387,10 +387,11 @@ impl Outbox {
         }
     }
 
-    /// Commits an admitted push with the answer WeChat gets: its dedupe record and a delivery
-    /// for each target in `to` that still needs one (the reply target's `attempt` counts as
-    /// attempt 1 of its delivery: delivered, retried later, or dead). Then wakes the workers
-    /// of its targets and gives the answer to the retries waiting on it.
+    /// Commits an admitted push, taken by the route named `route`, with the answer WeChat
+    /// gets: its dedupe record and a delivery for each target in `to` that still needs one (the reply target's `attempt` counts as
+    /// attempt 1 of its delivery: delivered, retried later, or dead, with the same
+    /// dead-letter line as the workers write). Then wakes the workers of its targets and
+    /// gives the answer to the retries waiting on it.
     ///
     /// A push committed before within the dedupe window comes back as a retry; another
     /// message committed under its event id makes it commit under an id of its own. A push
@@ -399,6 +400,7 @@ impl Outbox {
         &self,
         mut ticket: Ticket,
         answer: CachedAnswer,
+        route: &str,
         to: &[String],
         attempt: Option<ReplyAttempt>,
     ) -> StoreResult<Accepted> {
@@ -415,6 +417,7 @@ impl Outbox {
             let handover = self.handover(&ticket.push.event_id, &deliveries);
             let commit = Commit {
                 push: Arc::clone(&ticket.push),
+                route: route.to_owned(),
                 digest: ticket.digest,
                 answer: (*answer).clone(),
                 deliveries: deliveries.clone(),
@@ -428,6 +431,16 @@ impl Outbox {
                         recent.insert(&ticket.push.event_id, now, self.window_ms());
                     }
                     handover.committed(&ticket.push, &deliveries, &ids, now);
+                    for (delivery, id) in deliveries.iter().zip(&ids).filter(|(d, _)| d.dead) {
+                        let error = delivery.last_error.as_deref().unwrap_or("-");
+                        worker::log_dead_letter(
+                            &delivery.target,
+                            *id,
+                            &ticket.push.event_id,
+                            delivery.attempts,
+                            error,
+                        );
+                    }
                     ticket.finish(&answer);
                     return Ok(Accepted::New {
                         collided: ticket.collisions > 0,

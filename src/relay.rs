@@ -284,7 +284,13 @@ impl Relay {
         let replied = replier.reply(&account, ticket.push(), &route.reply).await;
         let accepted = self
             .outbox
-            .commit(ticket, replied.answer, &route.to, replied.attempt)
+            .commit(
+                ticket,
+                replied.answer,
+                &route.name,
+                &route.to,
+                replied.attempt,
+            )
             .await;
         match accepted {
             Ok(Accepted::New {

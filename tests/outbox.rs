@@ -14,7 +14,7 @@ use http::StatusCode;
 use wechat_relay::outbox::memory::MemoryStore;
 use wechat_relay::outbox::store::{
     BoxFuture, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Filter, RecentId, Recorded,
-    Selection, Settle, Stats, Store, StoreError, StoreResult,
+    Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
 };
 
 /// A safe-mode account routing everything to target `t` at `url`, with the store in `store`
@@ -401,8 +401,14 @@ impl Store for FaultyStore {
     fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>> {
         self.inner.list(filter)
     }
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>> {
+        self.inner.get(id)
+    }
     fn replay(&self, selection: Selection, now: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.inner.replay(selection, now)
+    }
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.inner.discard(selection)
     }
     fn purge_dead(
         &self,

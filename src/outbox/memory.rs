@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::store::{
     BoxFuture, Budget, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest,
     Filter, RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult,
-    TargetStats,
+    StoredDelivery, TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -58,6 +58,8 @@ struct Record {
 struct Entry {
     target: String,
     push: Arc<Push>,
+    /// The route that took the push.
+    route: Arc<str>,
     attempts: u32,
     enqueued_ms: u64,
     at_ms: u64,
@@ -73,6 +75,9 @@ impl Entry {
             target: self.target.clone(),
             account: self.push.account.clone(),
             event_id: self.push.event_id.clone(),
+            msg_type: self.push.message.msg_type().map(str::to_owned),
+            event: self.push.message.event().map(str::to_owned),
+            route: Some(self.route.to_string()),
             attempts: self.attempts,
             last_error: self.last_error.clone(),
             enqueued_ms: self.enqueued_ms,
@@ -116,7 +121,8 @@ fn compact(push: &Push) -> Arc<Push> {
 }
 
 /// The bytes a delivery of `push` to `target` holds: the push as received and as read, its
-/// parsed fields (about the size of the message again), the rest of its fields.
+/// parsed fields (about the size of the message again), the rest of its fields (the route's
+/// name is shared by the push's deliveries, and counted in [`ENTRY_OVERHEAD`]).
 fn entry_bytes(push: &Push, target: &str) -> u64 {
     let variable = push.body.len()
         + 2 * push.message.xml().len()
@@ -217,6 +223,22 @@ impl State {
     }
 
     /// When the oldest pending delivery to `target` was enqueued, from the index.
+    /// The ids of the selected deliveries (an id given is taken as it is).
+    fn selected(&self, selection: &Selection) -> Vec<DeliveryId> {
+        let of = |table: &BTreeMap<DeliveryId, Entry>, target: &Option<String>| {
+            table
+                .iter()
+                .filter(|(_, e)| target.as_ref().is_none_or(|t| *t == e.target))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        match selection {
+            Selection::Id(id) => vec![*id],
+            Selection::Pending { target } => of(&self.pending, target),
+            Selection::Dead { target } => of(&self.dead, target),
+        }
+    }
+
     fn oldest_pending(&self, target: &str) -> Option<u64> {
         let from = (target.to_owned(), 0, DeliveryId::MIN);
         self.enqueued
@@ -335,6 +357,7 @@ impl Store for MemoryStore {
                     bytes,
                 },
             );
+            let route: Arc<str> = commit.route.into();
             let mut ids = Vec::with_capacity(commit.deliveries.len());
             for delivery in commit.deliveries {
                 state.next_id += 1;
@@ -344,6 +367,7 @@ impl Store for MemoryStore {
                     bytes: entry_bytes(&push, &delivery.target),
                     target: delivery.target,
                     push: Arc::clone(&push),
+                    route: Arc::clone(&route),
                     attempts: delivery.attempts,
                     enqueued_ms: commit.now_ms,
                     at_ms: delivery.at_ms,
@@ -489,17 +513,23 @@ impl Store for MemoryStore {
         }))
     }
 
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>> {
+        Self::now(self.state().map(|state| {
+            let (entry, dead) = match state.pending.get(&id) {
+                Some(entry) => (entry, false),
+                None => (state.dead.get(&id)?, true),
+            };
+            Some(StoredDelivery {
+                info: entry.info(id),
+                dead,
+                push: Ok(Arc::clone(&entry.push)),
+            })
+        }))
+    }
+
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.change(move |state| {
-            let ids: Vec<DeliveryId> = match &selection {
-                Selection::Id(id) => vec![*id],
-                Selection::Dead { target } => state
-                    .dead
-                    .iter()
-                    .filter(|(_, e)| target.as_ref().is_none_or(|t| *t == e.target))
-                    .map(|(id, _)| *id)
-                    .collect(),
-            };
+            let ids = state.selected(&selection);
             let mut count = 0;
             for id in ids {
                 let entry = match state.remove_dead(id) {
@@ -513,6 +543,18 @@ impl Store for MemoryStore {
                 }
             }
             count
+        })
+    }
+
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.change(move |state| {
+            let ids = match selection {
+                Selection::Dead { .. } => Vec::new(),
+                pending => state.selected(&pending),
+            };
+            ids.into_iter()
+                .filter(|id| state.remove_pending(*id).is_some())
+                .count() as u64
         })
     }
 
@@ -579,6 +621,7 @@ mod tests {
             .commit(Commit {
                 digest: Digest::of(push.message.xml()),
                 push,
+                route: "r".into(),
                 answer: CachedAnswer {
                     status: 200,
                     content_type: "text/plain".into(),
@@ -605,6 +648,41 @@ mod tests {
     async fn due_ids(store: &MemoryStore, target: &str, now: u64, skip: Vec<i64>) -> Vec<i64> {
         let due = store.due(target, now, 10, skip).await.expect("due");
         due.iter().map(|d| d.id).collect()
+    }
+
+    #[tokio::test]
+    async fn a_target_s_pending_deliveries_are_replayed_or_discarded_and_dead_letters_kept() {
+        let store = MemoryStore::new();
+        // Ids 1..=4: a at 30, b at 30, a at 40, then 4 (to b) dies.
+        commit(&store, 1, &[("a", 30), ("b", 30)]).await;
+        commit(&store, 2, &[("a", 40), ("b", 40)]).await;
+        let dead = Settle::Dead {
+            attempts: 1,
+            error: "HTTP 404".into(),
+        };
+        store.settle(4, dead, 50).await.expect("settle");
+        let a = || Some("a".to_owned());
+        assert_eq!(
+            store.replay(Selection::Pending { target: a() }, 5).await,
+            Ok(2)
+        );
+        assert_eq!(due_ids(&store, "a", 5, vec![]).await, [1, 3]);
+        assert_eq!(due_ids(&store, "b", 5, vec![]).await, Vec::<i64>::new());
+        let shown = store.get(4).await.expect("get").expect("dead letter 4");
+        assert!(shown.dead && shown.info.target == "b" && shown.info.route.is_some());
+        assert!(store.get(9).await.expect("get").is_none());
+        // Dead letters are not discarded, by id or by selection.
+        assert_eq!(store.discard(Selection::Id(4)).await, Ok(0));
+        assert_eq!(store.discard(Selection::Dead { target: None }).await, Ok(0));
+        assert_eq!(
+            store.discard(Selection::Pending { target: a() }).await,
+            Ok(2)
+        );
+        assert_eq!(store.discard(Selection::Id(2)).await, Ok(1));
+        let stats = store.stats().await.expect("stats");
+        let pending: u64 = stats.targets.iter().map(|t| t.pending).sum();
+        let dead: u64 = stats.targets.iter().map(|t| t.dead).sum();
+        assert_eq!((pending, dead), (0, 1));
     }
 
     #[tokio::test]
@@ -660,6 +738,7 @@ mod tests {
             .commit(Commit {
                 digest: Digest::of(read.message.xml()),
                 push: Arc::clone(&read),
+                route: "r".into(),
                 answer: CachedAnswer {
                     status: 200,
                     content_type: "text/plain".into(),
@@ -724,6 +803,7 @@ mod tests {
                 .commit(Commit {
                     digest,
                     push,
+                    route: "r".into(),
                     answer: CachedAnswer {
                         status: 200,
                         content_type: "text/plain".into(),

@@ -43,7 +43,8 @@ use checkpointer::{Checkpointer, Wal, WalLimits};
 
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, TargetStats,
+    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
+    TargetStats,
 };
 use crate::push::Push;
 use crate::wechat::message::Message;
@@ -55,8 +56,9 @@ pub const DB_FILE: &str = "relay.db";
 /// Held by the running server so that two relays never deliver from one store.
 const LOCK_FILE: &str = "relay.lock";
 /// 1: the first schema; 2: `dedupe.digest` and the `probe` table; 3: the `tallies` and the
-/// indexes that keep `stats` and the upkeep off full scans.
-const SCHEMA_VERSION: i64 = 3;
+/// indexes that keep `stats` and the upkeep off full scans; 4: a delivery's message type,
+/// event and route.
+const SCHEMA_VERSION: i64 = 4;
 /// The row `/readyz` writes and deletes: a few pages, so that a full disk fails it.
 const PROBE_BYTES: i64 = 16 << 10;
 /// The most writes one transaction takes.
@@ -98,7 +100,7 @@ fn schema() -> String {
              body BLOB NOT NULL
          ) WITHOUT ROWID;
          CREATE INDEX dedupe_committed ON dedupe (committed_ms);
-         {SCHEMA_2}{}",
+         {SCHEMA_2}{}{SCHEMA_4}",
         schema_3()
     )
 }
@@ -147,6 +149,17 @@ fn schema_3() -> String {
     );
     sql
 }
+
+/// From version 3 to 4: the message's `MsgType` and `Event` and the route's name beside each
+/// delivery and dead letter, for `outbox list` (NULL for the rows written before, shown `-`).
+/// Adding a column rewrites no row.
+const SCHEMA_4: &str = "
+    ALTER TABLE deliveries ADD COLUMN msg_type TEXT;
+    ALTER TABLE deliveries ADD COLUMN event TEXT;
+    ALTER TABLE deliveries ADD COLUMN route TEXT;
+    ALTER TABLE dead_letters ADD COLUMN msg_type TEXT;
+    ALTER TABLE dead_letters ADD COLUMN event TEXT;
+    ALTER TABLE dead_letters ADD COLUMN route TEXT;";
 
 /// Up to `?3` deliveries to `?1` due at `?2`, oldest due first, but the ids in the JSON
 /// array `?4`: a range of `deliveries_due`, in its order.
@@ -199,13 +212,15 @@ const RECORDS: i64 = 2;
 
 /// Every column of both delivery tables, in order: what moves a row from one to the other.
 const ALL_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
-    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, last_error";
+    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, last_error, \
+    msg_type, event, route";
 
 /// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
 const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
     forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts";
-const INFO_COLUMNS: &str =
-    "id, target, account, event_id, attempts, last_error, enqueued_ms, at_ms";
+/// The columns a [`DeliveryInfo`] is read from, in [`info_from_row`]'s order.
+const INFO_COLUMNS: &str = "id, target, account, event_id, attempts, last_error, enqueued_ms, at_ms, msg_type, event, \
+    route";
 
 /// Who opens the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +238,7 @@ enum Op {
     Settle(DeliveryId, Settle, u64),
     ExpireDedupe(u64),
     Replay(Selection, u64),
+    Discard(Selection),
     PurgeDead(Option<u64>, Option<String>),
 }
 
@@ -629,24 +645,41 @@ impl Store for SqliteStore {
             let mut statement = conn.prepare(&format!(
                 "SELECT {INFO_COLUMNS} FROM {table} WHERE ?1 IS NULL OR target = ?1 ORDER BY id"
             ))?;
-            let rows = statement.query_map(params![filter.target], |row| {
-                Ok(DeliveryInfo {
-                    id: row.get(0)?,
-                    target: row.get(1)?,
-                    account: row.get(2)?,
-                    event_id: row.get(3)?,
-                    attempts: row.get(4)?,
-                    last_error: row.get(5)?,
-                    enqueued_ms: unsigned(row.get(6)?),
-                    at_ms: unsigned(row.get(7)?),
-                })
-            })?;
+            let rows = statement.query_map(params![filter.target], info_from_row)?;
             rows.collect()
+        })
+    }
+
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>> {
+        self.read(move |conn| {
+            for (table, dead) in [("deliveries", false), ("dead_letters", true)] {
+                let by_id = |columns: &str| format!("SELECT {columns} FROM {table} WHERE id = ?1");
+                let Some(info) = conn
+                    .prepare_cached(&by_id(INFO_COLUMNS))?
+                    .query_row(params![id], info_from_row)
+                    .optional()?
+                else {
+                    continue;
+                };
+                let delivery = conn
+                    .prepare_cached(&by_id(DELIVERY_COLUMNS))?
+                    .query_row(params![id], delivery_from_row)?;
+                return Ok(Some(StoredDelivery {
+                    info,
+                    dead,
+                    push: delivery.push,
+                }));
+            }
+            Ok(None)
         })
     }
 
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.count(Op::Replay(selection, now_ms))
+    }
+
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.count(Op::Discard(selection))
     }
 
     fn purge_dead(
@@ -957,7 +990,8 @@ fn commit_push(tx: &Connection, room: &mut Room, commit: &Commit) -> rusqlite::R
             tx.prepare_cached(
                     "INSERT INTO deliveries (target, account, event_id, query, body, content_type, \
                      forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, at_ms, \
-                     last_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                     last_error, msg_type, event, route) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                 )?
                 .execute(params![
                     delivery.target,
@@ -974,6 +1008,9 @@ fn commit_push(tx: &Connection, room: &mut Room, commit: &Commit) -> rusqlite::R
                     delivery.attempts,
                     ms(delivery.at_ms),
                     delivery.last_error,
+                    push.message.msg_type(),
+                    push.message.event(),
+                    commit.route,
                 ])?;
             let id = tx.last_insert_rowid();
             ids.push(id);
@@ -1079,34 +1116,42 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
             .execute(params![ms(*before_ms)])
             .map(|n| n as u64),
         Op::Replay(selection, now_ms) => {
-            let (id, target) = match selection {
-                Selection::Id(id) => (Some(*id), None),
-                Selection::Dead { target } => (None, target.clone()),
-            };
-            let condition = "(?1 IS NULL OR id = ?1) AND (?2 IS NULL OR target = ?2)";
+            let (id, target, of_pending, of_dead) = selected(selection);
             // Back in line, due now, with a fresh attempt count and age.
             let fresh = format!(
-                "SET attempts = 0, enqueued_ms = ?3, at_ms = ?3, last_error = NULL WHERE {condition}"
+                "SET attempts = 0, enqueued_ms = ?3, at_ms = ?3, last_error = NULL WHERE {SELECTED}"
             );
             let args = params![id, target, ms(*now_ms)];
-            let pending = match selection {
-                Selection::Id(_) => tx.execute(&format!("UPDATE deliveries {fresh}"), args)?,
-                Selection::Dead { .. } => 0,
+            let pending = match of_pending {
+                true => tx.execute(&format!("UPDATE deliveries {fresh}"), args)?,
+                false => 0,
             };
+            if !of_dead {
+                return Ok(pending as u64);
+            }
             tx.execute(&format!("UPDATE dead_letters {fresh}"), args)?;
             let revived = tx.execute(
                 &format!(
                     "INSERT INTO deliveries ({ALL_COLUMNS}) \
-                     SELECT {ALL_COLUMNS} FROM dead_letters WHERE {condition}"
+                     SELECT {ALL_COLUMNS} FROM dead_letters WHERE {SELECTED}"
                 ),
                 params![id, target],
             )?;
             tx.execute(
-                &format!("DELETE FROM dead_letters WHERE {condition}"),
+                &format!("DELETE FROM dead_letters WHERE {SELECTED}"),
                 params![id, target],
             )?;
             Ok((pending + revived) as u64)
         }
+        Op::Discard(selection) => match selected(selection) {
+            (id, target, true, _) => tx
+                .execute(
+                    &format!("DELETE FROM deliveries WHERE {SELECTED}"),
+                    params![id, target],
+                )
+                .map(|n| n as u64),
+            _ => Ok(0),
+        },
         Op::PurgeDead(Some(before_ms), None) => tx
             .prepare_cached(PURGE_BEFORE)?
             .execute(params![ms(*before_ms)])
@@ -1118,6 +1163,19 @@ fn apply_count(tx: &Connection, op: &Op) -> rusqlite::Result<u64> {
                 params![before_ms.map(ms), target],
             )
             .map(|n| n as u64),
+    }
+}
+
+/// The rows a [`Selection`] names, given `?1` (an id) and `?2` (a target) from [`selected`].
+const SELECTED: &str = "(?1 IS NULL OR id = ?1) AND (?2 IS NULL OR target = ?2)";
+
+/// A selection as the id and target of [`SELECTED`], and whether it names pending
+/// deliveries, dead letters, or both (an id).
+fn selected(selection: &Selection) -> (Option<DeliveryId>, Option<String>, bool, bool) {
+    match selection {
+        Selection::Id(id) => (Some(*id), None, true, true),
+        Selection::Pending { target } => (None, target.clone(), true, false),
+        Selection::Dead { target } => (None, target.clone(), false, true),
     }
 }
 
@@ -1268,8 +1326,9 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
         .map_err(Migration::Sql)?;
     let upgrade = match version {
         0 => schema(),
-        1 => format!("{SCHEMA_2}{}", schema_3()),
-        2 => schema_3(),
+        1 => format!("{SCHEMA_2}{}{SCHEMA_4}", schema_3()),
+        2 => format!("{}{SCHEMA_4}", schema_3()),
+        3 => SCHEMA_4.to_owned(),
         SCHEMA_VERSION => return Ok(()),
         newer => return Err(Migration::Newer(newer)),
     };
@@ -1315,6 +1374,23 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         push,
         attempts: row.get(12)?,
         enqueued_ms: unsigned(row.get(11)?),
+    })
+}
+
+/// A delivery as `outbox list` shows it, from the [`INFO_COLUMNS`].
+fn info_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
+    Ok(DeliveryInfo {
+        id: row.get(0)?,
+        target: row.get(1)?,
+        account: row.get(2)?,
+        event_id: row.get(3)?,
+        attempts: row.get(4)?,
+        last_error: row.get(5)?,
+        enqueued_ms: unsigned(row.get(6)?),
+        at_ms: unsigned(row.get(7)?),
+        msg_type: row.get(8)?,
+        event: row.get(9)?,
+        route: row.get(10)?,
     })
 }
 
@@ -1557,6 +1633,7 @@ mod tests {
         Op::Commit(Commit {
             digest: Digest::of(push.message.xml()),
             push: Arc::new(push),
+            route: "r".into(),
             answer: CachedAnswer {
                 status: 200,
                 content_type: "text/plain".into(),
@@ -1681,7 +1758,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
         // The schema as version 1 created it, with one dedupe record.
-        let v1 = schema().replace(SCHEMA_2, "").replace(&schema_3(), "");
+        let v1 = schema()
+            .replace(SCHEMA_2, "")
+            .replace(&schema_3(), "")
+            .replace(SCHEMA_4, "");
         conn.execute_batch(&format!("{v1} PRAGMA user_version = 1;"))
             .expect("v1");
         let Op::Commit(c) = commit(1, 10) else {
@@ -2149,13 +2229,15 @@ mod tests {
     fn a_version_2_store_gets_its_tallies_from_its_rows() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
-        let v2 = schema().replace(&schema_3(), "");
-        conn.execute_batch(&format!("{v2} PRAGMA user_version = 2;"))
-            .expect("v2");
+        // Written by this relay, then made version 2: without the tallies and the columns of 4.
+        conn.execute_batch(&schema().replace(&schema_3(), ""))
+            .expect("v2 and 4");
         let ops: Vec<Op> = (0..20)
             .map(|i| Op::Commit(push_commit(i, i % 4 != 0)))
             .collect();
         apply_all(&mut conn, ops.iter());
+        conn.execute_batch(&format!("{UNDO_4} PRAGMA user_version = 2;"))
+            .expect("v2");
         let before = counted(&conn);
         assert!(migrate(&mut conn).is_ok());
         let store_dir = dir.path().to_owned();
@@ -2165,5 +2247,53 @@ mod tests {
             .build()
             .expect("runtime");
         assert_eq!(runtime.block_on(store.stats()), Ok(before));
+    }
+
+    /// Takes a store back from version 4 to 3: the columns [`SCHEMA_4`] added, dropped.
+    const UNDO_4: &str = "
+        ALTER TABLE deliveries DROP COLUMN msg_type;
+        ALTER TABLE deliveries DROP COLUMN event;
+        ALTER TABLE deliveries DROP COLUMN route;
+        ALTER TABLE dead_letters DROP COLUMN msg_type;
+        ALTER TABLE dead_letters DROP COLUMN event;
+        ALTER TABLE dead_letters DROP COLUMN route;";
+
+    #[tokio::test]
+    async fn a_version_3_store_lists_its_old_rows_without_type_event_and_route() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = open_connection(&dir.path().join(DB_FILE), true).expect("open");
+        conn.execute_batch(&schema()).expect("schema");
+        let ops: Vec<Op> = (0..4)
+            .map(|i| Op::Commit(push_commit(i, i % 2 == 0)))
+            .collect();
+        apply_all(&mut conn, ops.iter());
+        conn.execute_batch(&format!("{UNDO_4} PRAGMA user_version = 3;"))
+            .expect("v3");
+        drop(conn);
+        let store = SqliteStore::open(dir.path(), Role::Server).expect("migrated");
+        let mut new = push_commit(9, true);
+        new.route = "catch-all".into();
+        assert!(matches!(store.commit(new).await, Ok(Committed::New(_))));
+        let pending = store.list(Filter::default()).await.expect("list");
+        let dead = store
+            .list(Filter {
+                dead: true,
+                target: None,
+            })
+            .await
+            .expect("list");
+        let shown = |d: &DeliveryInfo| (d.msg_type.clone(), d.event.clone(), d.route.clone());
+        assert_eq!(
+            pending.iter().map(shown).collect::<Vec<_>>(),
+            [
+                (None, None, None),
+                (None, None, None),
+                (Some("text".into()), None, Some("catch-all".into()))
+            ]
+        );
+        assert_eq!(
+            dead.iter().map(shown).collect::<Vec<_>>(),
+            [(None, None, None), (None, None, None)]
+        );
     }
 }

@@ -110,6 +110,8 @@ pub struct NewDelivery {
 #[derive(Debug, Clone)]
 pub struct Commit {
     pub push: Arc<Push>,
+    /// The name of the route that took the push, kept with its deliveries (`outbox list`).
+    pub route: String,
     /// Of the push's message, kept in its dedupe record.
     pub digest: Digest,
     pub answer: CachedAnswer,
@@ -229,11 +231,25 @@ pub struct DeliveryInfo {
     pub target: String,
     pub account: String,
     pub event_id: String,
+    /// The message's `MsgType` and `Event`, and the route that took it: `None` when the
+    /// message has none, and for a delivery stored before they were kept.
+    pub msg_type: Option<String>,
+    pub event: Option<String>,
+    pub route: Option<String>,
     pub attempts: u32,
     pub last_error: Option<String>,
     pub enqueued_ms: u64,
     /// Pending: the next attempt; dead: when it died.
     pub at_ms: u64,
+}
+
+/// One delivery, pending or dead, as `outbox show` shows it: what `list` says, and the push
+/// to send (or why it cannot be read back).
+#[derive(Debug, Clone)]
+pub struct StoredDelivery {
+    pub info: DeliveryInfo,
+    pub dead: bool,
+    pub push: Result<Arc<Push>, String>,
 }
 
 /// Per target counts for `outbox stats`.
@@ -259,11 +275,13 @@ pub struct Filter {
     pub target: Option<String>,
 }
 
-/// Which deliveries `replay` puts back in line.
+/// Which deliveries `replay` puts back in line, or `discard` deletes.
 #[derive(Debug, Clone)]
 pub enum Selection {
-    /// One delivery, dead or pending (a pending one is made due now).
+    /// One delivery, dead or pending.
     Id(DeliveryId),
+    /// Every pending delivery, or those of one target.
+    Pending { target: Option<String> },
     /// Every dead letter, or those of one target.
     Dead { target: Option<String> },
 }
@@ -318,9 +336,16 @@ pub trait Store: Send + Sync {
 
     fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>>;
 
-    /// Puts the selected deliveries back in line, due now, with a fresh attempt count and age.
-    /// Returns how many.
+    /// The delivery or dead letter with this id, if there is one.
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>>;
+
+    /// Puts the selected deliveries (pending or dead) back in line, due now, with a fresh
+    /// attempt count and age. Returns how many.
     fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>>;
+
+    /// Deletes the selected pending deliveries for good (never a dead letter: those go with
+    /// [`Store::purge_dead`]). Returns how many.
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Deletes dead letters that died before `before_ms` (all of them when `None`), of one
     /// target or all. Returns how many.

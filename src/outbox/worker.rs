@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use super::lane::Lane;
 use super::now_ms;
-use super::store::{Delivery, Settle, Store};
+use super::store::{Delivery, DeliveryId, Settle, Store};
 use crate::config::Target;
 use crate::error::ForwardError;
 use crate::forward::{Answer, Forwarder};
@@ -337,18 +337,24 @@ fn log_settle(delivery: &Delivery, attempt: u32, settle: &Settle, started: Insta
         Settle::Delivered => {
             info!(target = %target, id, event_id = %event_id, attempt, ms, "delivered after retries")
         }
-        // Failures and dead letters are rate limited per target: a target that is down during
-        // a flood fails every attempt.
+        // Failures are rate limited per target: a target that is down during a flood fails
+        // every attempt.
         Settle::Retry { .. } if !limit::DELIVERY_FAILURES.admit(target) => {}
-        Settle::Dead { .. } if !limit::DEAD_LETTERS.admit(target) => {}
         Settle::Retry { at_ms, error, .. } => {
             warn!(target = %target, id, event_id = %event_id, attempt, ms, error = %error,
                 retry_in_ms = at_ms.saturating_sub(now_ms()), "delivery failed; will retry")
         }
-        Settle::Dead { attempts, error } => {
-            error!(target = %target, id, event_id = %event_id, attempts, error = %error,
-                "delivery failed for good: dead letter (see `wechat-relay outbox list --dead`)")
-        }
+        Settle::Dead { attempts, error } => log_dead_letter(target, id, event_id, *attempts, error),
+    }
+}
+
+/// The line every dead letter gets, however it died: here (`max_attempts`, `max_age_s`, a
+/// final status, a push that cannot be read back) or at the push's commit (the reply
+/// target's attempt during the push ended it). Rate limited per target, like failures.
+pub fn log_dead_letter(target: &str, id: DeliveryId, event_id: &str, attempts: u32, error: &str) {
+    if limit::DEAD_LETTERS.admit(target) {
+        error!(target = %target, id, event_id = %event_id, attempts, error = %error,
+            "delivery failed for good: dead letter (see `wechat-relay outbox list --dead`)");
     }
 }
 
