@@ -29,10 +29,6 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once per process: the size of a variant does not matter"
-)]
 pub enum Command {
     /// Run the relay.
     Serve,
@@ -56,6 +52,62 @@ pub enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// Write a Mode 2 relay.toml at --config (default ./relay.toml) for one account: QR logins
+    /// to the identity provider, everything else to your servers.
+    ///
+    /// Writes the account, an identity-provider target (`raw`), a business target (`plain`,
+    /// signed with a generated whsec_ secret in business.secret beside the config, mode 0600),
+    /// the `qr-login` route (subscribe with a scene, SCAN) and the catch-all, and the store
+    /// path. Checks what it wrote as `check` does. Never overwrites a file (exit 2).
+    #[command(after_help = INIT_EXAMPLE)]
+    Init(InitArgs),
+    /// A small HTTP target for trying the relay out: prints every request it receives and
+    /// answers `success`, or with --reply a passive text reply to the message's sender.
+    Sink {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// Answer each message with this text (a passive reply), instead of `success`.
+        #[arg(long, value_name = "TEXT")]
+        reply: Option<String>,
+    },
+}
+
+const INIT_EXAMPLE: &str = "Example:
+  wechat-relay init --app-id wx0123456789abcdef --token Tok3nFromMpAdmin \\
+    --encoding-aes-key abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG \\
+    --identity-url https://core.authing.cn/connections/social/YOUR-ID/events \\
+    --business-url http://127.0.0.1:9000/wechat";
+
+/// `wechat-relay init`: the account's values and the two targets' URLs.
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// The official account's AppID (wx...).
+    #[arg(long)]
+    pub app_id: String,
+    /// The Token set in the official account's admin (3-32 letters or digits).
+    #[arg(long)]
+    pub token: String,
+    /// The EncodingAESKey (43 characters); not needed in plaintext mode.
+    #[arg(long)]
+    pub encoding_aes_key: Option<String>,
+    /// The message encryption mode set in the official account's admin.
+    #[arg(long, value_enum, default_value_t = InitMode::Safe)]
+    pub mode: InitMode,
+    /// The identity provider's event URL for this account (QR logins go there).
+    #[arg(long)]
+    pub identity_url: String,
+    /// Your servers' URL (every other push goes there).
+    #[arg(long)]
+    pub business_url: String,
+}
+
+/// The account's message encryption mode, as the admin names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitMode {
+    Safe,
+    Compatible,
+    Plaintext,
 }
 
 #[derive(Debug, Clone, Subcommand)]

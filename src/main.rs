@@ -21,6 +21,21 @@ const EXIT_INVALID_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The commands that need no config.
+    match &cli.command {
+        Command::Init(args) => return init(&cli.config, args),
+        Command::Sink { listen, reply } => {
+            return match block_on(wechat_relay::sink::run(*listen, reply.clone())) {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("sink: cannot listen on {listen}: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+                Err(code) => code,
+            };
+        }
+        _ => {}
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
@@ -52,6 +67,25 @@ fn main() -> ExitCode {
             outbox(&config, &command)
         }
         Command::Simulate(args) => simulate(&config, &args),
+        // Run above, before the config is loaded.
+        Command::Init(_) | Command::Sink { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn init(path: &std::path::Path, args: &wechat_relay::cli::InitArgs) -> ExitCode {
+    match wechat_relay::init::run(path, args) {
+        Ok(out) => {
+            stdout(&out);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("init: {}", e.message);
+            ExitCode::from(if e.usage {
+                EXIT_INVALID_CONFIG
+            } else {
+                EXIT_FAILURE
+            })
+        }
     }
 }
 
