@@ -211,8 +211,7 @@ fn shipped_config_is_ok_and_prints_accounts_targets_and_routes() {
 
     let identity = line_starting(&run.stdout, "target identity:");
     assert!(
-        identity
-            .contains("raw https://core.authing.cn/connections/social/my-wechat-mp/5f1234/events"),
+        identity.contains("raw http://127.0.0.1:9001/events"),
         "{identity}"
     );
     let shop = line_starting(&run.stdout, "target shop:");
@@ -222,7 +221,7 @@ fn shipped_config_is_ok_and_prints_accounts_targets_and_routes() {
     );
     let crm = line_starting(&run.stdout, "target crm:");
     assert!(
-        crm.contains("json https://crm.example.com/hooks/wechat"),
+        crm.contains("json http://127.0.0.1:9002/hooks/wechat"),
         "{crm}"
     );
 
@@ -364,8 +363,8 @@ fn a_duplicate_target_name_is_refused() {
 #[test]
 fn a_target_url_that_is_not_http_is_refused() {
     assert_edit_refused(
-        "url = \"https://crm.example.com/hooks/wechat\"",
-        "url = \"ftp://crm.example.com/hooks/wechat\"",
+        "url = \"http://127.0.0.1:9002/hooks/wechat\"",
+        "url = \"ftp://127.0.0.1:9002/hooks/wechat\"",
         &["target[2].url: must be an http:// or https:// URL with a host"],
     );
 }
@@ -525,8 +524,8 @@ fn every_problem_is_reported_in_one_run() {
             format!("encoding_aes_key = \"{}\"", &key[..42]),
         ),
         (
-            "url = \"https://crm.example.com/hooks/wechat\"",
-            "url = \"ftp://crm.example.com/hooks/wechat\"".to_owned(),
+            "url = \"http://127.0.0.1:9002/hooks/wechat\"",
+            "url = \"ftp://127.0.0.1:9002/hooks/wechat\"".to_owned(),
         ),
         (&format!("secret = \"{secret}\""), String::new()),
         (
@@ -1188,5 +1187,58 @@ fn secret_files_can_be_systemd_credentials() {
         ),
         "{}",
         missing.stderr
+    );
+}
+
+#[test]
+fn the_placeholders_example_hosts_and_plain_http_elsewhere_are_warned_about() {
+    // The shipped file: its placeholder token and key, nothing about its 127.0.0.1 targets.
+    let run = check(&shipped_path());
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: ") && !l.contains("is mode 0"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "stderr:\n{}", run.stderr);
+    assert!(
+        warnings[0].starts_with("warning: account[0].token: the placeholder"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with("warning: account[0].encoding_aes_key: the placeholder"),
+        "{warnings:?}"
+    );
+    // A documentation host, and plain HTTP to another machine.
+    let text = edit(
+        &edit(
+            &shipped(),
+            "url = \"http://127.0.0.1:9002/hooks/wechat\"",
+            "url = \"https://crm.example.com/hooks/wechat\"",
+        ),
+        "url = \"http://127.0.0.1:9000/wechat\"",
+        "url = \"http://10.0.0.7:9000/wechat\"",
+    );
+    let (path, run) = check_text(&text);
+    assert_ok(&run, &path);
+    for expected in [
+        "warning: target[2].url: crm.example.com is an example host",
+        "warning: target[1].url: plain HTTP to 10.0.0.7",
+    ] {
+        assert!(
+            run.stderr.lines().any(|l| l.starts_with(expected)),
+            "{expected:?} in stderr:\n{}",
+            run.stderr
+        );
+    }
+    // A real token is not warned about.
+    let (_, run) = check_text(&edit(
+        &shipped(),
+        "token = \"ReplaceWithYourToken2024\"",
+        "token = \"Tok3nFromMpAdmin\"",
+    ));
+    assert!(
+        !run.stderr.contains("token: the placeholder"),
+        "{}",
+        run.stderr
     );
 }

@@ -5,6 +5,11 @@ use crate::config::raw::RawAccount;
 use crate::config::{Account, Mode, Secret};
 use crate::wechat::crypto::AesKey;
 
+/// The shipped relay.toml's Token and EncodingAESKey: fine for a first run on one machine,
+/// never for WeChat.
+const PLACEHOLDER_TOKEN: &str = "ReplaceWithYourToken2024";
+const PLACEHOLDER_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+
 impl Checker<'_> {
     /// `account[i]`; `None` when it has a problem (reported).
     pub(super) fn account(&mut self, i: usize, raw: RawAccount) -> Option<Account> {
@@ -36,6 +41,12 @@ impl Checker<'_> {
             Ok(Some(token)) => {
                 let ok = (3..=32).contains(&token.len())
                     && token.bytes().all(|b| b.is_ascii_alphanumeric());
+                if token.as_str() == PLACEHOLDER_TOKEN {
+                    self.warn(
+                        format!("{at}.token"),
+                        "the placeholder of the shipped relay.toml: set the Token of your official account (its admin, Settings and Development > Basic Configuration)",
+                    );
+                }
                 if !ok {
                     let n = token.chars().count();
                     self.problem(
@@ -69,6 +80,12 @@ impl Checker<'_> {
             ("previous_encoding_aes_key", &previous),
         ] {
             if let Ok(Some(value)) = value {
+                if value.as_str() == PLACEHOLDER_KEY {
+                    self.warn(
+                        format!("{at}.{key_name}"),
+                        "the placeholder of the shipped relay.toml: set the EncodingAESKey of your official account",
+                    );
+                }
                 match AesKey::from_encoding_aes_key(value) {
                     Ok(k) => keys.push(k),
                     Err(e) => self.problem(format!("{at}.{key_name}"), e),

@@ -20,7 +20,10 @@ impl Checker<'_> {
         self.name(&at, &raw.name);
         // The text may hold a password: zeroed once parsed.
         let url = match Zeroizing::new(raw.url).parse::<TargetUrl>() {
-            Ok(url) => Some(url),
+            Ok(url) => {
+                self.warn_url(&at, url.uri());
+                Some(url)
+            }
             Err(why) => {
                 self.problem(format!("{at}.url"), why);
                 None
@@ -135,5 +138,31 @@ impl Checker<'_> {
             );
         }
         key
+    }
+
+    /// Warns of a target URL that is a documentation example (`example.com` and its kin), or
+    /// plain HTTP to another machine (the push, decrypted, crosses the network in clear).
+    fn warn_url(&mut self, at: &str, uri: &http::Uri) {
+        let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+        let host = host.to_ascii_lowercase();
+        let example = ["example.com", "example.net", "example.org"]
+            .iter()
+            .any(|domain| host == *domain || host.ends_with(&format!(".{domain}")));
+        if example {
+            self.warn(
+                format!("{at}.url"),
+                format!("{host} is an example host: set your target's real URL"),
+            );
+        }
+        let local = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if uri.scheme_str() == Some("http") && !local && !example {
+            self.warn(
+                format!("{at}.url"),
+                format!("plain HTTP to {host}: the decrypted push crosses the network unencrypted (use https://, or keep the target on this machine)"),
+            );
+        }
     }
 }
