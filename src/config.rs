@@ -1,8 +1,9 @@
 //! relay.toml, loaded and checked into a [`Config`]: the file, then the `WECHAT_RELAY_*`
 //! environment overrides, then secrets from files, then validation.
 //!
-//! Validation collects every problem with its key path (`route[2].reply: "shop" is not in to`)
-//! so that an operator fixes the file in one pass; nothing is bound before it passes.
+//! Validation collects every problem with its key path (`route[2].to: "shpo" is not a
+//! [[target]] name (did you mean "shop"?)`) so that an operator fixes the file in one pass;
+//! nothing is bound before it passes.
 //!
 //! This file holds the checked types and the entry points ([`Config::load`]); the steps are:
 //! - `raw`: the serde shape of each section, strict (`deny_unknown_fields`), every default
@@ -256,9 +257,17 @@ impl Config {
     /// [`Config::load`] with the environment given as `(NAME, value)` pairs.
     pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
         if let Err(e) = std::fs::metadata(path) {
+            // The absolute path: a relative one is read from the folder the command runs in.
+            let full = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                " (give the file with --config PATH, or run from its folder; \
+                 `wechat-relay init` writes one)"
+            } else {
+                ""
+            };
             return Err(ConfigError(vec![format!(
-                "{}: cannot read: {e}",
-                path.display()
+                "{}: cannot read: {e}{hint}",
+                full.display()
             )]));
         }
         let mut root = Figment::from(Toml::file_exact(path))

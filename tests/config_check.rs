@@ -329,7 +329,7 @@ fn a_reply_not_in_to_is_refused() {
     assert_edit_refused(
         "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
         "to = [\"shop\"]\nreply = \"crm\"",
-        &["route[1].reply: \"crm\" is not in to"],
+        &["route[1].reply: \"crm\" is a target, but not in this route's to: add it there"],
     );
 }
 
@@ -338,7 +338,7 @@ fn a_route_naming_a_missing_target_is_refused() {
     assert_edit_refused(
         "to = [\"identity\", \"shop\"]",
         "to = [\"identity\", \"shopp\"]",
-        &["route[0].to: \"shopp\" is not a [[target]] name"],
+        &["route[0].to: \"shopp\" is not a [[target]] name (did you mean \"shop\"?)"],
     );
 }
 
@@ -547,8 +547,8 @@ fn every_problem_is_reported_in_one_run() {
         "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
         "target[2].url: must be an http",
         "target[2].secret: required for format = \"json\"",
-        "route[0].to: \"shopp\" is not a [[target]] name",
-        "route[1].reply: \"crm\" is not in to",
+        "route[0].to: \"shopp\" is not a [[target]] name (did you mean \"shop\"?)",
+        "route[1].reply: \"crm\" is a target, but not in this route's to: add it there",
     ];
     assert_invalid(&run, &path, &expected);
     assert!(
@@ -594,7 +594,7 @@ fn serve_refuses_an_invalid_config_with_the_same_messages_before_binding() {
         &path,
         &[
             "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
-            "route[1].reply: \"crm\" is not in to",
+            "route[1].reply: \"crm\" is a target, but not in this route's to: add it there",
         ],
     );
     assert_eq!(
@@ -678,7 +678,9 @@ fn a_missing_config_file_is_reported() {
 fn the_default_config_is_relay_toml_in_the_current_folder() {
     let empty = tempfile::tempdir().expect("tempdir");
     let run = run(relay().current_dir(empty.path()).arg("check"));
-    assert_invalid(&run, Path::new("relay.toml"), &["relay.toml:"]);
+    // The file that was looked for, by its absolute path.
+    let looked_for = format!("{}:", empty.path().join("relay.toml").display());
+    assert_invalid(&run, Path::new("relay.toml"), &[looked_for.as_str()]);
 
     let (dir, _path) = write_config(&shipped());
     let run = self::run(relay().current_dir(dir.path()).arg("check"));
@@ -1239,6 +1241,52 @@ fn the_placeholders_example_hosts_and_plain_http_elsewhere_are_warned_about() {
     assert!(
         !run.stderr.contains("token: the placeholder"),
         "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_misspelt_name_gets_a_suggestion_and_a_bad_token_character_is_named() {
+    // The example of issue 11: a typo in to, and reply naming the right target.
+    assert_edit_refused(
+        "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
+        "to = [\"sohp\", \"crm\"]\nreply = \"shop\"",
+        &[
+            "route[1].to: \"sohp\" is not a [[target]] name (did you mean \"shop\"?)",
+            "route[1].reply: \"shop\" is a target, but not in this route's to: add it there",
+        ],
+    );
+    // Nothing close: the names there are.
+    assert_edit_refused(
+        "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
+        "to = [\"shop\", \"warehouse\"]\nreply = \"shop\"",
+        &[
+            "route[1].to: \"warehouse\" is not a [[target]] name (the targets: \"identity\", \"shop\", \"crm\")",
+        ],
+    );
+    // A token of the right length with a dash: the character, not the length.
+    assert_edit_refused(
+        "token = \"ReplaceWithYourToken2024\"",
+        "token = \"Replace-Token24\"",
+        &["account[0].token: must be 3-32 letters or digits: character 8 is '-'"],
+    );
+}
+
+#[test]
+fn a_missing_file_is_named_by_its_absolute_path_with_a_hint() {
+    // relay() runs in the temporary folder: a relative path is read from there.
+    let run = run(relay().args(["--config", "no-such-relay.toml", "check"]));
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    let full = std::env::temp_dir().join("no-such-relay.toml");
+    assert!(
+        run.stderr
+            .contains(&format!("{}: cannot read:", full.display())),
+        "the absolute path in: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("--config PATH"),
+        "a hint in: {}",
         run.stderr
     );
 }

@@ -49,13 +49,24 @@ impl Checker<'_> {
                 }
                 if !ok {
                     let n = token.chars().count();
-                    self.problem(
-                        format!("{at}.token"),
-                        format!(
+                    // The first character that is not a letter or digit (the token is not
+                    // usable with it, so naming it gives nothing away; the rest is never
+                    // printed).
+                    let bad = token
+                        .chars()
+                        .enumerate()
+                        .find(|(_, c)| !c.is_ascii_alphanumeric());
+                    let why = match bad {
+                        Some((i, c)) if (3..=32).contains(&n) => format!(
+                            "must be 3-32 letters or digits: character {} is {c:?}",
+                            i + 1
+                        ),
+                        _ => format!(
                             "must be 3-32 letters or digits, got {n} character{}",
                             if n == 1 { "" } else { "s" }
                         ),
-                    );
+                    };
+                    self.problem(format!("{at}.token"), why);
                 }
             }
         }

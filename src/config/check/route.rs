@@ -48,7 +48,10 @@ impl Checker<'_> {
             if !targets.contains(name) {
                 self.problem(
                     format!("{at}.to"),
-                    format!("{name:?} is not a [[target]] name"),
+                    format!(
+                        "{name:?} is not a [[target]] name{}",
+                        suggest(name, targets)
+                    ),
                 );
             }
             if seen.contains(&name) {
@@ -62,8 +65,19 @@ impl Checker<'_> {
                 Reply::None
             }
             (Some(target), None) => {
-                if !raw.to.contains(&target) {
-                    self.problem(format!("{at}.reply"), format!("{target:?} is not in to"));
+                if !targets.contains(&target) {
+                    self.problem(
+                        format!("{at}.reply"),
+                        format!(
+                            "{target:?} is not a [[target]] name{}",
+                            suggest(&target, targets)
+                        ),
+                    );
+                } else if !raw.to.contains(&target) {
+                    self.problem(
+                        format!("{at}.reply"),
+                        format!("{target:?} is a target, but not in this route's to: add it there"),
+                    );
                 }
                 Reply::Target(target)
             }
@@ -89,5 +103,27 @@ impl Checker<'_> {
             to: raw.to,
             reply,
         })
+    }
+}
+
+/// ` (did you mean "x"?)` for the closest of `names` to a misspelt `name`, or the names there
+/// are when none is close.
+pub(super) fn suggest(name: &str, names: &[String]) -> String {
+    let closest = names
+        .iter()
+        .map(|candidate| (strsim::jaro_winkler(name, candidate), candidate))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match closest {
+        Some((_, candidate)) => format!(" (did you mean {candidate:?}?)"),
+        None if names.is_empty() => String::new(),
+        None => format!(
+            " (the targets: {})",
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
