@@ -274,13 +274,14 @@ impl Config {
             .extract::<Dict>()
             .map_err(|e| ConfigError(vec![format!("{}: {}", path.display(), toml_error(&e))]))?;
         let mut problems = Vec::new();
-        env::apply_env(&mut root, env, &mut problems);
+        let from_env = env::apply_env(&mut root, env, &mut problems);
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         let credentials = env
             .iter()
             .find(|(name, _)| name == CREDENTIALS_DIRECTORY)
             .map(|(_, value)| PathBuf::from(value));
         let mut checker = check::Checker::new(base, problems, credentials);
+        checker.from_env = from_env;
         checker.warn_loose_mode("relay.toml", path);
         checker.check(root)
     }

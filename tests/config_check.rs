@@ -295,7 +295,7 @@ fn an_unknown_key_in_an_account_is_refused() {
     assert_edit_refused(
         &line,
         &format!("{line}tokn = \"x\"\n"),
-        &["account[0].tokn: unknown field"],
+        &["account[0].tokn: unknown key \"tokn\" (did you mean \"token\"?)"],
     );
 }
 
@@ -1066,7 +1066,7 @@ fn outbox_keys_are_checked() {
     assert_edit_refused(
         "[store]\n",
         "[store]\nsize = 1\n",
-        &["store.size: unknown field"],
+        &["store.size: unknown key \"size\" (the keys here: \"path\""],
     );
 }
 
@@ -1288,5 +1288,46 @@ fn a_missing_file_is_named_by_its_absolute_path_with_a_hint() {
         run.stderr.contains("--config PATH"),
         "a hint in: {}",
         run.stderr
+    );
+}
+
+#[test]
+fn a_bad_override_names_its_variable_and_a_misspelt_key_or_value_its_nearest() {
+    let path = shipped_path();
+    let run = run(relay()
+        .env("WECHAT_RELAY_SERVER__LISTN", "0.0.0.0:9191")
+        .env("WECHAT_RELAY_TARGET__SHOP__URL", "ftp://127.0.0.1/")
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert_invalid(
+        &run,
+        &path,
+        &[
+            "server.listn: unknown key \"listn\" (did you mean \"listen\"?) (set by WECHAT_RELAY_SERVER__LISTN)",
+            "target[1].url: must be an http:// or https:// URL with a host",
+        ],
+    );
+    assert!(
+        run.stderr
+            .contains("(set by WECHAT_RELAY_TARGET__SHOP__URL)"),
+        "{}",
+        run.stderr
+    );
+    // The examples: a key run together, a mode in capitals (backticks no more).
+    assert_edit_refused(
+        "mode = \"safe\"",
+        "mode = \"Safe\"",
+        &[
+            "account[0].mode: \"Safe\" is not one of \"safe\", \"compatible\", \"plaintext\" (did you mean \"safe\"?)",
+        ],
+    );
+    let key = "encoding_aes_key = \"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\"";
+    assert_edit_refused(
+        key,
+        &key.replace("encoding_aes_key", "encodingaeskey"),
+        &[
+            "account[0].encodingaeskey: unknown key \"encodingaeskey\" (did you mean \"encoding_aes_key\"?)",
+        ],
     );
 }

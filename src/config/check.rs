@@ -49,8 +49,62 @@ fn describe(kind: &figment::error::Kind) -> String {
             format!("expected {expected}, found {found}")
         }
         Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
+        // A key or a variant is never a secret: it is named, with the nearest right one.
+        Kind::UnknownField(found, expected) => format!(
+            "unknown key {found:?}{}",
+            hint(found, expected.iter().copied(), "the keys here")
+        ),
+        Kind::UnknownVariant(found, expected) => format!(
+            "{found:?} is not one of {}{}",
+            quoted_list(expected.iter().copied()),
+            closest(found, expected.iter().copied())
+                .map(|c| format!(" (did you mean {c:?}?)"))
+                .unwrap_or_default()
+        ),
+        Kind::MissingField(field) => format!("{field:?} is required"),
+        Kind::DuplicateField(field) => format!("{field:?} is given twice"),
         other => other.to_string(),
     }
+}
+
+/// The candidate nearest a misspelt `name`, if one is near enough to be meant.
+pub(super) fn closest<'n>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'n str>,
+) -> Option<&'n str> {
+    candidates
+        .into_iter()
+        .map(|candidate| (strsim::jaro_winkler(name, candidate), candidate))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, candidate)| candidate)
+}
+
+/// ` (did you mean "x"?)`, or ` (<what>: "a", "b")` when no candidate is near.
+pub(super) fn hint<'n>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'n str> + Clone,
+    what: &str,
+) -> String {
+    match closest(name, candidates.clone()) {
+        Some(candidate) => format!(" (did you mean {candidate:?}?)"),
+        None => {
+            let list = quoted_list(candidates);
+            if list.is_empty() {
+                String::new()
+            } else {
+                format!(" ({what}: {list})")
+            }
+        }
+    }
+}
+
+fn quoted_list<'n>(items: impl IntoIterator<Item = &'n str>) -> String {
+    items
+        .into_iter()
+        .map(|item| format!("{item:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The `name` (or another string key) of every table in an array, parsed or not.
@@ -73,6 +127,8 @@ pub(super) struct Checker<'a> {
     warnings: Vec<String>,
     /// `$CREDENTIALS_DIRECTORY`, set by systemd for `LoadCredential=`.
     credentials: Option<PathBuf>,
+    /// The keys the environment set, as problems name them, and the variable of each.
+    pub(super) from_env: Vec<(String, String)>,
 }
 
 impl<'a> Checker<'a> {
@@ -82,6 +138,7 @@ impl<'a> Checker<'a> {
             problems,
             warnings: Vec::new(),
             credentials,
+            from_env: Vec::new(),
         }
     }
 
@@ -101,7 +158,18 @@ impl<'a> Checker<'a> {
     }
 
     fn problem(&mut self, at: impl fmt::Display, why: impl fmt::Display) {
-        self.problems.push(format!("{at}: {why}"));
+        let at = at.to_string();
+        // A key the environment set: the variable is named, the file is not to blame.
+        let by = self.from_env.iter().find(|(key, _)| {
+            at == *key
+                || at
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+        });
+        match by {
+            Some((_, var)) => self.problems.push(format!("{at}: {why} (set by {var})")),
+            None => self.problems.push(format!("{at}: {why}")),
+        }
     }
 
     /// Something allowed that is probably a mistake: said by `check` and at start.

@@ -25,8 +25,14 @@ pub(super) fn of_process() -> Vec<(String, String)> {
 }
 
 /// Applies `WECHAT_RELAY_A__B__C=value` as `a.b.c = value`. An array element is named by its
-/// index or by its `name` (`WECHAT_RELAY_ACCOUNT__MAIN__TOKEN`, `-` written as `_`).
-pub(super) fn apply_env(root: &mut Dict, env: &[(String, String)], problems: &mut Vec<String>) {
+/// index or by its `name` (`WECHAT_RELAY_ACCOUNT__MAIN__TOKEN`, `-` written as `_`). Returns
+/// each key set, as the checks name it (`target[0].url`), with the variable that set it.
+pub(super) fn apply_env(
+    root: &mut Dict,
+    env: &[(String, String)],
+    problems: &mut Vec<String>,
+) -> Vec<(String, String)> {
+    let mut set = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -44,14 +50,22 @@ pub(super) fn apply_env(root: &mut Dict, env: &[(String, String)], problems: &mu
             problems.push(format!("{name}: empty key part"));
             continue;
         }
-        if let Err(why) = set_path(root, &path, raw) {
-            problems.push(format!("{name}: {why}"));
+        let mut at = String::new();
+        match set_path(root, &path, raw, &mut at) {
+            Ok(()) => set.push((at, name.clone())),
+            Err(why) => problems.push(format!("{name}: {why}")),
         }
     }
+    set
 }
 
-fn set_path(root: &mut Dict, path: &[String], raw: &str) -> Result<(), String> {
+/// Sets `path` under `root`; `at` gets the key's path as the checks name it.
+fn set_path(root: &mut Dict, path: &[String], raw: &str, at: &mut String) -> Result<(), String> {
     let (first, rest) = path.split_first().ok_or("empty key")?;
+    if !at.is_empty() {
+        at.push('.');
+    }
+    at.push_str(first);
     if rest.is_empty() {
         let value = typed_like(first, root.get(first.as_str()), raw);
         // A secret set from the environment replaces the file's way of giving it, and back.
@@ -65,12 +79,18 @@ fn set_path(root: &mut Dict, path: &[String], raw: &str) -> Result<(), String> {
     let slot = root
         .entry(first.clone())
         .or_insert_with(|| Value::from(Dict::new()));
-    set_in_value(slot, first, rest, raw)
+    set_in_value(slot, first, rest, raw, at)
 }
 
-fn set_in_value(slot: &mut Value, at: &str, path: &[String], raw: &str) -> Result<(), String> {
+fn set_in_value(
+    slot: &mut Value,
+    key: &str,
+    path: &[String],
+    raw: &str,
+    at: &mut String,
+) -> Result<(), String> {
     match slot {
-        Value::Dict(_, dict) => set_path(dict, path, raw),
+        Value::Dict(_, dict) => set_path(dict, path, raw, at),
         Value::Array(_, items) => {
             let (selector, rest) = path.split_first().ok_or("empty key")?;
             let position = match selector.parse::<usize>() {
@@ -78,13 +98,14 @@ fn set_in_value(slot: &mut Value, at: &str, path: &[String], raw: &str) -> Resul
                 Err(_) => items.iter().position(|item| element_named(item, selector)),
             };
             let index =
-                position.ok_or_else(|| format!("there is no {at} {selector:?} in the file"))?;
+                position.ok_or_else(|| format!("there is no {key} {selector:?} in the file"))?;
             if rest.is_empty() {
-                return Err(format!("{at}.{selector} needs a key after it"));
+                return Err(format!("{key}.{selector} needs a key after it"));
             }
-            set_in_value(&mut items[index], at, rest, raw)
+            at.push_str(&format!("[{index}]"));
+            set_in_value(&mut items[index], key, rest, raw, at)
         }
-        _ => Err(format!("{at} is not a table")),
+        _ => Err(format!("{key} is not a table")),
     }
 }
 

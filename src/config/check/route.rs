@@ -50,7 +50,7 @@ impl Checker<'_> {
                     format!("{at}.to"),
                     format!(
                         "{name:?} is not a [[target]] name{}",
-                        suggest(name, targets)
+                        super::hint(name, targets.iter().map(String::as_str), "the targets")
                     ),
                 );
             }
@@ -70,7 +70,7 @@ impl Checker<'_> {
                         format!("{at}.reply"),
                         format!(
                             "{target:?} is not a [[target]] name{}",
-                            suggest(&target, targets)
+                            super::hint(&target, targets.iter().map(String::as_str), "the targets")
                         ),
                     );
                 } else if !raw.to.contains(&target) {
@@ -103,27 +103,5 @@ impl Checker<'_> {
             to: raw.to,
             reply,
         })
-    }
-}
-
-/// ` (did you mean "x"?)` for the closest of `names` to a misspelt `name`, or the names there
-/// are when none is close.
-pub(super) fn suggest(name: &str, names: &[String]) -> String {
-    let closest = names
-        .iter()
-        .map(|candidate| (strsim::jaro_winkler(name, candidate), candidate))
-        .filter(|(score, _)| *score > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0));
-    match closest {
-        Some((_, candidate)) => format!(" (did you mean {candidate:?}?)"),
-        None if names.is_empty() => String::new(),
-        None => format!(
-            " (the targets: {})",
-            names
-                .iter()
-                .map(|n| format!("{n:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
     }
 }
