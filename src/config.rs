@@ -272,7 +272,7 @@ impl Config {
         }
         let mut root = Figment::from(Toml::file_exact(path))
             .extract::<Dict>()
-            .map_err(|e| ConfigError(vec![format!("{}: {}", path.display(), toml_error(&e))]))?;
+            .map_err(|e| ConfigError(vec![toml_error(path, &e)]))?;
         let mut problems = Vec::new();
         let from_env = env::apply_env(&mut root, env, &mut problems);
         let base = path.parent().unwrap_or_else(|| Path::new("."));
@@ -287,20 +287,57 @@ impl Config {
     }
 }
 
-/// A TOML error without the source line it quotes (that line may be a secret): the position
-/// and the reason.
-fn toml_error(error: &figment::Error) -> String {
-    let reason = error
-        .to_string()
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.contains('|'))
-        .collect::<Vec<_>>()
-        .join(": ");
-    if reason.is_empty() {
+/// A TOML syntax error as `PATH: line L, column C: reason (the line: key = …)`: the line's key
+/// or table header, never its value (that may be a secret).
+fn toml_error(path: &Path, error: &figment::Error) -> String {
+    let text = error.to_string();
+    let mut position = None;
+    let mut reasons = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(at) = line.strip_prefix("TOML parse error at ") {
+            position = Some(at.to_owned());
+        } else {
+            // The quoted source (`|` lines) and figment's "in PATH TOML file" are left out.
+            let source = line.contains('|');
+            let file = line.starts_with("in ") && line.ends_with("TOML file");
+            if !(line.is_empty() || source || file) {
+                reasons.push(line);
+            }
+        }
+    }
+    let reason = if reasons.is_empty() {
         "not valid TOML".to_owned()
     } else {
-        reason
+        reasons.join(": ")
+    };
+    let Some(position) = position else {
+        return format!("{}: {reason}", path.display());
+    };
+    let shown = position
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .and_then(|n| {
+            std::fs::read_to_string(path)
+                .ok()?
+                .lines()
+                .nth(n.checked_sub(1)?)
+                .map(key_of)
+        })
+        .map(|line| format!(" (the line: {line})"))
+        .unwrap_or_default();
+    format!("{}: {position}: {reason}{shown}", path.display())
+}
+
+/// A TOML line without its value: `key = …`, a table header as it is.
+fn key_of(line: &str) -> String {
+    let line = line.trim();
+    if line.starts_with('[') && !line.contains('=') {
+        return line.to_owned();
+    }
+    match line.split_once('=') {
+        Some((key, _)) => format!("{} = …", key.trim()),
+        None => "…".to_owned(),
     }
 }
 

@@ -996,8 +996,14 @@ fn a_toml_syntax_error_does_not_quote_the_secret_on_its_line() {
         .expect("token line")
         + 1;
     assert!(
-        run.stderr.contains(&format!("line {line}")),
+        run.stderr
+            .contains(&format!("{}: line {line}, column ", path.display())),
         "say where:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("(the line: token = …)") && !run.stderr.contains("TOML file"),
+        "the line's key, the file named once:\n{}",
         run.stderr
     );
     assert!(
