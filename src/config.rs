@@ -32,6 +32,7 @@ use crate::wechat::crypto::AesKey;
 mod check;
 mod env;
 mod file_mode;
+mod locate;
 mod raw;
 mod summary;
 mod target_url;
@@ -283,7 +284,35 @@ impl Config {
         let mut checker = check::Checker::new(base, problems, credentials);
         checker.from_env = from_env;
         checker.warn_loose_mode("relay.toml", path);
-        checker.check(root)
+        let source = std::fs::read_to_string(path)
+            .ok()
+            .and_then(locate::Source::parse);
+        let with_line = |problem: String| match &source {
+            Some(source) => with_line(source, problem),
+            None => problem,
+        };
+        match checker.check(root) {
+            Ok(mut config) => {
+                config.warnings = config.warnings.into_iter().map(with_line).collect();
+                Ok(config)
+            }
+            Err(ConfigError(problems)) => {
+                Err(ConfigError(problems.into_iter().map(with_line).collect()))
+            }
+        }
+    }
+}
+
+/// `at: why` with ` (line N)` of the key `at` names, when it is in the file (not set by the
+/// environment).
+fn with_line(source: &locate::Source, problem: String) -> String {
+    let line = problem
+        .split_once(": ")
+        .filter(|_| !problem.contains("(set by WECHAT_RELAY_"))
+        .and_then(|(at, _)| source.line_of(at));
+    match line {
+        Some(line) => format!("{problem} (line {line})"),
+        None => problem,
     }
 }
 

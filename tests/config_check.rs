@@ -1337,3 +1337,45 @@ fn a_bad_override_names_its_variable_and_a_misspelt_key_or_value_its_nearest() {
         ],
     );
 }
+
+#[test]
+fn every_problem_says_the_line_of_its_key() {
+    let text = edit(
+        &edit(&shipped(), "mode = \"safe\"", "mode = \"Safe\""),
+        "to = [\"shop\", \"crm\"]",
+        "to = [\"sohp\", \"crm\"]",
+    );
+    let line_of = |start: &str| {
+        text.lines()
+            .position(|l| l.starts_with(start))
+            .expect("the line")
+            + 1
+    };
+    let (path, run) = check_text(&text);
+    assert_invalid(
+        &run,
+        &path,
+        &[
+            &format!(
+                "account[0].mode: \"Safe\" is not one of \"safe\", \"compatible\", \"plaintext\" (did you mean \"safe\"?) (line {})",
+                line_of("mode = \"Safe\"")
+            ),
+            &format!(
+                "route[1].to: \"sohp\" is not a [[target]] name (did you mean \"shop\"?) (line {})",
+                line_of("to = [\"sohp\"")
+            ),
+        ],
+    );
+    // A warning too.
+    let run = check(&shipped_path());
+    let token_line = shipped()
+        .lines()
+        .position(|l| l.starts_with("token = "))
+        .expect("token line")
+        + 1;
+    assert!(
+        run.stderr.contains(&format!("(line {token_line})")),
+        "{}",
+        run.stderr
+    );
+}
