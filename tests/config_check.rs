@@ -1379,3 +1379,22 @@ fn every_problem_says_the_line_of_its_key() {
         run.stderr
     );
 }
+
+#[test]
+fn a_misspelt_mode_does_not_hide_the_key_problem_beside_it() {
+    let key = "encoding_aes_key = \"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\"";
+    let text = edit(
+        &edit(&shipped(), "mode = \"safe\"", "mode = \"Safe\""),
+        key,
+        &key.replace("EFG\"", "EF\""),
+    );
+    let (path, run) = check_text(&text);
+    assert_invalid(
+        &run,
+        &path,
+        &[
+            "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+            "account[0].mode: \"Safe\" is not one of",
+        ],
+    );
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ForwardFormat, LogFormat, Mode};
+use super::{ForwardFormat, LogFormat};
 
 /// The default of a numeric key: `#[serde(default = "number::<3000>")]`.
 const fn number<const N: u64>() -> u64 {
@@ -137,7 +137,8 @@ pub(super) struct RawAccount {
     pub encoding_aes_key_file: Option<PathBuf>,
     pub previous_encoding_aes_key: Option<String>,
     pub previous_encoding_aes_key_file: Option<PathBuf>,
-    pub mode: Option<Mode>,
+    /// Text, checked beside the other keys: a misspelt mode must not hide their problems.
+    pub mode: Option<String>,
 }
 
 /// `[[target]]`.

@@ -109,7 +109,30 @@ impl Checker<'_> {
                 "needs encoding_aes_key too",
             );
         }
-        let mode = raw.mode.unwrap_or(if key_given {
+        let given = match raw.mode.as_deref() {
+            None => None,
+            Some(text) => {
+                let modes = [Mode::Safe, Mode::Compatible, Mode::Plaintext];
+                match modes.into_iter().find(|m| m.as_str() == text) {
+                    Some(mode) => Some(mode),
+                    None => {
+                        let names = modes.map(Mode::as_str);
+                        self.problem(
+                            format!("{at}.mode"),
+                            format!(
+                                "{text:?} is not one of {}{}",
+                                names.map(|n| format!("{n:?}")).join(", "),
+                                super::closest(text, names)
+                                    .map(|c| format!(" (did you mean {c:?}?)"))
+                                    .unwrap_or_default()
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        let mode = given.unwrap_or(if key_given {
             Mode::Safe
         } else {
             Mode::Plaintext
