@@ -39,23 +39,28 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!("{}: invalid config:", cli.config.display());
+            let paint = Paint::stderr();
+            eprintln!(
+                "{}",
+                paint.red(&format!("{}: invalid config:", cli.config.display()))
+            );
             for problem in &errors.0 {
-                eprintln!("  {problem}");
+                eprintln!("  {}", paint.red(problem));
             }
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
     match cli.command {
         Command::Check => {
+            let paint = Paint::stderr();
             for warning in &config.warnings {
-                eprintln!("warning: {warning}");
+                eprintln!("{} {warning}", paint.yellow("warning:"));
             }
             // `serve` raises the soft limit to the hard one: check against that.
             if let Ok((_, hard)) = descriptors::limits() {
                 let budget = descriptors::Budget::new(&config, hard);
                 if let Some(warning) = budget.warning(&config) {
-                    eprintln!("warning: {warning}");
+                    eprintln!("{} {warning}", paint.yellow("warning:"));
                 }
             }
             stdout(&format!("{}: OK\n{config}", cli.config.display()));
@@ -85,6 +90,34 @@ fn init(path: &std::path::Path, args: &wechat_relay::cli::InitArgs) -> ExitCode 
             } else {
                 EXIT_FAILURE
             })
+        }
+    }
+}
+
+/// Colours for check's problems and warnings: on when stderr is a terminal (or
+/// `CLICOLOR_FORCE` is set), off with `NO_COLOR` (<https://no-color.org>).
+struct Paint(bool);
+
+impl Paint {
+    fn stderr() -> Paint {
+        use std::io::IsTerminal;
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+        Paint(!set("NO_COLOR") && (std::io::stderr().is_terminal() || set("CLICOLOR_FORCE")))
+    }
+
+    fn red(&self, text: &str) -> String {
+        self.paint("31", text)
+    }
+
+    fn yellow(&self, text: &str) -> String {
+        self.paint("33", text)
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
         }
     }
 }

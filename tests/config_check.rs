@@ -1398,3 +1398,41 @@ fn a_misspelt_mode_does_not_hide_the_key_problem_beside_it() {
         ],
     );
 }
+
+#[test]
+fn warnings_and_problems_are_coloured_only_for_a_terminal() {
+    let path = shipped_path();
+    let forced = run(relay()
+        .env("CLICOLOR_FORCE", "1")
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert!(
+        forced.stderr.contains("\x1b[33mwarning:\x1b[0m "),
+        "{:?}",
+        forced.stderr
+    );
+    let broken = edit(&shipped(), "mode = \"safe\"", "mode = \"Safe\"");
+    let (dir, broken) = write_config(&broken);
+    let forced = run(relay()
+        .env("CLICOLOR_FORCE", "1")
+        .arg("check")
+        .arg("--config")
+        .arg(&broken));
+    assert!(
+        forced.stderr.contains("  \x1b[31maccount[0].mode"),
+        "{:?}",
+        forced.stderr
+    );
+    drop(dir);
+    // Piped (as here) or with NO_COLOR: none.
+    let piped = check(&path);
+    assert!(!piped.stderr.contains('\x1b'), "{:?}", piped.stderr);
+    let no_color = run(relay()
+        .env("CLICOLOR_FORCE", "1")
+        .env("NO_COLOR", "1")
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert!(!no_color.stderr.contains('\x1b'), "{:?}", no_color.stderr);
+}
