@@ -116,7 +116,7 @@ impl Admin {
                 }
             }
         }
-        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+        let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(handle))));
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -49,6 +49,28 @@ pub enum Rejection {
     Crypto(#[from] CryptoError),
 }
 
+/// Every name [`Rejection::reason`] gives: the metrics count each from 0.
+pub const REJECTION_REASONS: [&str; 18] = [
+    "allow_ips",
+    "unknown_path",
+    "method",
+    "missing_param",
+    "signature",
+    "timestamp",
+    "stale",
+    "too_large",
+    "body",
+    "doctype",
+    "entity",
+    "processing_instruction",
+    "invalid_char",
+    "xml",
+    "downgrade",
+    "no_key",
+    "app_id",
+    "decrypt",
+];
+
 impl Rejection {
     /// The HTTP status WeChat (or whoever sent it) gets.
     pub fn status(&self) -> StatusCode {
@@ -72,7 +94,7 @@ impl Rejection {
         }
     }
 
-    /// A short, stable name for logs and metrics.
+    /// A short, stable name for logs and metrics: one of [`REJECTION_REASONS`].
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::NotAllowed => "allow_ips",

@@ -5,13 +5,16 @@
 //! WeChat's names from a fixed list (anything else is `other`, so a forged push cannot grow the
 //! label set), accounts and targets are names from relay.toml.
 
+mod process;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::error::ForwardError;
+use crate::config::Config;
+use crate::error::{ForwardError, REJECTION_REASONS};
 use crate::forward::Answer;
 
 pub const PUSHES: &str = "wechat_relay_pushes_total";
@@ -34,6 +37,7 @@ pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
 pub const CONNECTIONS_REFUSED: &str = "wechat_relay_connections_refused_total";
 pub const LOG_LINES_DROPPED: &str = "wechat_relay_log_lines_dropped_total";
+pub const BUILD_INFO: &str = "wechat_relay_build_info";
 
 /// Seconds: from a millisecond to past WeChat's 5 s and a slow target's timeout.
 const BUCKETS: [f64; 14] = [
@@ -94,8 +98,7 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
-            // Present from the start, so that `increase(...) > 0` sees the first drop.
-            counter!(LOG_LINES_DROPPED).absolute(0);
+            started();
             Some(handle)
         })
         .clone()
@@ -152,6 +155,80 @@ fn describe() {
         LOG_LINES_DROPPED,
         "Log lines dropped because the log output could not keep up"
     );
+    metrics::describe_gauge!(BUILD_INFO, "Always 1: the version of the running binary");
+}
+
+/// The push outcomes [`push`] counts.
+const PUSH_OUTCOMES: [&str; 5] = ["forwarded", "unrouted", "duplicate", "rejected", "failed"];
+
+/// The series that do not depend on the config, present from the start so that a query's
+/// `increase(...) > 0` sees the first event (a series born at 1 shows no increase).
+fn started() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for name in [LOG_LINES_DROPPED, STORE_FULL, DEDUPE_EVICTED] {
+        counter!(name).increment(0);
+    }
+    for result in ["success", "failure"] {
+        counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+    for mode in ["passive", "restart"] {
+        counter!(STORE_CHECKPOINTS, "mode" => mode).increment(0);
+    }
+    counter!(CONNECTIONS_REFUSED, "reason" => "allow_ips").increment(0);
+    for listener in ["wechat", "admin"] {
+        gauge!(CONNECTIONS_OPEN, "listener" => listener).increment(0.0);
+        for reason in [
+            "evicted",
+            "out_of_descriptors",
+            "header_timeout",
+            "keepalive_timeout",
+            "max_age",
+        ] {
+            counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(0);
+        }
+    }
+    // Registered, they render with count 0.
+    let _ = histogram!(REPLY_SECONDS);
+    let _ = histogram!(STORE_BATCH_SIZE);
+    gauge!(STORE_USED_BYTES).increment(0.0);
+    gauge!(DEDUPE_RECORDS).increment(0.0);
+}
+
+/// The series of every account and target in `config`, at 0 until their first event: at
+/// start and after each reload (adding 0 leaves a series that counted already as it was).
+/// Pushes start under `msg_type` and `event` `-`, forwards under the statuses the relay
+/// itself gives (`timeout`, `error`); other label values appear with their first event.
+pub fn configured(config: &Config) {
+    for account in &config.accounts {
+        let name = &account.name;
+        for outcome in PUSH_OUTCOMES {
+            counter!(PUSHES, "account" => name.clone(), "msg_type" => "-", "event" => "-",
+                "outcome" => outcome)
+            .increment(0);
+        }
+        for reason in REJECTION_REASONS {
+            counter!(REJECTED, "account" => name.clone(), "reason" => reason).increment(0);
+        }
+        counter!(DEDUPE_HITS, "account" => name.clone()).increment(0);
+        counter!(DEDUPE_COLLISIONS, "account" => name.clone()).increment(0);
+    }
+    for target in &config.targets {
+        let name = &target.name;
+        for status in ["timeout", "error"] {
+            counter!(FORWARDS, "target" => name.clone(), "status" => status).increment(0);
+        }
+        let _ = histogram!(FORWARD_SECONDS, "target" => name.clone());
+        gauge!(OUTBOX_PENDING, "target" => name.clone()).increment(0.0);
+        gauge!(DEAD_LETTERS, "target" => name.clone()).increment(0.0);
+    }
+}
+
+/// Everything recorded, then the process's CPU, memory, descriptors and start time read now:
+/// the body of `/metrics`.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&process::render());
+    text
 }
 
 /// A known name as WeChat spells it, or `other`.

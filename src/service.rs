@@ -80,6 +80,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     let mut admin_state = None;
     if let Some(listener) = admin_listener {
         let metrics = crate::metrics::install();
+        crate::metrics::configured(handle.relay().config());
         if let Some(metrics) = metrics.clone() {
             // Histogram samples are folded in at each scrape; without scrapes this keeps them
             // from piling up.
@@ -258,6 +259,7 @@ pub fn reload(handle: &Handle, path: &Path, log: Option<&LogHandle>) -> bool {
             let level = config.log.level.clone();
             match handle.reload(config) {
                 Ok(()) => {
+                    crate::metrics::configured(handle.relay().config());
                     if let Some(Err(e)) = log.map(|log| log.set_level(&level)) {
                         warn!(error = %e, "cannot apply log.level");
                     }
