@@ -16,6 +16,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::config::Config;
 use crate::error::{ForwardError, REJECTION_REASONS};
 use crate::forward::Answer;
+use crate::outbox::store::TargetStats;
 
 pub const PUSHES: &str = "wechat_relay_pushes_total";
 pub const REJECTED: &str = "wechat_relay_rejected_total";
@@ -24,6 +25,8 @@ pub const FORWARD_SECONDS: &str = "wechat_relay_forward_seconds";
 pub const REPLY_SECONDS: &str = "wechat_relay_reply_seconds";
 pub const OUTBOX_PENDING: &str = "wechat_relay_outbox_pending";
 pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
+pub const DEAD_LETTERS_TOTAL: &str = "wechat_relay_dead_letters_total";
+pub const OUTBOX_OLDEST_PENDING: &str = "wechat_relay_outbox_oldest_pending_seconds";
 pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
 pub const DEDUPE_COLLISIONS: &str = "wechat_relay_dedupe_collisions_total";
 pub const STORE_FULL: &str = "wechat_relay_store_full_total";
@@ -115,6 +118,14 @@ fn describe() {
     metrics::describe_histogram!(REPLY_SECONDS, "From a push's arrival to WeChat's answer");
     metrics::describe_gauge!(OUTBOX_PENDING, "Deliveries waiting in the outbox");
     metrics::describe_gauge!(DEAD_LETTERS, "Dead letters in the outbox");
+    metrics::describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Deliveries that failed for good and became dead letters"
+    );
+    metrics::describe_gauge!(
+        OUTBOX_OLDEST_PENDING,
+        "Seconds the oldest pending delivery has waited (0: none pending)"
+    );
     metrics::describe_counter!(DEDUPE_HITS, "WeChat retries answered from the first push");
     metrics::describe_counter!(
         DEDUPE_COLLISIONS,
@@ -220,6 +231,8 @@ pub fn configured(config: &Config) {
         let _ = histogram!(FORWARD_SECONDS, "target" => name.clone());
         gauge!(OUTBOX_PENDING, "target" => name.clone()).increment(0.0);
         gauge!(DEAD_LETTERS, "target" => name.clone()).increment(0.0);
+        gauge!(OUTBOX_OLDEST_PENDING, "target" => name.clone()).increment(0.0);
+        counter!(DEAD_LETTERS_TOTAL, "target" => name.clone()).increment(0);
     }
 }
 
@@ -321,10 +334,18 @@ pub fn reload(success: bool) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
-/// The outbox gauges, from the store's counts.
-pub fn outbox(target: &str, pending: u64, dead: u64) {
-    gauge!(OUTBOX_PENDING, "target" => target.to_owned()).set(pending as f64);
-    gauge!(DEAD_LETTERS, "target" => target.to_owned()).set(dead as f64);
+/// The outbox gauges of `target`, from the store's counts at `now_ms` (the oldest pending
+/// age is 0 when nothing is pending).
+pub fn outbox(target: &str, stats: &TargetStats, now_ms: u64) {
+    gauge!(OUTBOX_PENDING, "target" => target.to_owned()).set(stats.pending as f64);
+    gauge!(DEAD_LETTERS, "target" => target.to_owned()).set(stats.dead as f64);
+    let age = stats.oldest_pending_age(now_ms).unwrap_or_default();
+    gauge!(OUTBOX_OLDEST_PENDING, "target" => target.to_owned()).set(age.as_secs_f64());
+}
+
+/// A delivery to `target` became a dead letter.
+pub fn dead_letter(target: &str) {
+    counter!(DEAD_LETTERS_TOTAL, "target" => target.to_owned()).increment(1);
 }
 
 /// Connections open on `listener` (`wechat` or `admin`).

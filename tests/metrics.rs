@@ -9,9 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 
-/// A config with `accounts` (each on `/<name>`), raw `targets` and one route of text to the
-/// first target, with the admin listener.
-fn write_config(dir: &Path, accounts: &[&str], targets: &[(&str, String)]) -> PathBuf {
+/// A config with `accounts` (each on `/<name>`), raw `targets` (name, URL, more keys) and one
+/// route of text to the `to` targets, with the admin listener.
+fn write_config(
+    dir: &Path,
+    accounts: &[&str],
+    targets: &[(&str, String, &str)],
+    to: &[&str],
+) -> PathBuf {
     let mut toml = String::from(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 1000\n[store]\npath = \"data\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n",
@@ -19,12 +24,13 @@ fn write_config(dir: &Path, accounts: &[&str], targets: &[(&str, String)]) -> Pa
     for name in accounts {
         toml.push_str(&account_section(name, &format!("/{name}"), "safe"));
     }
-    for (name, url) in targets {
-        toml.push_str(&target_section(name, url, "raw", ""));
+    for (name, url, extra) in targets {
+        toml.push_str(&target_section(name, url, "raw", extra));
     }
+    let to: Vec<String> = to.iter().map(|t| format!("\"{t}\"")).collect();
     toml.push_str(&format!(
-        "[[route]]\nmsg_type = [\"text\"]\nto = [\"{}\"]\n",
-        targets[0].0
+        "[[route]]\nmsg_type = [\"text\"]\nto = [{}]\n",
+        to.join(", ")
     ));
     let path = dir.join("relay.toml");
     std::fs::write(&path, toml).expect("config");
@@ -76,7 +82,8 @@ async fn every_series_of_the_config_is_there_at_zero_from_the_start_and_after_a_
     let path = write_config(
         dir.path(),
         &["main", "shop"],
-        &[("a", a.url("/a")), ("b", b.url("/b"))],
+        &[("a", a.url("/a"), ""), ("b", b.url("/b"), "")],
+        &["a"],
     );
     let relay = Binary::start(&path);
     let admin = relay.admin_addr();
@@ -105,7 +112,12 @@ async fn every_series_of_the_config_is_there_at_zero_from_the_start_and_after_a_
     write_config(
         dir.path(),
         &["main", "shop", "blog"],
-        &[("a", a.url("/a")), ("b", b.url("/b")), ("c", c.url("/c"))],
+        &[
+            ("a", a.url("/a"), ""),
+            ("b", b.url("/b"), ""),
+            ("c", c.url("/c"), ""),
+        ],
+        &["a"],
     );
     relay.signal("HUP");
     relay.wait_for("config reloaded");
@@ -136,7 +148,7 @@ async fn every_series_of_the_config_is_there_at_zero_from_the_start_and_after_a_
 async fn the_build_and_the_process_are_described() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = FakeTarget::start().await;
-    let path = write_config(dir.path(), &["main"], &[("a", a.url("/a"))]);
+    let path = write_config(dir.path(), &["main"], &[("a", a.url("/a"), "")], &["a"]);
     let relay = Binary::start(&path);
     let admin = relay.admin_addr();
     let text = get(&format!("http://{admin}/metrics")).await.text();
@@ -176,5 +188,95 @@ async fn the_build_and_the_process_are_described() {
     assert!(
         started <= now + 1.0 && started > now - 600.0,
         "{started} vs {now}"
+    );
+}
+
+// Threads of its own: the fake target answers while the test waits for a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_age_is_what_outbox_stats_says_and_dead_letters_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // `bad` answers 400: its delivery dies at once. `down` refuses connections: it stays pending.
+    let bad = FakeTarget::with(Behaviour {
+        status: http::StatusCode::BAD_REQUEST,
+        ..Behaviour::default()
+    })
+    .await;
+    let path = write_config(
+        dir.path(),
+        &["main"],
+        &[
+            ("bad", bad.url("/bad"), ""),
+            (
+                "down",
+                "http://127.0.0.1:1/down".into(),
+                "retry_initial_ms = 60000",
+            ),
+        ],
+        &["bad", "down"],
+    );
+    let relay = Binary::start(&path);
+    let admin = relay.admin_addr();
+    let scrape = || async { get(&format!("http://{admin}/metrics")).await.text() };
+    let oldest = |text: &str, target| {
+        metric(
+            text,
+            "wechat_relay_outbox_oldest_pending_seconds",
+            &[("target", target)],
+        )
+    };
+    let text = scrape().await;
+    assert_eq!(oldest(&text, "down"), Some(0.0), "{text}");
+    for target in ["bad", "down"] {
+        assert_eq!(
+            metric(
+                &text,
+                "wechat_relay_dead_letters_total",
+                &[("target", target)]
+            ),
+            Some(0.0),
+            "{text}"
+        );
+    }
+
+    let (query, body) = PushBuilder::new(text_xml("one", 1)).safe();
+    assert_success(&post(&relay.url(&format!("/main?{query}")), body).await);
+    relay.wait_for("delivery failed for good");
+    // Past a second, so that `outbox stats` (whole seconds) shows an age of its own.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    let before = oldest(&scrape().await, "down").expect("oldest pending age");
+    let config = path.to_string_lossy().into_owned();
+    let (code, stdout, stderr) = cli(&["outbox", "stats", "--json", "--config", &config]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let stats: serde_json::Value = serde_json::from_str(&stdout).expect("stats json");
+    let of_down = stats["targets"]
+        .as_array()
+        .and_then(|targets| targets.iter().find(|t| t["target"] == "down"))
+        .and_then(|t| t["oldest_pending_age_s"].as_u64())
+        .unwrap_or_else(|| panic!("down's age in {stdout}"));
+    let text = scrape().await;
+    let after = oldest(&text, "down").expect("oldest pending age");
+    assert!(
+        before >= 1.0 && before.floor() <= of_down as f64 && of_down as f64 <= after.floor(),
+        "metric {before} then {after}, outbox stats {of_down}"
+    );
+    assert_eq!(oldest(&text, "bad"), Some(0.0), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "wechat_relay_dead_letters_total",
+            &[("target", "bad")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "wechat_relay_dead_letters_total",
+            &[("target", "down")]
+        ),
+        Some(0.0),
+        "{text}"
     );
 }
