@@ -144,14 +144,19 @@ async fn every_series_of_the_config_is_there_at_zero_from_the_start_and_after_a_
     );
 }
 
-#[tokio::test]
-async fn the_build_and_the_process_are_described() {
+/// `/metrics` of a relay with one account and one target, just started, before any push.
+async fn first_scrape() -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = FakeTarget::start().await;
     let path = write_config(dir.path(), &["main"], &[("a", a.url("/a"), "")], &["a"]);
     let relay = Binary::start(&path);
     let admin = relay.admin_addr();
-    let text = get(&format!("http://{admin}/metrics")).await.text();
+    get(&format!("http://{admin}/metrics")).await.text()
+}
+
+#[tokio::test]
+async fn the_build_and_the_process_are_described() {
+    let text = first_scrape().await;
 
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
@@ -278,5 +283,101 @@ async fn the_oldest_pending_age_is_what_outbox_stats_says_and_dead_letters_are_c
         ),
         Some(0.0),
         "{text}"
+    );
+}
+
+/// A file of this repository.
+fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The metric names an expression uses: `wechat_relay_*` and `process_*` words.
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("wechat_relay_") || word.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let rules = repo_file("contrib/prometheus/alerts.yml");
+    let output = match std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) => {
+            let why = format!("promtool does not run ({e}; Debian: apt-get install prometheus)");
+            // In CI (`CI` set, as .ci/run is run) every check runs: .ci/run installs promtool.
+            if std::env::var_os("CI").is_some_and(|ci| !ci.is_empty()) {
+                panic!("{why}: in CI (CI is set) this check must run; see .ci/run");
+            }
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool check rules: {said}");
+    assert!(said.contains("SUCCESS: 6 rules found"), "{said}");
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_the_alerts_query_is_in_metrics_from_the_start() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("contrib/grafana/wechat-relay.json"))
+            .expect("the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|target| target["expr"].as_str().map(str::to_owned))
+        .collect();
+    let panels = dashboard["panels"].as_array().map_or(0, Vec::len);
+    assert!(exprs.len() >= panels, "every panel has a query");
+    let mut names: Vec<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
+    // What the dashboard must show, by its metric.
+    for shown in [
+        "wechat_relay_pushes_total",
+        "wechat_relay_reply_seconds_bucket",
+        "wechat_relay_forwards_total",
+        "wechat_relay_outbox_pending",
+        "wechat_relay_outbox_oldest_pending_seconds",
+        "wechat_relay_dead_letters_total",
+        "wechat_relay_store_used_bytes",
+        "wechat_relay_connections_open",
+    ] {
+        assert!(
+            names.iter().any(|n| n == shown),
+            "the dashboard shows {shown}"
+        );
+    }
+    let rules = std::fs::read_to_string(repo_file("contrib/prometheus/alerts.yml")).expect("rules");
+    let in_rules: Vec<String> = rules
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(metric_names)
+        .collect();
+    assert!(in_rules.len() >= 5, "{in_rules:?}");
+    names.extend(in_rules);
+    names.sort();
+    names.dedup();
+
+    let text = first_scrape().await;
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|name| metric(&text, name, &[]).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in /metrics at start: {missing:?}\n{text}"
     );
 }
