@@ -203,12 +203,12 @@ pub enum ForwardError {
 
 impl ForwardError {
     /// What cut an attempt that got no answer in time, for the log's `cut` field: `timeout`
-    /// (the target's `timeout_ms`), `deadline` (the reply deadline), `-` (not cut).
-    pub fn cut(&self) -> &'static str {
+    /// (the target's `timeout_ms`), `deadline` (the reply deadline), nothing (not cut).
+    pub fn cut(&self) -> Option<&'static str> {
         match self {
-            ForwardError::Timeout => "timeout",
-            ForwardError::Deadline => "deadline",
-            ForwardError::Transport(_) | ForwardError::AnswerTooLarge(_) => "-",
+            ForwardError::Timeout => Some("timeout"),
+            ForwardError::Deadline => Some("deadline"),
+            ForwardError::Transport(_) | ForwardError::AnswerTooLarge(_) => None,
         }
     }
 }
