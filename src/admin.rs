@@ -19,6 +19,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+use crate::outbox::store::TargetStats;
 use crate::server::connections::ConnectionSet;
 use crate::server::descriptors::ADMIN_MAX_CONNECTIONS;
 use crate::server::{self, Handle};
@@ -102,21 +103,19 @@ impl Admin {
         if let Ok(stats) = store.stats().await {
             crate::metrics::store(store.used_bytes(), stats.dedupe_keys);
             let relay = self.server.relay();
+            let now = crate::outbox::now_ms();
+            let none = TargetStats::default();
             for target in &relay.config().targets {
                 let t = stats.targets.iter().find(|t| t.target == target.name);
-                crate::metrics::outbox(
-                    &target.name,
-                    t.map_or(0, |t| t.pending),
-                    t.map_or(0, |t| t.dead),
-                );
+                crate::metrics::outbox(&target.name, t.unwrap_or(&none), now);
             }
             for t in &stats.targets {
                 if !relay.config().targets.iter().any(|c| c.name == t.target) {
-                    crate::metrics::outbox(&t.target, t.pending, t.dead);
+                    crate::metrics::outbox(&t.target, t, now);
                 }
             }
         }
-        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+        let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(handle))));
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -168,7 +168,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     pub name: String,
     pub path: String,
@@ -232,7 +232,7 @@ pub enum Reply {
     Text(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// `name` from the file, or `route[i]`: used in logs.
     pub name: String,

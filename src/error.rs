@@ -49,6 +49,28 @@ pub enum Rejection {
     Crypto(#[from] CryptoError),
 }
 
+/// Every name [`Rejection::reason`] gives: the metrics count each from 0.
+pub const REJECTION_REASONS: [&str; 18] = [
+    "allow_ips",
+    "unknown_path",
+    "method",
+    "missing_param",
+    "signature",
+    "timestamp",
+    "stale",
+    "too_large",
+    "body",
+    "doctype",
+    "entity",
+    "processing_instruction",
+    "invalid_char",
+    "xml",
+    "downgrade",
+    "no_key",
+    "app_id",
+    "decrypt",
+];
+
 impl Rejection {
     /// The HTTP status WeChat (or whoever sent it) gets.
     pub fn status(&self) -> StatusCode {
@@ -72,7 +94,7 @@ impl Rejection {
         }
     }
 
-    /// A short, stable name for logs and metrics.
+    /// A short, stable name for logs and metrics: one of [`REJECTION_REASONS`].
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::NotAllowed => "allow_ips",
@@ -181,12 +203,12 @@ pub enum ForwardError {
 
 impl ForwardError {
     /// What cut an attempt that got no answer in time, for the log's `cut` field: `timeout`
-    /// (the target's `timeout_ms`), `deadline` (the reply deadline), `-` (not cut).
-    pub fn cut(&self) -> &'static str {
+    /// (the target's `timeout_ms`), `deadline` (the reply deadline), nothing (not cut).
+    pub fn cut(&self) -> Option<&'static str> {
         match self {
-            ForwardError::Timeout => "timeout",
-            ForwardError::Deadline => "deadline",
-            ForwardError::Transport(_) | ForwardError::AnswerTooLarge(_) => "-",
+            ForwardError::Timeout => Some("timeout"),
+            ForwardError::Deadline => Some("deadline"),
+            ForwardError::Transport(_) | ForwardError::AnswerTooLarge(_) => None,
         }
     }
 }

@@ -5,14 +5,18 @@
 //! WeChat's names from a fixed list (anything else is `other`, so a forged push cannot grow the
 //! label set), accounts and targets are names from relay.toml.
 
+mod process;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::error::ForwardError;
+use crate::config::Config;
+use crate::error::{ForwardError, REJECTION_REASONS};
 use crate::forward::Answer;
+use crate::outbox::store::TargetStats;
 
 pub const PUSHES: &str = "wechat_relay_pushes_total";
 pub const REJECTED: &str = "wechat_relay_rejected_total";
@@ -21,6 +25,8 @@ pub const FORWARD_SECONDS: &str = "wechat_relay_forward_seconds";
 pub const REPLY_SECONDS: &str = "wechat_relay_reply_seconds";
 pub const OUTBOX_PENDING: &str = "wechat_relay_outbox_pending";
 pub const DEAD_LETTERS: &str = "wechat_relay_dead_letters";
+pub const DEAD_LETTERS_TOTAL: &str = "wechat_relay_dead_letters_total";
+pub const OUTBOX_OLDEST_PENDING: &str = "wechat_relay_outbox_oldest_pending_seconds";
 pub const DEDUPE_HITS: &str = "wechat_relay_dedupe_hits_total";
 pub const DEDUPE_COLLISIONS: &str = "wechat_relay_dedupe_collisions_total";
 pub const STORE_FULL: &str = "wechat_relay_store_full_total";
@@ -34,6 +40,7 @@ pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
 pub const CONNECTIONS_REFUSED: &str = "wechat_relay_connections_refused_total";
 pub const LOG_LINES_DROPPED: &str = "wechat_relay_log_lines_dropped_total";
+pub const BUILD_INFO: &str = "wechat_relay_build_info";
 
 /// Seconds: from a millisecond to past WeChat's 5 s and a slow target's timeout.
 const BUCKETS: [f64; 14] = [
@@ -94,8 +101,7 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             describe();
-            // Present from the start, so that `increase(...) > 0` sees the first drop.
-            counter!(LOG_LINES_DROPPED).absolute(0);
+            started();
             Some(handle)
         })
         .clone()
@@ -112,6 +118,14 @@ fn describe() {
     metrics::describe_histogram!(REPLY_SECONDS, "From a push's arrival to WeChat's answer");
     metrics::describe_gauge!(OUTBOX_PENDING, "Deliveries waiting in the outbox");
     metrics::describe_gauge!(DEAD_LETTERS, "Dead letters in the outbox");
+    metrics::describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        "Deliveries that failed for good and became dead letters"
+    );
+    metrics::describe_gauge!(
+        OUTBOX_OLDEST_PENDING,
+        "Seconds the oldest pending delivery has waited (0: none pending)"
+    );
     metrics::describe_counter!(DEDUPE_HITS, "WeChat retries answered from the first push");
     metrics::describe_counter!(
         DEDUPE_COLLISIONS,
@@ -152,6 +166,82 @@ fn describe() {
         LOG_LINES_DROPPED,
         "Log lines dropped because the log output could not keep up"
     );
+    metrics::describe_gauge!(BUILD_INFO, "Always 1: the version of the running binary");
+}
+
+/// The push outcomes [`push`] counts.
+const PUSH_OUTCOMES: [&str; 5] = ["forwarded", "unrouted", "duplicate", "rejected", "failed"];
+
+/// The series that do not depend on the config, present from the start so that a query's
+/// `increase(...) > 0` sees the first event (a series born at 1 shows no increase).
+fn started() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for name in [LOG_LINES_DROPPED, STORE_FULL, DEDUPE_EVICTED] {
+        counter!(name).increment(0);
+    }
+    for result in ["success", "failure"] {
+        counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+    for mode in ["passive", "restart"] {
+        counter!(STORE_CHECKPOINTS, "mode" => mode).increment(0);
+    }
+    counter!(CONNECTIONS_REFUSED, "reason" => "allow_ips").increment(0);
+    for listener in ["wechat", "admin"] {
+        gauge!(CONNECTIONS_OPEN, "listener" => listener).increment(0.0);
+        for reason in [
+            "evicted",
+            "out_of_descriptors",
+            "header_timeout",
+            "keepalive_timeout",
+            "max_age",
+        ] {
+            counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(0);
+        }
+    }
+    // Registered, they render with count 0.
+    let _ = histogram!(REPLY_SECONDS);
+    let _ = histogram!(STORE_BATCH_SIZE);
+    gauge!(STORE_USED_BYTES).increment(0.0);
+    gauge!(DEDUPE_RECORDS).increment(0.0);
+}
+
+/// The series of every account and target in `config`, at 0 until their first event: at
+/// start and after each reload (adding 0 leaves a series that counted already as it was).
+/// Pushes start under `msg_type` and `event` `-`, forwards under the statuses the relay
+/// itself gives (`timeout`, `error`); other label values appear with their first event.
+pub fn configured(config: &Config) {
+    for account in &config.accounts {
+        let name = &account.name;
+        for outcome in PUSH_OUTCOMES {
+            counter!(PUSHES, "account" => name.clone(), "msg_type" => "-", "event" => "-",
+                "outcome" => outcome)
+            .increment(0);
+        }
+        for reason in REJECTION_REASONS {
+            counter!(REJECTED, "account" => name.clone(), "reason" => reason).increment(0);
+        }
+        counter!(DEDUPE_HITS, "account" => name.clone()).increment(0);
+        counter!(DEDUPE_COLLISIONS, "account" => name.clone()).increment(0);
+    }
+    for target in &config.targets {
+        let name = &target.name;
+        for status in ["timeout", "error"] {
+            counter!(FORWARDS, "target" => name.clone(), "status" => status).increment(0);
+        }
+        let _ = histogram!(FORWARD_SECONDS, "target" => name.clone());
+        gauge!(OUTBOX_PENDING, "target" => name.clone()).increment(0.0);
+        gauge!(DEAD_LETTERS, "target" => name.clone()).increment(0.0);
+        gauge!(OUTBOX_OLDEST_PENDING, "target" => name.clone()).increment(0.0);
+        counter!(DEAD_LETTERS_TOTAL, "target" => name.clone()).increment(0);
+    }
+}
+
+/// Everything recorded, then the process's CPU, memory, descriptors and start time read now:
+/// the body of `/metrics`.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    text.push_str(&process::render());
+    text
 }
 
 /// A known name as WeChat spells it, or `other`.
@@ -244,10 +334,18 @@ pub fn reload(success: bool) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
-/// The outbox gauges, from the store's counts.
-pub fn outbox(target: &str, pending: u64, dead: u64) {
-    gauge!(OUTBOX_PENDING, "target" => target.to_owned()).set(pending as f64);
-    gauge!(DEAD_LETTERS, "target" => target.to_owned()).set(dead as f64);
+/// The outbox gauges of `target`, from the store's counts at `now_ms` (the oldest pending
+/// age is 0 when nothing is pending).
+pub fn outbox(target: &str, stats: &TargetStats, now_ms: u64) {
+    gauge!(OUTBOX_PENDING, "target" => target.to_owned()).set(stats.pending as f64);
+    gauge!(DEAD_LETTERS, "target" => target.to_owned()).set(stats.dead as f64);
+    let age = stats.oldest_pending_age(now_ms).unwrap_or_default();
+    gauge!(OUTBOX_OLDEST_PENDING, "target" => target.to_owned()).set(age.as_secs_f64());
+}
+
+/// A delivery to `target` became a dead letter.
+pub fn dead_letter(target: &str) {
+    counter!(DEAD_LETTERS_TOTAL, "target" => target.to_owned()).increment(1);
 }
 
 /// Connections open on `listener` (`wechat` or `admin`).

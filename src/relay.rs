@@ -32,7 +32,7 @@ use crate::push::Push;
 use crate::reply::{self, Replier, ReplyOutcome};
 use crate::request::{self, Query};
 use crate::route::{CompiledRoute, RouteTable};
-use crate::telemetry::limit;
+use crate::telemetry::{self, limit};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -347,7 +347,7 @@ impl Relay {
                     metrics::push(name, None, None, label, elapsed);
                 }
                 if limit::REFUSALS.admit(rejection.reason()) {
-                    warn!(account = %name, peer = %peer.ip(), status = rejection.status().as_u16(),
+                    warn!(account = telemetry::or_dash(account.map(|a| a.name.as_str())), peer = %peer.ip(), status = rejection.status().as_u16(),
                         reason = %rejection.reason(), "request refused: {rejection}");
                 }
                 return;
@@ -400,15 +400,16 @@ impl Relay {
         } else {
             None
         };
+        let targets = route.map(|r| r.to.join(","));
         info!(
             account = %push.account,
-            msg_type = %loggable(message.msg_type()),
-            event = %loggable(message.event()),
-            route = %route.map_or("-", |r| r.name.as_str()),
-            targets = %route.map_or(String::from("-"), |r| r.to.join(",")),
+            msg_type = telemetry::or_dash(message.msg_type().map(loggable)),
+            event = telemetry::or_dash(message.event().map(loggable)),
+            route = telemetry::or_dash(route.map(|r| r.name.as_str())),
+            targets = telemetry::or_dash(targets.as_deref()),
             outcome = %label,
             reply = %reply.as_str(),
-            cut = %reply.cut(),
+            cut = telemetry::or_dash(reply.cut()),
             ms = elapsed.as_millis() as u64,
             event_id = %push.event_id,
             content = content,
@@ -430,10 +431,10 @@ fn response(answer: &CachedAnswer) -> Response<Full<Bytes>> {
 
 /// A protocol value from the push as it goes into a log line: WeChat's types and events are
 /// short ASCII names; anything else (a forged plaintext push) is not printed.
-fn loggable(value: Option<&str>) -> &str {
-    match value {
-        None => "-",
-        Some(v) if v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()) => v,
-        Some(_) => "<unprintable>",
+fn loggable(value: &str) -> &str {
+    if value.len() <= 64 && value.bytes().all(|b| b.is_ascii_graphic()) {
+        value
+    } else {
+        "<unprintable>"
     }
 }

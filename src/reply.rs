@@ -18,7 +18,7 @@ use crate::metrics;
 use crate::outbox::ReplyAttempt;
 use crate::outbox::store::CachedAnswer;
 use crate::push::Push;
-use crate::telemetry::limit;
+use crate::telemetry::{self, limit};
 use crate::wechat::crypto;
 use crate::wechat::message::{Envelope, text_reply};
 
@@ -57,11 +57,11 @@ impl ReplyOutcome {
     }
 
     /// What cut the reply target's attempt, for the push line's `cut` field: `deadline` (the
-    /// reply deadline; during a push nothing else cuts it) or `-`.
-    pub fn cut(self) -> &'static str {
+    /// reply deadline; during a push nothing else cuts it) or nothing.
+    pub fn cut(self) -> Option<&'static str> {
         match self {
             ReplyOutcome::Deadline => ForwardError::Deadline.cut(),
-            _ => "-",
+            _ => None,
         }
     }
 }
@@ -267,7 +267,7 @@ fn log_forward(
             warn!(target = %target.name, status = answer.status.as_u16(), ms, event_id = %push.event_id, "forward failed")
         }
         Err(e) => {
-            warn!(target = %target.name, status = %"-", ms, event_id = %push.event_id, error = %e, "forward failed")
+            warn!(target = %target.name, status = telemetry::or_dash(None), ms, event_id = %push.event_id, error = %e, "forward failed")
         }
     }
 }

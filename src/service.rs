@@ -80,6 +80,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     let mut admin_state = None;
     if let Some(listener) = admin_listener {
         let metrics = crate::metrics::install();
+        crate::metrics::configured(handle.relay().config());
         if let Some(metrics) = metrics.clone() {
             // Histogram samples are folded in at each scrape; without scrapes this keeps them
             // from piling up.
@@ -256,12 +257,14 @@ pub fn reload(handle: &Handle, path: &Path, log: Option<&LogHandle>) -> bool {
                 warn!(warning = %warning, "config warning");
             }
             let level = config.log.level.clone();
+            let changes = Changes::between(handle.relay().config(), &config);
             match handle.reload(config) {
                 Ok(()) => {
+                    crate::metrics::configured(handle.relay().config());
                     if let Some(Err(e)) = log.map(|log| log.set_level(&level)) {
                         warn!(error = %e, "cannot apply log.level");
                     }
-                    Ok(())
+                    Ok(changes)
                 }
                 Err(needs_restart) => {
                     for problem in &needs_restart {
@@ -272,12 +275,78 @@ pub fn reload(handle: &Handle, path: &Path, log: Option<&LogHandle>) -> bool {
             }
         }
     };
-    crate::metrics::reload(applied.is_ok());
+    let applied_ok = applied.is_ok();
+    crate::metrics::reload(applied_ok);
     match applied {
-        Ok(()) => info!("config reloaded: new requests use it"),
+        Ok(changes) => {
+            let unchanged = changes.is_empty();
+            let [accounts, targets, routes] = changes.by_kind.map(|kind| {
+                kind.map(|names| {
+                    (!names.is_empty()).then(|| tracing::field::display(names.join(",")))
+                })
+            });
+            info!(
+                accounts_added = accounts[0],
+                accounts_removed = accounts[1],
+                accounts_changed = accounts[2],
+                targets_added = targets[0],
+                targets_removed = targets[1],
+                targets_changed = targets[2],
+                routes_added = routes[0],
+                routes_removed = routes[1],
+                routes_changed = routes[2],
+                unchanged,
+                "config reloaded: new requests use it"
+            );
+        }
         Err(()) => error!("reload refused: the running config is unchanged"),
     }
-    applied.is_ok()
+    applied_ok
+}
+
+/// What a reload changes in the accounts, targets and routes, by name: for each kind, the
+/// names added, removed and changed (in the new file's order, removed ones in the old's).
+struct Changes {
+    by_kind: [[Vec<String>; 3]; 3],
+}
+
+impl Changes {
+    fn between(running: &Config, new: &Config) -> Changes {
+        Changes {
+            by_kind: [
+                named(&running.accounts, &new.accounts, |a| &a.name),
+                named(&running.targets, &new.targets, |t| &t.name),
+                named(&running.routes, &new.routes, |r| &r.name),
+            ],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_kind.iter().flatten().all(Vec::is_empty)
+    }
+}
+
+/// The names in `new` and not in `running`, in `running` and not in `new`, and in both but
+/// different.
+fn named<T: PartialEq>(running: &[T], new: &[T], name: fn(&T) -> &String) -> [Vec<String>; 3] {
+    fn find<'a, T>(list: &'a [T], wanted: &str, name: fn(&T) -> &String) -> Option<&'a T> {
+        list.iter().find(|item| name(item) == wanted)
+    }
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for item in new {
+        match find(running, name(item), name) {
+            None => added.push(name(item).clone()),
+            Some(before) if before != item => changed.push(name(item).clone()),
+            Some(_) => {}
+        }
+    }
+    let removed = running
+        .iter()
+        .filter(|item| find(new, name(item), name).is_none())
+        .map(|item| name(item).clone())
+        .collect();
+    [added, removed, changed]
 }
 
 /// SIGTERM (systemd stop) or Ctrl-C.

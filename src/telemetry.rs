@@ -9,7 +9,9 @@ pub mod limit;
 pub mod output;
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use tracing::field::DisplayValue;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -17,6 +19,24 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 use crate::config::{Log, LogFormat};
 pub use output::Flush;
 use output::LogOutput;
+
+/// The logger writes JSON: a field without a value is left out, so that each field keeps one
+/// type (a number, or a string) in every line.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// A log field that may have no value: as it is when it has one; when it has none, `-` in
+/// text (`route=-`) and absent in JSON (not `"route":"-"` beside `"route":"qr-login"`, nor
+/// `"status":"-"` beside `"status":502`). Give it as `field = telemetry::or_dash(value)`.
+/// (Displayed, as `field = %value` is: a `&str` value would print quoted in text.)
+pub fn or_dash(value: Option<&str>) -> Option<DisplayValue<&str>> {
+    value
+        .or(if JSON.load(Ordering::Relaxed) {
+            None
+        } else {
+            Some("-")
+        })
+        .map(tracing::field::display)
+}
 
 /// Changes the level of the running logger.
 pub struct LogHandle {
@@ -83,6 +103,9 @@ pub fn init_with(log: &Log) -> (Option<LogHandle>, Flush) {
             )
             .try_init(),
     };
+    if installed.is_ok() {
+        JSON.store(matches!(log.format, LogFormat::Json), Ordering::Relaxed);
+    }
     let handle = installed.ok().map(|()| LogHandle {
         filter: handle,
         from_env: from_env_set,

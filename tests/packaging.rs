@@ -7,7 +7,8 @@
 //!   unit and the README document, and `systemd-analyze security` rates it 2.0 or lower: where
 //!   `systemd-analyze` is installed.
 //! - The newest `target/debian/wechat-relay_*.deb` holds the binary, the unit (byte for byte
-//!   this repository's), relay.toml as a conffile, the README and the maintainer scripts:
+//!   this repository's), relay.toml as a conffile, the README, the alert rules and the
+//!   dashboard (contrib/), and the maintainer scripts:
 //!   where a .deb and `dpkg-deb` exist. A .deb built before the unit changed fails the test:
 //!   run `cargo deb` again.
 //!
@@ -421,6 +422,14 @@ fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
         ),
         (
             "/usr/share/doc/wechat-relay/SECURITY.md",
+            "-rw-r--r-- root/root",
+        ),
+        (
+            "/usr/share/wechat-relay/prometheus/alerts.yml",
+            "-rw-r--r-- root/root",
+        ),
+        (
+            "/usr/share/wechat-relay/grafana/wechat-relay.json",
             "-rw-r--r-- root/root",
         ),
     ] {

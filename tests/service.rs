@@ -250,7 +250,11 @@ async fn the_admin_endpoints_answer_and_the_metrics_count_what_was_sent() {
         Some(3.0),
         "{text}"
     );
-    assert_eq!(pushes(&[("outcome", "duplicate")]), Some(1.0), "{text}");
+    assert_eq!(
+        pushes(&[("msg_type", "text"), ("outcome", "duplicate")]),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(pushes(&[("outcome", "rejected")]), Some(1.0), "{text}");
     assert_eq!(
         pushes(&[

@@ -74,8 +74,8 @@ pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, Co
                         pending: t.map_or(0, |t| t.pending),
                         dead: t.map_or(0, |t| t.dead),
                         oldest_pending_age_s: t
-                            .and_then(|t| t.oldest_pending_ms)
-                            .map(|at| now.saturating_sub(at) / 1000),
+                            .and_then(|t| t.oldest_pending_age(now))
+                            .map(|age| age.as_secs()),
                     }
                 })
                 .collect();

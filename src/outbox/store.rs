@@ -262,6 +262,15 @@ pub struct TargetStats {
     pub oldest_pending_ms: Option<u64>,
 }
 
+impl TargetStats {
+    /// How long the oldest pending delivery has waited at `now_ms` (none pending: `None`), as
+    /// `outbox stats` and `/metrics` show it.
+    pub fn oldest_pending_age(&self, now_ms: u64) -> Option<std::time::Duration> {
+        self.oldest_pending_ms
+            .map(|at| std::time::Duration::from_millis(now_ms.saturating_sub(at)))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub targets: Vec<TargetStats>,

@@ -352,6 +352,7 @@ fn log_settle(delivery: &Delivery, attempt: u32, settle: &Settle, started: Insta
 /// final status, a push that cannot be read back) or at the push's commit (the reply
 /// target's attempt during the push ended it). Rate limited per target, like failures.
 pub fn log_dead_letter(target: &str, id: DeliveryId, event_id: &str, attempts: u32, error: &str) {
+    crate::metrics::dead_letter(target);
     if limit::DEAD_LETTERS.admit(target) {
         error!(target = %target, id, event_id = %event_id, attempts, error = %error,
             "delivery failed for good: dead letter (see `wechat-relay outbox list --dead`)");
