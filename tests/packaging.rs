@@ -284,6 +284,102 @@ fn control_file(deb: &Path, name: &str) -> String {
     stdout(&output)
 }
 
+/// The installed relay.toml's store: the unit's StateDirectory.
+const INSTALLED_STORE: &str = "/var/lib/wechat-relay";
+
+/// The .deb's relay.toml that build.rs wrote for the build of this test binary
+/// (`<target>/<profile>/packaging/relay.toml`).
+fn built_installed_config() -> String {
+    let profile = Path::new(BIN).parent().expect("the binary's folder");
+    let path = profile.join("packaging/relay.toml");
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The installed relay.toml is the repository's, line for line, but for the one `[store]`
+/// `path`: `./data` there, [`INSTALLED_STORE`] here.
+fn assert_differs_only_in_the_store(installed: &str) {
+    let repository = read("relay.toml");
+    assert_eq!(
+        repository.lines().count(),
+        installed.lines().count(),
+        "the installed relay.toml has the repository's lines"
+    );
+    let differences: Vec<(&str, &str)> = repository
+        .lines()
+        .zip(installed.lines())
+        .filter(|(ours, theirs)| ours != theirs)
+        .collect();
+    assert_eq!(
+        differences,
+        [(r#"path = "./data""#, r#"path = "/var/lib/wechat-relay""#)],
+        "the installed relay.toml differs from the repository's only in [store] path"
+    );
+    assert_eq!(
+        INSTALLED_STORE,
+        format!("/var/lib/{}", values(&unit(), "StateDirectory")[0])
+    );
+}
+
+/// The files of the .deb, unpacked (`dpkg-deb -x`) into a temporary folder.
+fn unpack(deb: &Path) -> TempDir {
+    let root = tempfile::tempdir().expect("temporary folder");
+    let output = run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root.path()));
+    assert!(output.status.success(), "dpkg-deb -x: {}", stderr(&output));
+    root
+}
+
+/// The `next_steps` function of a postinst's text, run by `sh`: what a first install prints.
+fn next_steps(postinst: &str) -> String {
+    let start = postinst
+        .find("\nnext_steps() {\n")
+        .unwrap_or_else(|| panic!("the postinst defines next_steps():\n{postinst}"));
+    let body = &postinst[start..];
+    let end = body
+        .find("\n}\n")
+        .unwrap_or_else(|| panic!("next_steps() ends with a `}}` line:\n{body}"));
+    let script = format!("set -e{}\n}}\nnext_steps\n", &body[..end]);
+    let output = run(Command::new("sh").arg("-c").arg(&script));
+    assert!(
+        output.status.success(),
+        "sh -c next_steps: {}",
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// What the postinst prints names the file to edit, the secrets folder it makes, the unit's
+/// own check command and how to start the unit.
+fn assert_next_steps(postinst: &str) {
+    let printed = next_steps(postinst);
+    let unit = unit();
+    let check = values(&unit, "ExecStartPre")[0]
+        .strip_prefix("/usr/bin/")
+        .expect("the unit runs /usr/bin/wechat-relay");
+    let secrets = "/etc/wechat-relay/secrets";
+    for needed in [
+        "/etc/wechat-relay/relay.toml",
+        &format!("{secrets}/"),
+        check,
+        "systemctl enable --now wechat-relay",
+    ] {
+        assert!(
+            printed.lines().any(|line| line.contains(needed)),
+            "the postinst prints {needed:?}:\n{printed}"
+        );
+    }
+    assert!(
+        postinst.contains(&format!(
+            "install -d -m 0750 -o root -g wechat-relay {secrets}\n"
+        )),
+        "the postinst makes the secrets folder it names"
+    );
+    // Printed once, after the first install (configure with no previous version).
+    assert!(
+        postinst.contains("if [ -z \"$2\" ]; then\n        next_steps\n"),
+        "the postinst prints the next steps on a first install:\n{postinst}"
+    );
+}
+
 // ---- the unit ----------------------------------------------------------------------------
 
 #[test]
@@ -301,10 +397,7 @@ fn unit_declares_what_the_relay_does_under_systemd() {
     }
     assert_eq!(
         values(&unit, "Environment"),
-        [
-            "WECHAT_RELAY_STORE__PATH=/var/lib/wechat-relay",
-            "MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0"
-        ],
+        ["MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0"],
         "Environment="
     );
     let watchdog = values(&unit, "WatchdogSec");
@@ -325,6 +418,18 @@ fn unit_declares_what_the_relay_does_under_systemd() {
         values(&unit, "ExecReload"),
         [check, "/bin/kill -HUP $MAINPID"]
     );
+}
+
+/// The unit leaves the store to relay.toml: the installed one names the unit's StateDirectory,
+/// so the service and `check`/`outbox` run by hand on the same file see one store.
+#[test]
+fn unit_does_not_override_the_store_of_the_installed_config() {
+    let unit = unit();
+    assert!(
+        !unit.contains("WECHAT_RELAY_STORE__PATH"),
+        "the unit leaves [store] path to relay.toml"
+    );
+    assert_differs_only_in_the_store(&built_installed_config());
 }
 
 #[test]
@@ -363,6 +468,11 @@ fn unit_is_rated_ok_by_systemd_analyze_security() {
             );
         }
     }
+}
+
+#[test]
+fn postinst_prints_what_to_edit_check_and_start() {
+    assert_next_steps(&read("debian/postinst"));
 }
 
 #[test]
@@ -432,12 +542,7 @@ fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
     }
 
     // The unit is this repository's, byte for byte.
-    let root = tempfile::tempdir().expect("temporary folder");
-    let output = run(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(root.path()));
-    assert!(output.status.success(), "dpkg-deb -x: {}", stderr(&output));
+    let root = unpack(&deb);
     let packaged = fs::read(root.path().join(&unit_path[1..])).expect("read the packaged unit");
     assert!(
         packaged == unit().into_bytes(),
@@ -509,5 +614,31 @@ fn deb_control_names_the_package_its_conffile_and_scripts() {
     assert!(
         postinst.contains("deb-systemd-invoke try-restart"),
         "an upgrade restarts a running service:\n{postinst}"
+    );
+    assert_next_steps(&postinst);
+}
+
+/// The .deb's /etc/wechat-relay/relay.toml is the repository's with the store in
+/// /var/lib/wechat-relay, and `check` run by hand on it says so.
+#[test]
+fn deb_config_keeps_the_store_in_the_state_directory() {
+    let Some(deb) = deb() else { return };
+    let root = unpack(&deb);
+    let config = root.path().join("etc/wechat-relay/relay.toml");
+    let installed = fs::read_to_string(&config).expect("read the packaged relay.toml");
+    assert_differs_only_in_the_store(&installed);
+
+    let output = run(Command::new(BIN).arg("check").arg("--config").arg(&config));
+    assert!(
+        output.status.success(),
+        "check on the packaged relay.toml: {}",
+        stderr(&output)
+    );
+    let summary = stdout(&output);
+    assert!(
+        summary
+            .lines()
+            .any(|line| line.starts_with(&format!("store: {INSTALLED_STORE} "))),
+        "check on the packaged relay.toml names the unit's store:\n{summary}"
     );
 }
