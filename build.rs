@@ -3,14 +3,30 @@
 //!
 //! - `relay.toml`: the repository's relay.toml with one line changed, its `[store] path`, from
 //!   the quick start's `./data` to `/var/lib/wechat-relay` (the unit's StateDirectory), so that
-//!   the service, `check` and `outbox` run by hand on the installed file see the same store.
+//!   the service, `check` and `outbox` run by hand on the installed file see the same store;
+//! - `man/*.1.gz`: the man pages of the command line (clap_mangen), `wechat-relay.1.gz` and one
+//!   per subcommand (`wechat-relay-outbox-list.1.gz`), gzipped as Debian wants them;
+//! - `completions/`: the bash, zsh and fish completion scripts, the same bytes
+//!   `wechat-relay completions SHELL` prints (one function in src/cli.rs writes both).
 //!
 //! Cargo gives a build script only `OUT_DIR` to write to, and that folder's name has a hash in
 //! it that cargo-deb cannot know; the profile folder is three levels above it
 //! (`<target>/<profile>/build/<package>-<hash>/out`).
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+use clap_complete::Shell;
+
+/// The command line, compiled here on its own (src/cli.rs uses nothing of the crate).
+#[path = "src/cli.rs"]
+#[allow(
+    dead_code,
+    reason = "build.rs only describes the command line, it runs none of it"
+)]
+mod cli;
 
 /// The quick start's store, in the repository's relay.toml.
 const REPOSITORY_STORE: &str = r#"path = "./data""#;
@@ -19,17 +35,19 @@ const INSTALLED_STORE: &str = r#"path = "/var/lib/wechat-relay""#;
 
 fn main() {
     println!("cargo::rerun-if-changed=relay.toml");
+    println!("cargo::rerun-if-changed=src/cli.rs");
     println!("cargo::rerun-if-changed=build.rs");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let packaging = profile_dir(&out_dir).join("packaging");
-    fs::create_dir_all(&packaging)
-        .unwrap_or_else(|e| panic!("create {}: {e}", packaging.display()));
+    create_dir(&packaging);
 
     let repository = fs::read_to_string("relay.toml").expect("read relay.toml");
     write(
         &packaging.join("relay.toml"),
         installed_config(&repository).as_bytes(),
     );
+    man_pages(&out_dir.join("man"), &packaging.join("man"));
+    completions(&packaging.join("completions"));
 }
 
 /// `<target>/<profile>` from `<target>/<profile>/build/<package>-<hash>/out`.
@@ -65,6 +83,49 @@ fn installed_config(repository: &str) -> String {
         "relay.toml has exactly one `{REPOSITORY_STORE}` line under [store], which the .deb's copy replaces"
     );
     installed
+}
+
+/// The man pages, rendered into `rendered` then gzipped into `packaged` (emptied first, so
+/// that a removed subcommand leaves no page behind).
+fn man_pages(rendered: &Path, packaged: &Path) {
+    for dir in [rendered, packaged] {
+        if dir.exists() {
+            fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("empty {}: {e}", dir.display()));
+        }
+        create_dir(dir);
+    }
+    clap_mangen::generate_to(cli::Cli::command(), rendered).expect("render the man pages");
+    for entry in fs::read_dir(rendered).expect("list the man pages") {
+        let page = entry.expect("a man page").path();
+        let name = page
+            .file_name()
+            .and_then(|name| name.to_str())
+            .expect("a UTF-8 name");
+        let text = fs::read(&page).unwrap_or_else(|e| panic!("read {}: {e}", page.display()));
+        // No file name or time stamp in the header: the same page gives the same bytes.
+        let mut gzip = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::best());
+        gzip.write_all(&text).expect("gzip a man page");
+        let gzipped = gzip.finish().expect("gzip a man page");
+        write(&packaged.join(format!("{name}.gz")), &gzipped);
+    }
+}
+
+/// The completion scripts, under the names their shells look for.
+fn completions(dir: &Path) {
+    create_dir(dir);
+    for (shell, name) in [
+        (Shell::Bash, format!("{}.bash", cli::BIN_NAME)),
+        (Shell::Zsh, format!("_{}", cli::BIN_NAME)),
+        (Shell::Fish, format!("{}.fish", cli::BIN_NAME)),
+    ] {
+        let mut script = Vec::new();
+        cli::write_completions(shell, &mut script);
+        write(&dir.join(name), &script);
+    }
+}
+
+fn create_dir(dir: &Path) {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
 }
 
 fn write(path: &Path, contents: &[u8]) {

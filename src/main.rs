@@ -21,6 +21,10 @@ const EXIT_INVALID_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Needs no config: it describes the command line itself.
+    if let Command::Completions { shell } = cli.command {
+        return completions(shell);
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
             outbox(&config, &command)
         }
         Command::Simulate(args) => simulate(&config, &args),
+        Command::Completions { shell } => completions(shell),
     }
 }
 
@@ -60,6 +65,14 @@ fn stdout(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// `wechat-relay completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut script = Vec::new();
+    wechat_relay::cli::write_completions(shell, &mut script);
+    stdout(&String::from_utf8_lossy(&script));
+    ExitCode::SUCCESS
 }
 
 /// The tokio runtime: all cores for `serve`, one thread for a command.
