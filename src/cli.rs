@@ -1,11 +1,19 @@
-//! The command line: `wechat-relay [--config PATH] <serve|check|simulate|outbox ...>`.
-//! `--config` is accepted anywhere on the line, by every subcommand.
+//! The command line: `wechat-relay [--config PATH] <serve|check|simulate|outbox|completions
+//! ...>`. `--config` is accepted anywhere on the line, by every subcommand.
+//!
+//! build.rs compiles this file on its own too (for the man page and the completion scripts
+//! of the .deb): it may use std, clap, clap_complete, http and humantime, nothing of the
+//! crate.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 use http::Uri;
+
+/// The name the binary is installed and completed under.
+pub const BIN_NAME: &str = "wechat-relay";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +79,12 @@ pub enum Command {
         #[arg(long, value_name = "TEXT")]
         reply: Option<String>,
     },
+    /// Print a shell completion script: `wechat-relay completions bash >
+    /// /etc/bash_completion.d/wechat-relay` (the .deb installs them for bash, zsh and fish).
+    Completions {
+        /// The shell to complete in.
+        shell: Shell,
+    },
 }
 
 const INIT_EXAMPLE: &str = "Example:
@@ -108,6 +122,11 @@ pub enum InitMode {
     Safe,
     Compatible,
     Plaintext,
+}
+
+/// Writes the completion script of the whole command line for `shell`.
+pub fn write_completions(shell: Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), BIN_NAME, out);
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The commands that need no config.
     match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
         Command::Init(args) => return init(&cli.config, args),
         Command::Sink { listen, reply } => {
             return match block_on(wechat_relay::sink::run(*listen, reply.clone())) {
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
         }
         Command::Simulate(args) => simulate(&config, &args),
         // Run above, before the config is loaded.
-        Command::Init(_) | Command::Sink { .. } => ExitCode::SUCCESS,
+        Command::Init(_) | Command::Sink { .. } | Command::Completions { .. } => ExitCode::SUCCESS,
     }
 }
 
@@ -127,6 +128,14 @@ fn stdout(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// `wechat-relay completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut script = Vec::new();
+    wechat_relay::cli::write_completions(shell, &mut script);
+    stdout(&String::from_utf8_lossy(&script));
+    ExitCode::SUCCESS
 }
 
 /// The tokio runtime: all cores for `serve`, one thread for a command.

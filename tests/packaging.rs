@@ -6,11 +6,15 @@
 //! - `systemd-analyze verify` is clean on the unit, alone and with the credentials drop-in the
 //!   unit and the README document, and `systemd-analyze security` rates it 2.0 or lower: where
 //!   `systemd-analyze` is installed.
+//! - The postinst of a first install prints what to edit, the unit's check command and how to
+//!   start the unit; build.rs writes the packaged relay.toml (the repository's but for its
+//!   `[store] path`), the man pages and the completion scripts `wechat-relay completions`
+//!   prints, which name every subcommand: always checked.
 //! - The newest `target/debian/wechat-relay_*.deb` holds the binary, the unit (byte for byte
-//!   this repository's), relay.toml as a conffile, the README, the alert rules and the
-//!   dashboard (contrib/), and the maintainer scripts:
-//!   where a .deb and `dpkg-deb` exist. A .deb built before the unit changed fails the test:
-//!   run `cargo deb` again.
+//!   this repository's), relay.toml as a conffile with the unit's store, the README, the alert
+//!   rules and the dashboard (contrib/), the man page, the completion scripts and the
+//!   maintainer scripts: where a .deb and `dpkg-deb` exist. A .deb built before the unit or
+//!   the command line changed fails the test: run `cargo deb` again.
 //!
 //! A check whose tool or .deb is missing says so on stderr and passes, except in CI (`CI` set,
 //! as `.ci/run` is run), where it fails: `.ci/run` installs the tools and runs `cargo deb`
@@ -285,6 +289,102 @@ fn control_file(deb: &Path, name: &str) -> String {
     stdout(&output)
 }
 
+/// The installed relay.toml's store: the unit's StateDirectory.
+const INSTALLED_STORE: &str = "/var/lib/wechat-relay";
+
+/// The .deb's relay.toml that build.rs wrote for the build of this test binary
+/// (`<target>/<profile>/packaging/relay.toml`).
+fn built_installed_config() -> String {
+    let profile = Path::new(BIN).parent().expect("the binary's folder");
+    let path = profile.join("packaging/relay.toml");
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The installed relay.toml is the repository's, line for line, but for the one `[store]`
+/// `path`: `./data` there, [`INSTALLED_STORE`] here.
+fn assert_differs_only_in_the_store(installed: &str) {
+    let repository = read("relay.toml");
+    assert_eq!(
+        repository.lines().count(),
+        installed.lines().count(),
+        "the installed relay.toml has the repository's lines"
+    );
+    let differences: Vec<(&str, &str)> = repository
+        .lines()
+        .zip(installed.lines())
+        .filter(|(ours, theirs)| ours != theirs)
+        .collect();
+    assert_eq!(
+        differences,
+        [(r#"path = "./data""#, r#"path = "/var/lib/wechat-relay""#)],
+        "the installed relay.toml differs from the repository's only in [store] path"
+    );
+    assert_eq!(
+        INSTALLED_STORE,
+        format!("/var/lib/{}", values(&unit(), "StateDirectory")[0])
+    );
+}
+
+/// The files of the .deb, unpacked (`dpkg-deb -x`) into a temporary folder.
+fn unpack(deb: &Path) -> TempDir {
+    let root = tempfile::tempdir().expect("temporary folder");
+    let output = run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root.path()));
+    assert!(output.status.success(), "dpkg-deb -x: {}", stderr(&output));
+    root
+}
+
+/// The `next_steps` function of a postinst's text, run by `sh`: what a first install prints.
+fn next_steps(postinst: &str) -> String {
+    let start = postinst
+        .find("\nnext_steps() {\n")
+        .unwrap_or_else(|| panic!("the postinst defines next_steps():\n{postinst}"));
+    let body = &postinst[start..];
+    let end = body
+        .find("\n}\n")
+        .unwrap_or_else(|| panic!("next_steps() ends with a `}}` line:\n{body}"));
+    let script = format!("set -e{}\n}}\nnext_steps\n", &body[..end]);
+    let output = run(Command::new("sh").arg("-c").arg(&script));
+    assert!(
+        output.status.success(),
+        "sh -c next_steps: {}",
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// What the postinst prints names the file to edit, the secrets folder it makes, the unit's
+/// own check command and how to start the unit.
+fn assert_next_steps(postinst: &str) {
+    let printed = next_steps(postinst);
+    let unit = unit();
+    let check = values(&unit, "ExecStartPre")[0]
+        .strip_prefix("/usr/bin/")
+        .expect("the unit runs /usr/bin/wechat-relay");
+    let secrets = "/etc/wechat-relay/secrets";
+    for needed in [
+        "/etc/wechat-relay/relay.toml",
+        &format!("{secrets}/"),
+        check,
+        "systemctl enable --now wechat-relay",
+    ] {
+        assert!(
+            printed.lines().any(|line| line.contains(needed)),
+            "the postinst prints {needed:?}:\n{printed}"
+        );
+    }
+    assert!(
+        postinst.contains(&format!(
+            "install -d -m 0750 -o root -g wechat-relay {secrets}\n"
+        )),
+        "the postinst makes the secrets folder it names"
+    );
+    // Printed once, after the first install (configure with no previous version).
+    assert!(
+        postinst.contains("if [ -z \"$2\" ]; then\n        next_steps\n"),
+        "the postinst prints the next steps on a first install:\n{postinst}"
+    );
+}
+
 // ---- the unit ----------------------------------------------------------------------------
 
 #[test]
@@ -302,10 +402,7 @@ fn unit_declares_what_the_relay_does_under_systemd() {
     }
     assert_eq!(
         values(&unit, "Environment"),
-        [
-            "WECHAT_RELAY_STORE__PATH=/var/lib/wechat-relay",
-            "MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0"
-        ],
+        ["MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0"],
         "Environment="
     );
     let watchdog = values(&unit, "WatchdogSec");
@@ -326,6 +423,18 @@ fn unit_declares_what_the_relay_does_under_systemd() {
         values(&unit, "ExecReload"),
         [check, "/bin/kill -HUP $MAINPID"]
     );
+}
+
+/// The unit leaves the store to relay.toml: the installed one names the unit's StateDirectory,
+/// so the service and `check`/`outbox` run by hand on the same file see one store.
+#[test]
+fn unit_does_not_override_the_store_of_the_installed_config() {
+    let unit = unit();
+    assert!(
+        !unit.contains("WECHAT_RELAY_STORE__PATH"),
+        "the unit leaves [store] path to relay.toml"
+    );
+    assert_differs_only_in_the_store(&built_installed_config());
 }
 
 #[test]
@@ -364,6 +473,11 @@ fn unit_is_rated_ok_by_systemd_analyze_security() {
             );
         }
     }
+}
+
+#[test]
+fn postinst_prints_what_to_edit_check_and_start() {
+    assert_next_steps(&read("debian/postinst"));
 }
 
 #[test]
@@ -441,12 +555,7 @@ fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
     }
 
     // The unit is this repository's, byte for byte.
-    let root = tempfile::tempdir().expect("temporary folder");
-    let output = run(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(root.path()));
-    assert!(output.status.success(), "dpkg-deb -x: {}", stderr(&output));
+    let root = unpack(&deb);
     let packaged = fs::read(root.path().join(&unit_path[1..])).expect("read the packaged unit");
     assert!(
         packaged == unit().into_bytes(),
@@ -519,4 +628,222 @@ fn deb_control_names_the_package_its_conffile_and_scripts() {
         postinst.contains("deb-systemd-invoke try-restart"),
         "an upgrade restarts a running service:\n{postinst}"
     );
+    assert_next_steps(&postinst);
+}
+
+/// The .deb's /etc/wechat-relay/relay.toml is the repository's with the store in
+/// /var/lib/wechat-relay, and `check` run by hand on it says so.
+#[test]
+fn deb_config_keeps_the_store_in_the_state_directory() {
+    let Some(deb) = deb() else { return };
+    let root = unpack(&deb);
+    let config = root.path().join("etc/wechat-relay/relay.toml");
+    let installed = fs::read_to_string(&config).expect("read the packaged relay.toml");
+    assert_differs_only_in_the_store(&installed);
+
+    let output = run(Command::new(BIN).arg("check").arg("--config").arg(&config));
+    assert!(
+        output.status.success(),
+        "check on the packaged relay.toml: {}",
+        stderr(&output)
+    );
+    let summary = stdout(&output);
+    assert!(
+        summary
+            .lines()
+            .any(|line| line.starts_with(&format!("store: {INSTALLED_STORE} "))),
+        "check on the packaged relay.toml names the unit's store:\n{summary}"
+    );
+}
+
+// ---- the man page and the completion scripts ---------------------------------------------
+
+/// The subcommands `wechat-relay <args>` lists (`help` left out): `["help"]` for the top
+/// level, `["outbox", "help"]` for outbox's.
+fn listed_subcommands(args: &[&str]) -> Vec<String> {
+    let output = run(Command::new(BIN).args(args));
+    assert!(
+        output.status.success(),
+        "wechat-relay {args:?}: {}",
+        stderr(&output)
+    );
+    let help = stdout(&output);
+    let names: Vec<String> = help
+        .lines()
+        .skip_while(|line| *line != "Commands:")
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        names.len() >= 2,
+        "wechat-relay {args:?} lists subcommands:\n{help}"
+    );
+    names
+}
+
+/// Whether `text` has `word` as a whole word (between characters that are not letters, digits,
+/// `-` or `_`).
+fn has_word(text: &str, word: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .any(|token| token == word)
+}
+
+/// `wechat-relay completions SHELL`, run where there is no relay.toml: it needs none.
+fn completion_script(shell: &str) -> String {
+    let empty = tempfile::tempdir().expect("temporary folder");
+    let output = run(Command::new(BIN)
+        .args(["completions", shell])
+        .current_dir(empty.path())
+        .env_remove("WECHAT_RELAY_CONFIG"));
+    assert!(
+        output.status.success(),
+        "wechat-relay completions {shell} without a config: {}",
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Where the .deb installs each shell's script, and the file build.rs writes it to.
+const COMPLETIONS: [(&str, &str, &str); 3] = [
+    (
+        "bash",
+        "/usr/share/bash-completion/completions/wechat-relay",
+        "wechat-relay.bash",
+    ),
+    (
+        "zsh",
+        "/usr/share/zsh/vendor-completions/_wechat-relay",
+        "_wechat-relay",
+    ),
+    (
+        "fish",
+        "/usr/share/fish/vendor_completions.d/wechat-relay.fish",
+        "wechat-relay.fish",
+    ),
+];
+const MAN_PAGE: &str = "/usr/share/man/man1/wechat-relay.1.gz";
+
+#[test]
+fn completions_name_every_subcommand() {
+    let mut names = listed_subcommands(&["help"]);
+    assert!(names.iter().any(|name| name == "completions"), "{names:?}");
+    names.extend(listed_subcommands(&["outbox", "help"]));
+    for (shell, _, _) in COMPLETIONS {
+        let script = completion_script(shell);
+        for name in &names {
+            assert!(
+                has_word(&script, name),
+                "the {shell} completions name {name}:\n{script}"
+            );
+        }
+    }
+    let output = run(Command::new("bash")
+        .arg("-n")
+        .arg("-c")
+        .arg(completion_script("bash")));
+    assert!(
+        output.status.success(),
+        "bash -n on the bash completions: {}",
+        stderr(&output)
+    );
+}
+
+/// The stdout of `command`, which must succeed.
+fn run_ok(command: &mut Command) -> String {
+    let output = run(command);
+    assert!(
+        output.status.success(),
+        "{command:?}: {}: {}",
+        output.status,
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// The roff text of a gzipped man page (`gzip -dc`).
+fn gunzip(path: &Path) -> String {
+    run_ok(Command::new("gzip").arg("-dc").arg(path))
+}
+
+/// The man page `page` (wechat-relay.1.gz) names every subcommand, in its roff text and,
+/// where `man` is installed, as `man -l` shows it.
+fn assert_man_page_names_every_subcommand(page: &Path) {
+    let roff = gunzip(page);
+    assert!(
+        roff.contains(".TH wechat-relay 1"),
+        "a section 1 page:\n{roff}"
+    );
+    let shown = if have("man") {
+        run_ok(
+            Command::new("man")
+                .arg("-l")
+                .arg(page)
+                .env("MANPAGER", "cat")
+                .env("MANWIDTH", "100"),
+        )
+    } else {
+        eprintln!("man is not installed: the roff text only");
+        roff.clone()
+    };
+    // The top page lists the subcommands (each has a page of its own, outbox's too).
+    for name in listed_subcommands(&["help"]) {
+        assert!(
+            has_word(&shown, &format!("wechat-relay-{name}")),
+            "the man page names {name}:\n{shown}"
+        );
+    }
+}
+
+/// build.rs wrote the completion scripts `completions` prints and the man pages, for every
+/// build (the .deb's come from the release build's).
+#[test]
+fn build_writes_the_man_pages_and_the_completions_the_binary_prints() {
+    let packaging = Path::new(BIN)
+        .parent()
+        .expect("the binary's folder")
+        .join("packaging");
+    for (shell, _, file) in COMPLETIONS {
+        let built = fs::read_to_string(packaging.join("completions").join(file))
+            .unwrap_or_else(|e| panic!("read packaging/completions/{file}: {e}"));
+        assert!(
+            built == completion_script(shell),
+            "packaging/completions/{file} is what `completions {shell}` prints"
+        );
+    }
+    assert_man_page_names_every_subcommand(&packaging.join("man/wechat-relay.1.gz"));
+    let outbox = listed_subcommands(&["outbox", "help"]);
+    let pages = listed_subcommands(&["help"])
+        .into_iter()
+        .chain(outbox.iter().map(|name| format!("outbox-{name}")));
+    for name in pages {
+        let page = packaging.join(format!("man/wechat-relay-{name}.1.gz"));
+        assert!(page.exists(), "a man page for {name}: {}", page.display());
+    }
+}
+
+#[test]
+fn deb_installs_the_man_page_and_the_completions() {
+    let Some(deb) = deb() else { return };
+    let listing = dpkg_deb(&["-c"], &deb);
+    let paths = COMPLETIONS.map(|(_, path, _)| path);
+    for path in paths.iter().chain([&MAN_PAGE]) {
+        assert!(
+            listing.lines().any(|line| line.starts_with("-rw-r--r-- ") && line.ends_with(&format!(" .{path}"))),
+            "dpkg-deb -c lists .{path}, mode 0644:\n{listing}"
+        );
+    }
+    let root = unpack(&deb);
+    for (shell, path, _) in COMPLETIONS {
+        let packaged = fs::read_to_string(root.path().join(&path[1..]))
+            .expect("read the packaged completions");
+        assert!(
+            packaged == completion_script(shell),
+            "{path} in {} is what `wechat-relay completions {shell}` prints: rebuild the .deb (cargo deb)",
+            deb.display()
+        );
+    }
+    assert_man_page_names_every_subcommand(&root.path().join(&MAN_PAGE[1..]));
 }
