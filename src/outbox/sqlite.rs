@@ -1930,6 +1930,9 @@ mod tests {
             digests.push((commit.push.event_id.clone(), commit.digest, at));
             assert!(matches!(store.commit(commit).await, Ok(Committed::New(_))));
         }
+        // Those commits are answered before their COMMIT (nothing pending): the probe, a write
+        // after them, returns once they are committed and a reader sees them.
+        assert_eq!(store.probe().await, Ok(()));
         let recent = store.recent(200).await.expect("recent");
         let expected: Vec<RecentId> = [&digests[2], &digests[1]]
             .into_iter()
