@@ -455,26 +455,34 @@ impl Early {
             .map(|(_, recorded)| recorded.clone())
     }
 
-    /// Adds those committed at or after `since_ms` that `recent` (read from the database)
-    /// does not hold, keeping it oldest first.
-    fn add_to(&self, recent: &mut Vec<RecentId>, since_ms: u64) {
-        let Ok(early) = self.0.lock() else { return };
-        if early.is_empty() {
-            return;
-        }
-        let read: std::collections::HashSet<String> =
-            recent.iter().map(|r| r.event_id.clone()).collect();
-        for (event_id, (at, recorded)) in early.iter() {
-            if *at >= since_ms && !read.contains(event_id) {
-                recent.push(RecentId {
-                    event_id: event_id.clone(),
-                    digest: recorded.digest,
-                    committed_ms: *at,
-                });
-            }
-        }
-        recent.sort_by_key(|r| r.committed_ms);
+    /// Those committed at or after `since_ms`. Taken before the database is read: one that
+    /// is committed (and so cleared from here) while it is read is in one or the other.
+    fn since(&self, since_ms: u64) -> Vec<RecentId> {
+        let Ok(early) = self.0.lock() else {
+            return Vec::new();
+        };
+        early
+            .iter()
+            .filter(|(_, (at, _))| *at >= since_ms)
+            .map(|(event_id, (at, recorded))| RecentId {
+                event_id: event_id.clone(),
+                digest: recorded.digest,
+                committed_ms: *at,
+            })
+            .collect()
     }
+}
+
+/// Adds the early answered commits `early` that `recent` (read from the database) does not
+/// hold, keeping it oldest first.
+fn add_early(recent: &mut Vec<RecentId>, early: Vec<RecentId>) {
+    if early.is_empty() {
+        return;
+    }
+    let read: std::collections::HashSet<String> =
+        recent.iter().map(|r| r.event_id.clone()).collect();
+    recent.extend(early.into_iter().filter(|r| !read.contains(&r.event_id)));
+    recent.sort_by_key(|r| r.committed_ms);
 }
 
 impl Readers {
@@ -520,6 +528,7 @@ impl Store for SqliteStore {
     fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
         let early = Arc::clone(&self.early);
         self.read(move |conn| {
+            let early = early.since(since_ms);
             let mut statement = conn.prepare_cached(RECENT)?;
             let rows = statement.query_map(params![ms(since_ms)], |row| {
                 Ok(RecentId {
@@ -529,7 +538,7 @@ impl Store for SqliteStore {
                 })
             })?;
             let mut recent: Vec<RecentId> = rows.collect::<rusqlite::Result<_>>()?;
-            early.add_to(&mut recent, since_ms);
+            add_early(&mut recent, early);
             Ok(recent)
         })
     }
