@@ -54,13 +54,7 @@ fn describe(kind: &figment::error::Kind) -> String {
             "unknown key {found:?}{}",
             hint(found, expected.iter().copied(), "the keys here")
         ),
-        Kind::UnknownVariant(found, expected) => format!(
-            "{found:?} is not one of {}{}",
-            quoted_list(expected.iter().copied()),
-            closest(found, expected.iter().copied())
-                .map(|c| format!(" (did you mean {c:?}?)"))
-                .unwrap_or_default()
-        ),
+        Kind::UnknownVariant(found, expected) => not_one_of(found, expected.iter().copied()),
         Kind::MissingField(field) => format!("{field:?} is required"),
         Kind::DuplicateField(field) => format!("{field:?} is given twice"),
         other => other.to_string(),
@@ -97,6 +91,20 @@ pub(super) fn hint<'n>(
             }
         }
     }
+}
+
+/// `"x" is not one of "a", "b" (did you mean "a"?)`: a value that is none of `allowed`.
+pub(super) fn not_one_of<'n>(
+    found: &str,
+    allowed: impl IntoIterator<Item = &'n str> + Clone,
+) -> String {
+    format!(
+        "{found:?} is not one of {}{}",
+        quoted_list(allowed.clone()),
+        closest(found, allowed)
+            .map(|c| format!(" (did you mean {c:?}?)"))
+            .unwrap_or_default()
+    )
 }
 
 fn quoted_list<'n>(items: impl IntoIterator<Item = &'n str>) -> String {

@@ -116,17 +116,8 @@ impl Checker<'_> {
                 match modes.into_iter().find(|m| m.as_str() == text) {
                     Some(mode) => Some(mode),
                     None => {
-                        let names = modes.map(Mode::as_str);
-                        self.problem(
-                            format!("{at}.mode"),
-                            format!(
-                                "{text:?} is not one of {}{}",
-                                names.map(|n| format!("{n:?}")).join(", "),
-                                super::closest(text, names)
-                                    .map(|c| format!(" (did you mean {c:?}?)"))
-                                    .unwrap_or_default()
-                            ),
-                        );
+                        let why = super::not_one_of(text, modes.map(Mode::as_str));
+                        self.problem(format!("{at}.mode"), why);
                         return None;
                     }
                 }
