@@ -2031,6 +2031,15 @@ mod tests {
             };
             assert!(matches!(store.commit(commit).await, Ok(Committed::New(_))));
         }
+        // A commit sent while the checkpointer's PASSIVE runs is written (that is the
+        // bound's slack); the one sent once it holds the writer for the restart waits.
+        for _ in 0..1000 {
+            if store.wal.holds() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(store.wal.holds(), "the checkpointer restarts the WAL");
         let Op::Commit(next) = commit(msg_id + 1, 10) else {
             unreachable!("commit() makes a commit")
         };

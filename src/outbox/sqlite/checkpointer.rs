@@ -129,6 +129,12 @@ impl Wal {
         (state.frames, state.waiting)
     }
 
+    /// Whether the checkpointer holds the writer's next transaction (it restarts the WAL).
+    #[cfg(test)]
+    pub(super) fn holds(&self) -> bool {
+        self.state().hold
+    }
+
     /// Checkpoints run so far: `(passive, restart)`.
     #[cfg(test)]
     pub(super) fn checkpoints(&self) -> (u64, u64) {
