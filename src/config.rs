@@ -1,15 +1,16 @@
 //! relay.toml, loaded and checked into a [`Config`]: the file, then the `WECHAT_RELAY_*`
 //! environment overrides, then secrets from files, then validation.
 //!
-//! Validation collects every problem with its key path (`route[2].to: "shpo" is not a
-//! [[target]] name (did you mean "shop"?)`) so that an operator fixes the file in one pass;
-//! nothing is bound before it passes.
+//! Validation collects every problem with its key path (`route "qr-login".to: "shpo" is not
+//! a [[target]] name (did you mean "shop"?) (line 12)`) so that an operator fixes the file in
+//! one pass; nothing is bound before it passes.
 //!
 //! This file holds the checked types and the entry points ([`Config::load`]); the steps are:
 //! - `raw`: the serde shape of each section, strict (`deny_unknown_fields`), every default
 //!   beside its field;
 //! - `env`: the environment overrides, applied to the parsed file;
 //! - `check`: raw into checked, every problem with where it comes from (a file per section);
+//! - `locate` and `names`: the line of each problem's key, and the element's name in its path;
 //! - `summary`: the `Display` that `wechat-relay check` prints, secrets redacted;
 //! - `file_mode`: the warning for a secret file others can read; [`TargetUrl`]: a target's
 //!   URL with its credential taken out.
@@ -33,6 +34,7 @@ mod check;
 mod env;
 mod file_mode;
 mod locate;
+mod names;
 mod raw;
 mod summary;
 mod target_url;
@@ -283,13 +285,17 @@ impl Config {
             .map(|(_, value)| PathBuf::from(value));
         let mut checker = check::Checker::new(base, problems, credentials);
         checker.from_env = from_env;
-        checker.warn_loose_mode("relay.toml", path);
+        checker.warn_config_mode(path);
         let source = std::fs::read_to_string(path)
             .ok()
             .and_then(locate::Source::parse);
-        let with_line = |problem: String| match &source {
-            Some(source) => with_line(source, problem),
-            None => problem,
+        let names = names::Names::of(&root);
+        let with_line = |problem: String| {
+            let problem = match &source {
+                Some(source) => with_line(source, problem),
+                None => problem,
+            };
+            names.put(problem)
         };
         match checker.check(root) {
             Ok(mut config) => {

@@ -272,7 +272,7 @@ fn a_42_character_encoding_aes_key_is_refused() {
     assert_edit_refused(
         &format!("encoding_aes_key = \"{key}\""),
         &format!("encoding_aes_key = \"{}\"", &key[..42]),
-        &["account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42"],
+        &["account \"main\".encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42"],
     );
 }
 
@@ -283,7 +283,7 @@ fn an_encoding_aes_key_with_another_character_is_refused() {
     assert_edit_refused(
         &format!("encoding_aes_key = \"{key}\""),
         &format!("encoding_aes_key = \"{}+\"", &key[..42]),
-        &["account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, found another"],
+        &["account \"main\".encoding_aes_key: must be 43 characters of A-Z a-z 0-9, found another"],
     );
 }
 
@@ -295,11 +295,11 @@ fn an_unknown_key_in_an_account_is_refused() {
     assert_edit_refused(
         &line,
         &format!("{line}tokn = \"x\"\n"),
-        &["account[0].tokn: unknown key \"tokn\" (did you mean \"token\"?)"],
+        &["account \"main\".tokn: unknown key \"tokn\" (did you mean \"token\"?)"],
     );
 }
 
-/// The account is only misspelt, not missing: route[0] (`account = "main"`) must not be told
+/// The account is only misspelt, not missing: route \"qr-login\" (`account = "main"`) must not be told
 /// that there is no account "main".
 #[test]
 fn an_unknown_key_in_an_account_does_not_make_routes_lose_the_account() {
@@ -307,10 +307,10 @@ fn an_unknown_key_in_an_account_does_not_make_routes_lose_the_account() {
     let token = value_of(&text, "token");
     let line = format!("token = \"{token}\"\n");
     let (path, run) = check_text(&edit(&text, &line, &format!("{line}tokn = \"x\"\n")));
-    assert_invalid(&run, &path, &["account[0].tokn"]);
+    assert_invalid(&run, &path, &["account \"main\".tokn"]);
     assert!(
         !run.stderr.contains("is not an [[account]] name"),
-        "a misspelt key in account[0] must not be reported as a missing account:\n{}",
+        "a misspelt key in account \"main\" must not be reported as a missing account:\n{}",
         run.stderr
     );
 }
@@ -329,7 +329,9 @@ fn a_reply_not_in_to_is_refused() {
     assert_edit_refused(
         "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
         "to = [\"shop\"]\nreply = \"crm\"",
-        &["route[1].reply: \"crm\" is a target, but not in this route's to: add it there"],
+        &[
+            "route \"everything-else\".reply: \"crm\" is a target, but not in this route's to: add it there",
+        ],
     );
 }
 
@@ -338,7 +340,7 @@ fn a_route_naming_a_missing_target_is_refused() {
     assert_edit_refused(
         "to = [\"identity\", \"shop\"]",
         "to = [\"identity\", \"shopp\"]",
-        &["route[0].to: \"shopp\" is not a [[target]] name (did you mean \"shop\"?)"],
+        &["route \"qr-login\".to: \"shopp\" is not a [[target]] name (did you mean \"shop\"?)"],
     );
 }
 
@@ -347,7 +349,7 @@ fn a_route_naming_a_missing_account_is_refused() {
     assert_edit_refused(
         "account = \"main\"",
         "account = \"mian\"",
-        &["route[0].account: \"mian\" is not an [[account]] name"],
+        &["route \"qr-login\".account: \"mian\" is not an [[account]] name"],
     );
 }
 
@@ -365,7 +367,7 @@ fn a_target_url_that_is_not_http_is_refused() {
     assert_edit_refused(
         "url = \"http://127.0.0.1:9002/hooks/wechat\"",
         "url = \"ftp://127.0.0.1:9002/hooks/wechat\"",
-        &["target[2].url: must be an http:// or https:// URL with a host"],
+        &["target \"crm\".url: must be an http:// or https:// URL with a host"],
     );
 }
 
@@ -374,7 +376,7 @@ fn a_bad_app_id_is_refused() {
     assert_edit_refused(
         "app_id = \"wx1234567890abcdef\"",
         "app_id = \"wx1234567890abcdeg\"",
-        &["account[0].app_id: \"wx1234567890abcdeg\" must be wx followed by 16 hex digits"],
+        &["account \"main\".app_id: \"wx1234567890abcdeg\" must be wx followed by 16 hex digits"],
     );
 }
 
@@ -384,7 +386,7 @@ fn a_too_short_token_is_refused() {
     assert_edit_refused(
         &format!("token = \"{token}\""),
         "token = \"ab\"",
-        &["account[0].token: must be 3-32 letters or digits, got 2 characters"],
+        &["account \"main\".token: must be 3-32 letters or digits, got 2 characters"],
     );
 }
 
@@ -397,7 +399,7 @@ fn a_token_of_the_wrong_type_is_refused_without_echoing_it() {
         &format!("token = \"{token}\""),
         "token = 20240101123",
     ));
-    assert_invalid(&run, &path, &["account[0].token:"]);
+    assert_invalid(&run, &path, &["account \"main\".token:"]);
     assert!(
         !run.both().contains("20240101123"),
         "the token is printed in the error:\n{}",
@@ -487,7 +489,7 @@ fn a_json_target_without_secret_is_refused() {
     assert_edit_refused(
         &format!("secret = \"{secret}\""),
         "",
-        &["target[2].secret: required for format = \"json\""],
+        &["target \"crm\".secret: required for format = \"json\""],
     );
 }
 
@@ -543,12 +545,12 @@ fn every_problem_is_reported_in_one_run() {
     let expected = [
         "server.listen: \"nope\"",
         "server.reply_deadline_ms: must be between 1 and 4999",
-        "account[0].app_id: \"wx1234567890abcdeg\"",
-        "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
-        "target[2].url: must be an http",
-        "target[2].secret: required for format = \"json\"",
-        "route[0].to: \"shopp\" is not a [[target]] name (did you mean \"shop\"?)",
-        "route[1].reply: \"crm\" is a target, but not in this route's to: add it there",
+        "account \"main\".app_id: \"wx1234567890abcdeg\"",
+        "account \"main\".encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+        "target \"crm\".url: must be an http",
+        "target \"crm\".secret: required for format = \"json\"",
+        "route \"qr-login\".to: \"shopp\" is not a [[target]] name (did you mean \"shop\"?)",
+        "route \"everything-else\".reply: \"crm\" is a target, but not in this route's to: add it there",
     ];
     assert_invalid(&run, &path, &expected);
     assert!(
@@ -593,8 +595,8 @@ fn serve_refuses_an_invalid_config_with_the_same_messages_before_binding() {
         &served,
         &path,
         &[
-            "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
-            "route[1].reply: \"crm\" is a target, but not in this route's to: add it there",
+            "account \"main\".encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+            "route \"everything-else\".reply: \"crm\" is a target, but not in this route's to: add it there",
         ],
     );
     assert_eq!(
@@ -779,7 +781,7 @@ fn assert_env_overrides_token(variable: &str) {
     assert_invalid(
         &run,
         &shipped_path,
-        &["account[0].token: must be 3-32 letters or digits, got 2 characters"],
+        &["account \"main\".token: must be 3-32 letters or digits, got 2 characters"],
     );
 
     let token = value_of(&shipped(), "token");
@@ -788,7 +790,7 @@ fn assert_env_overrides_token(variable: &str) {
         &format!("token = \"{token}\""),
         "token = \"a\"",
     ));
-    assert_invalid(&check(&broken), &broken, &["account[0].token:"]);
+    assert_invalid(&check(&broken), &broken, &["account \"main\".token:"]);
     let run = self::run(
         relay()
             .env(variable, "GoodToken2025")
@@ -934,9 +936,9 @@ fn secret_file_contents_are_validated_like_inline_values() {
         &run,
         &path,
         &[
-            "account[0].token: must be 3-32 letters or digits, got 2 characters",
-            "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
-            "target[2].secret: must be \"whsec_\" followed by the base64",
+            "account \"main\".token: must be 3-32 letters or digits, got 2 characters",
+            "account \"main\".encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+            "target \"crm\".secret: must be \"whsec_\" followed by the base64",
         ],
     );
 }
@@ -951,7 +953,7 @@ fn a_missing_secret_file_is_an_error_naming_the_key() {
     );
     std::fs::remove_file(dir.path().join("secrets").join("token")).expect("remove token file");
     let run = check(&path);
-    assert_invalid(&run, &path, &["account[0].token_file: cannot read"]);
+    assert_invalid(&run, &path, &["account \"main\".token_file: cannot read"]);
     assert!(
         run.stderr
             .contains(&format!("secrets{}token", std::path::MAIN_SEPARATOR)),
@@ -974,7 +976,7 @@ fn token_and_token_file_together_are_an_error() {
     assert_invalid(
         &run,
         &path,
-        &["account[0]: give token or token_file, not both"],
+        &["account \"main\": give token or token_file, not both"],
     );
 }
 
@@ -1052,22 +1054,22 @@ fn outbox_keys_are_checked() {
     assert_edit_refused(
         "concurrency = 16",
         "concurrency = 0",
-        &["target[0].concurrency: must be 1 to 1024, got 0"],
+        &["target \"identity\".concurrency: must be 1 to 1024, got 0"],
     );
     assert_edit_refused(
         "retry_max_ms = 300000",
         "retry_max_ms = 10",
-        &["target[0].retry_max_ms: must be 1000 to"],
+        &["target \"identity\".retry_max_ms: must be 1000 to"],
     );
     assert_edit_refused(
         "max_attempts = 20",
         "max_attempts = 0",
-        &["target[0].max_attempts: must be 1 to"],
+        &["target \"identity\".max_attempts: must be 1 to"],
     );
     assert_edit_refused(
         "max_age_s = 300",
         "max_age_s = 0",
-        &["target[0].max_age_s: must be 1 to"],
+        &["target \"identity\".max_age_s: must be 1 to"],
     );
     assert_edit_refused(
         "[store]\n",
@@ -1156,7 +1158,7 @@ fn a_target_timeout_has_an_upper_bound() {
     assert_edit_refused(
         "timeout_ms = 3000",
         "timeout_ms = 3600000",
-        &["target[0].timeout_ms: must be 1 to 300000, got 3600000"],
+        &["target \"identity\".timeout_ms: must be 1 to 300000, got 3600000"],
     );
 }
 
@@ -1191,7 +1193,7 @@ fn secret_files_can_be_systemd_credentials() {
     assert_eq!(missing.code, Some(2), "{}", missing.stderr);
     assert!(
         missing.stderr.contains(
-            "account[0].token_file: ${CREDENTIALS_DIRECTORY} is not set (systemd sets it for a unit with LoadCredential=)"
+            "account \"main\".token_file: ${CREDENTIALS_DIRECTORY} is not set (systemd sets it for a unit with LoadCredential=)"
         ),
         "{}",
         missing.stderr
@@ -1209,11 +1211,11 @@ fn the_placeholders_example_hosts_and_plain_http_elsewhere_are_warned_about() {
         .collect();
     assert_eq!(warnings.len(), 2, "stderr:\n{}", run.stderr);
     assert!(
-        warnings[0].starts_with("warning: account[0].token: the placeholder"),
+        warnings[0].starts_with("warning: account \"main\".token: the placeholder"),
         "{warnings:?}"
     );
     assert!(
-        warnings[1].starts_with("warning: account[0].encoding_aes_key: the placeholder"),
+        warnings[1].starts_with("warning: account \"main\".encoding_aes_key: the placeholder"),
         "{warnings:?}"
     );
     // A documentation host, and plain HTTP to another machine.
@@ -1229,8 +1231,8 @@ fn the_placeholders_example_hosts_and_plain_http_elsewhere_are_warned_about() {
     let (path, run) = check_text(&text);
     assert_ok(&run, &path);
     for expected in [
-        "warning: target[2].url: crm.example.com is an example host",
-        "warning: target[1].url: plain HTTP to 10.0.0.7",
+        "warning: target \"crm\".url: crm.example.com is an example host",
+        "warning: target \"shop\".url: plain HTTP to 10.0.0.7",
     ] {
         assert!(
             run.stderr.lines().any(|l| l.starts_with(expected)),
@@ -1258,8 +1260,8 @@ fn a_misspelt_name_gets_a_suggestion_and_a_bad_token_character_is_named() {
         "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
         "to = [\"sohp\", \"crm\"]\nreply = \"shop\"",
         &[
-            "route[1].to: \"sohp\" is not a [[target]] name (did you mean \"shop\"?)",
-            "route[1].reply: \"shop\" is a target, but not in this route's to: add it there",
+            "route \"everything-else\".to: \"sohp\" is not a [[target]] name (did you mean \"shop\"?)",
+            "route \"everything-else\".reply: \"shop\" is a target, but not in this route's to: add it there",
         ],
     );
     // Nothing close: the names there are.
@@ -1267,14 +1269,14 @@ fn a_misspelt_name_gets_a_suggestion_and_a_bad_token_character_is_named() {
         "to = [\"shop\", \"crm\"]\nreply = \"shop\"",
         "to = [\"shop\", \"warehouse\"]\nreply = \"shop\"",
         &[
-            "route[1].to: \"warehouse\" is not a [[target]] name (the targets: \"identity\", \"shop\", \"crm\")",
+            "route \"everything-else\".to: \"warehouse\" is not a [[target]] name (the targets: \"identity\", \"shop\", \"crm\")",
         ],
     );
     // A token of the right length with a dash: the character, not the length.
     assert_edit_refused(
         "token = \"ReplaceWithYourToken2024\"",
         "token = \"Replace-Token24\"",
-        &["account[0].token: must be 3-32 letters or digits: character 8 is '-'"],
+        &["account \"main\".token: must be 3-32 letters or digits: character 8 is '-'"],
     );
 }
 
@@ -1311,7 +1313,7 @@ fn a_bad_override_names_its_variable_and_a_misspelt_key_or_value_its_nearest() {
         &path,
         &[
             "server.listn: unknown key \"listn\" (did you mean \"listen\"?) (set by WECHAT_RELAY_SERVER__LISTN)",
-            "target[1].url: must be an http:// or https:// URL with a host",
+            "target \"shop\".url: must be an http:// or https:// URL with a host",
         ],
     );
     assert!(
@@ -1325,7 +1327,7 @@ fn a_bad_override_names_its_variable_and_a_misspelt_key_or_value_its_nearest() {
         "mode = \"safe\"",
         "mode = \"Safe\"",
         &[
-            "account[0].mode: \"Safe\" is not one of \"safe\", \"compatible\", \"plaintext\" (did you mean \"safe\"?)",
+            "account \"main\".mode: \"Safe\" is not one of \"safe\", \"compatible\", \"plaintext\" (did you mean \"safe\"?)",
         ],
     );
     let key = "encoding_aes_key = \"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG\"";
@@ -1333,7 +1335,7 @@ fn a_bad_override_names_its_variable_and_a_misspelt_key_or_value_its_nearest() {
         key,
         &key.replace("encoding_aes_key", "encodingaeskey"),
         &[
-            "account[0].encodingaeskey: unknown key \"encodingaeskey\" (did you mean \"encoding_aes_key\"?)",
+            "account \"main\".encodingaeskey: unknown key \"encodingaeskey\" (did you mean \"encoding_aes_key\"?)",
         ],
     );
 }
@@ -1357,11 +1359,11 @@ fn every_problem_says_the_line_of_its_key() {
         &path,
         &[
             &format!(
-                "account[0].mode: \"Safe\" is not one of \"safe\", \"compatible\", \"plaintext\" (did you mean \"safe\"?) (line {})",
+                "account \"main\".mode: \"Safe\" is not one of \"safe\", \"compatible\", \"plaintext\" (did you mean \"safe\"?) (line {})",
                 line_of("mode = \"Safe\"")
             ),
             &format!(
-                "route[1].to: \"sohp\" is not a [[target]] name (did you mean \"shop\"?) (line {})",
+                "route \"everything-else\".to: \"sohp\" is not a [[target]] name (did you mean \"shop\"?) (line {})",
                 line_of("to = [\"sohp\"")
             ),
         ],
@@ -1393,8 +1395,8 @@ fn a_misspelt_mode_does_not_hide_the_key_problem_beside_it() {
         &run,
         &path,
         &[
-            "account[0].encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
-            "account[0].mode: \"Safe\" is not one of",
+            "account \"main\".encoding_aes_key: must be 43 characters of A-Z a-z 0-9, got 42",
+            "account \"main\".mode: \"Safe\" is not one of",
         ],
     );
 }
@@ -1420,7 +1422,7 @@ fn warnings_and_problems_are_coloured_only_for_a_terminal() {
         .arg("--config")
         .arg(&broken));
     assert!(
-        forced.stderr.contains("  \x1b[31maccount[0].mode"),
+        forced.stderr.contains("  \x1b[31maccount \"main\".mode"),
         "{:?}",
         forced.stderr
     );

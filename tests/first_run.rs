@@ -170,7 +170,7 @@ fn init_never_overwrites_and_bad_values_write_nothing() {
     let config = dir.path().join("relay.toml");
     let (code, _, err) = init(&config, "x-y", "http://127.0.0.1:9/");
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("account[0].token"), "{err}");
+    assert!(err.contains("account \"main\".token"), "{err}");
     assert!(!config.exists() && !dir.path().join("business.secret").exists());
 
     std::fs::write(&config, "# mine\n").expect("write");

@@ -95,7 +95,7 @@ fn check_warns_about_files_others_can_read_or_write() {
     assert_eq!(code, Some(0), "warnings do not refuse the config: {stdout}");
     let expected = [
         format!(
-            "relay.toml: {} is mode 0644: readable by every user; chmod 0640",
+            "{} is mode 0644: readable by every user; chmod 0640",
             path.display()
         ),
         format!(
@@ -103,11 +103,11 @@ fn check_warns_about_files_others_can_read_or_write() {
             dir.path().join("key.pem").display()
         ),
         format!(
-            "account[0].token_file: {} is mode 0644: readable by every user; chmod 0640",
+            "account \"main\".token_file: {} is mode 0644: readable by every user; chmod 0640",
             secrets.join("token").display()
         ),
         format!(
-            "account[0].encoding_aes_key_file: {} is mode 0660: writable by its group; chmod 0640",
+            "account \"main\".encoding_aes_key_file: {} is mode 0660: writable by its group; chmod 0640",
             secrets.join("aes_key").display()
         ),
     ];
@@ -124,7 +124,7 @@ fn check_warns_about_files_others_can_read_or_write() {
     chmod(&secrets.join("crm"), 0o602);
     let (_, _, warnings) = check(&path);
     let crm = format!(
-        "target[0].secret_file: {} is mode 0602: writable by every user; chmod 0600",
+        "target \"crm\".secret_file: {} is mode 0602: writable by every user; chmod 0600",
         secrets.join("crm").display()
     );
     assert!(

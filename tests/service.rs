@@ -158,7 +158,7 @@ async fn a_broken_or_restart_only_reload_changes_nothing_and_says_why() {
     );
     relay.signal("HUP");
     let url_problem = relay.wait_for("invalid config");
-    assert!(url_problem.contains("target[1].url"), "{url_problem}");
+    assert!(url_problem.contains("target \"b\".url"), "{url_problem}");
     let route_problem = relay.wait_for("invalid config");
     assert!(
         route_problem.contains("\"c\" is not a [[target]] name"),

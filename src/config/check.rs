@@ -1,6 +1,7 @@
 //! Validation of the raw shape into a checked [`Config`]: every problem is collected, each with
-//! the key path it comes from (`route[2].reply: "shop" is not in to`); what is allowed but
-//! probably wrong becomes a warning. [`Checker::check`] runs the sections in a fixed order; the
+//! the key path it comes from (`route[2].reply: "shop" is a target, but not in this route's
+//! to`; `names` puts the element's name in place of its index once the line is found); what
+//! is allowed but probably wrong becomes a warning. [`Checker::check`] runs the sections in a fixed order; the
 //! checks of each section are in their own file below, on the shared reporting here.
 
 mod account;
@@ -190,6 +191,11 @@ impl<'a> Checker<'a> {
         if let Some(why) = file_mode::loose_mode(path) {
             self.warn(at, why);
         }
+    }
+
+    /// Warns when others can read the config file itself (named by its path alone).
+    pub(super) fn warn_config_mode(&mut self, path: &Path) {
+        self.warnings.extend(file_mode::loose_mode(path));
     }
 
     /// Problems come in this order: the environment's, unknown sections, parse errors of
