@@ -1438,3 +1438,33 @@ fn warnings_and_problems_are_coloured_only_for_a_terminal() {
         .arg(&path));
     assert!(!no_color.stderr.contains('\x1b'), "{:?}", no_color.stderr);
 }
+
+#[test]
+fn every_wrong_key_of_one_element_is_reported_not_only_the_first() {
+    // serde stops at an element's first error; check goes on to the element's other keys.
+    let mut text = shipped();
+    for (from, to) in [
+        ("app_id = \"wx1234567890abcdef\"", "app_id = 5"),
+        ("token = \"", "tokn = \""),
+        ("timeout_ms = 3000", "timeout_ms = \"3s\""),
+        (
+            "url = \"http://127.0.0.1:9001/events\"\n",
+            "url = \"http://127.0.0.1:9001/events\"\nmax_atempts = 20\n",
+        ),
+    ] {
+        text = edit(&text, from, to);
+    }
+    let (path, run) = check_text(&text);
+    assert_invalid(
+        &run,
+        &path,
+        &[
+            "account \"main\".app_id: expected a string, found an integer",
+            "account \"main\".tokn: unknown key \"tokn\" (did you mean \"token\"?)",
+            "target \"identity\".timeout_ms: expected a number (0 or more, no quotes), found a string",
+            "target \"identity\".max_atempts: unknown key \"max_atempts\" (did you mean \"max_attempts\"?)",
+        ],
+    );
+    // A required key that is wrong is not also said to be missing.
+    assert!(!run.stderr.contains("is required"), "{}", run.stderr);
+}

@@ -47,6 +47,12 @@ fn describe(kind: &figment::error::Kind) -> String {
                 figment::error::Actual::Map => "a table",
                 _ => "another type",
             };
+            // serde names Rust's integer types; the file has numbers.
+            let expected = match expected.as_str() {
+                "u8" | "u16" | "u32" | "u64" | "usize" => "a number (0 or more, no quotes)",
+                "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number (no quotes)",
+                other => other,
+            };
             format!("expected {expected}, found {found}")
         }
         Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
@@ -281,19 +287,41 @@ impl<'a> Checker<'a> {
             .collect()
     }
 
+    /// Deserializes `value` as `T` and reports every key that is wrong, not only the first:
+    /// serde stops at the first error, so the key it names is taken out and the rest is tried
+    /// again (a required key taken out so is not also reported missing).
     fn raw<T: for<'de> Deserialize<'de>>(&mut self, at: &str, value: &Value) -> Option<T> {
-        match value.deserialize::<T>() {
-            Ok(raw) => Some(raw),
-            Err(e) => {
-                for error in e {
-                    let mut at = at.to_owned();
-                    for key in &error.path {
-                        at.push('.');
-                        at.push_str(key);
-                    }
-                    self.problem(at, describe(&error.kind));
+        let mut value = value.clone();
+        let mut taken_out: Vec<String> = Vec::new();
+        loop {
+            let errors = match value.deserialize::<T>() {
+                Ok(raw) if taken_out.is_empty() => return Some(raw),
+                Ok(_) => return None,
+                Err(errors) => errors,
+            };
+            let mut wrong_key = None;
+            for error in errors {
+                if let figment::error::Kind::MissingField(field) = &error.kind
+                    && error.path.is_empty()
+                    && taken_out.iter().any(|key| key == field)
+                {
+                    continue;
                 }
-                None
+                let mut at = at.to_owned();
+                for key in &error.path {
+                    at.push('.');
+                    at.push_str(key);
+                }
+                self.problem(at, describe(&error.kind));
+                wrong_key = wrong_key.or_else(|| error.path.first().cloned());
+            }
+            // Each round takes a key out, so this ends within the table's keys.
+            let Value::Dict(_, dict) = &mut value else {
+                return None;
+            };
+            match wrong_key {
+                Some(key) if dict.remove(&key).is_some() => taken_out.push(key),
+                _ => return None,
             }
         }
     }
