@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -30,13 +29,7 @@ impl Sink {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn the sink");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = common::lines_of(child.stdout.take().expect("stdout"));
         let first = lines
             .recv_timeout(Duration::from_secs(10))
             .expect("the sink's first line");

@@ -130,6 +130,17 @@ pub fn target_section(name: &str, url: &str, format: &str, extra: &str) -> Strin
 
 // ---- the binary -----------------------------------------------------------------------
 
+/// The lines a child writes to `stream`, read on a thread of their own as they come.
+pub fn lines_of(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
 pub struct Binary {
     child: Child,
     addr: String,
@@ -178,13 +189,7 @@ impl Binary {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn wechat-relay");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = lines_of(child.stderr.take().expect("stderr"));
         let mut binary = Binary {
             child,
             addr: String::new(),
