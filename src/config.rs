@@ -142,12 +142,46 @@ pub struct Store {
     /// The store's folder (relative paths are resolved against the config file's folder).
     /// `None` (no `[store]` section): kept in memory, lost on restart.
     pub path: Option<PathBuf>,
+    /// `[store] url`: PostgreSQL, shared by every relay that names it (exclusive with `path`).
+    pub database: Option<Database>,
+    /// How long a delivery taken by a relay is its own before another may take it
+    /// (PostgreSQL: the relay that took it may have died).
+    pub lease: Duration,
     /// How long a push's dedupe key (and the answer WeChat got) is kept.
     pub dedupe_ttl: Duration,
     /// Past this many bytes a push that needs a delivery is answered 503.
     pub max_bytes: u64,
     /// Dead letters older than this are purged in the background.
     pub dead_letter_retention: Duration,
+}
+
+/// A PostgreSQL database as `[store] url` and `password_file` give it.
+#[derive(Clone)]
+pub struct Database {
+    /// Parsed from the URL, with the password of `password_file` set.
+    pub config: tokio_postgres::Config,
+    /// What the URL names, without its password: user, hosts and ports, database.
+    pub shown: String,
+}
+
+impl PartialEq for Database {
+    /// The same database, reached the same way (a reload compares what it would change).
+    fn eq(&self, other: &Self) -> bool {
+        self.shown == other.shown && self.config.get_password() == other.config.get_password()
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Database").field(&self.shown).finish()
+    }
+}
+
+impl Store {
+    /// Whether pushes and deliveries outlive the process (SQLite or PostgreSQL).
+    pub fn durable(&self) -> bool {
+        self.path.is_some() || self.database.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -65,7 +65,10 @@ fn main() -> ExitCode {
                 }
             }
             stdout(&format!("{}: OK\n{config}", cli.config.display()));
-            ExitCode::SUCCESS
+            match &config.store.database {
+                Some(database) => check_database(database),
+                None => ExitCode::SUCCESS,
+            }
         }
         Command::Serve => serve(config, cli.config),
         Command::Outbox { command } => {
@@ -154,6 +157,41 @@ fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
 /// Runs a command's future on a one-thread runtime.
 fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, ExitCode> {
     runtime(false).map(|runtime| runtime.block_on(future))
+}
+
+/// `check` with `[store] url`: connects and reads the schema's version, changing nothing.
+fn check_database(database: &wechat_relay::config::Database) -> ExitCode {
+    use wechat_relay::outbox::postgres::{SCHEMA_VERSION, schema_version};
+    let version = match block_on(schema_version(database)) {
+        Ok(result) => result,
+        Err(code) => return code,
+    };
+    match version {
+        Ok(Some(version)) if version == SCHEMA_VERSION => {
+            stdout(&format!("database: schema version {version}\n"));
+            ExitCode::SUCCESS
+        }
+        Ok(Some(version)) => {
+            stdout(&format!("database: schema version {version}\n"));
+            eprintln!(
+                "check: this relay writes schema version {SCHEMA_VERSION}: {}",
+                if version > SCHEMA_VERSION {
+                    "the database is newer, and this relay refuses to start on it"
+                } else {
+                    "a relay migrates it at start"
+                }
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Ok(None) => {
+            stdout("database: empty: a relay sets up the schema at its first start\n");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("check: {}: {e}", database.shown);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn outbox(config: &Config, command: &OutboxCommand) -> ExitCode {

@@ -23,6 +23,7 @@
 pub mod command;
 pub mod lane;
 pub mod memory;
+pub mod postgres;
 pub mod recent;
 pub mod sqlite;
 pub mod store;
@@ -64,11 +65,16 @@ pub fn now_ms() -> u64 {
     sqlite::unix_ms(SystemTime::now())
 }
 
-/// Opens the store `config` names: SQLite in `[store] path`, or memory without one.
-pub fn open_store(config: &Config, role: sqlite::Role) -> StoreResult<Arc<dyn Store>> {
-    match &config.store.path {
-        Some(path) => Ok(Arc::new(sqlite::SqliteStore::open(path, role)?)),
-        None => Ok(Arc::new(memory::MemoryStore::new())),
+/// Opens the store `config` names: SQLite in `[store] path`, PostgreSQL at `[store] url`, or
+/// memory without either.
+pub async fn open_store(config: &Config, role: sqlite::Role) -> StoreResult<Arc<dyn Store>> {
+    let store = &config.store;
+    match (&store.path, &store.database) {
+        (Some(path), _) => Ok(Arc::new(sqlite::SqliteStore::open(path, role)?)),
+        (None, Some(database)) => Ok(Arc::new(
+            postgres::PgStore::open(database, store.lease, role).await?,
+        )),
+        (None, None) => Ok(Arc::new(memory::MemoryStore::new())),
     }
 }
 
@@ -133,7 +139,7 @@ impl Outbox {
     /// Opens the store and starts a worker per target: deliveries left pending by the last run
     /// are picked up at once. Call inside the runtime, before binding the listener.
     pub async fn start(config: &Config, forwarder: Forwarder) -> StoreResult<Outbox> {
-        let store = open_store(config, sqlite::Role::Server)?;
+        let store = open_store(config, sqlite::Role::Server).await?;
         let outbox = Outbox::with_store(config, store, forwarder);
         outbox.report_leftovers(config).await?;
         outbox.recent().await;
@@ -312,6 +318,10 @@ impl Outbox {
     /// The recent ids, with the store's dedupe window loaded the first time.
     async fn recent(&self) -> Option<&RecentIds> {
         let loaded = self.recent.get_or_init(|| async {
+            // Other relays commit to a shared store: an id this one never saw may be there.
+            if self.store.shared() {
+                return None;
+            }
             let now = now_ms();
             let recent = RecentIds::new(now)?;
             match self.store.recent(self.dedupe_since_ms()).await {

@@ -288,13 +288,30 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     );
     let tls = |c: &Config| if c.server.tls.is_some() { "on" } else { "off" }.to_owned();
     compare("server.tls", tls(running), tls(new));
-    let store = |c: &Config| {
-        c.store
-            .path
-            .as_ref()
-            .map_or("memory".to_owned(), |p| p.display().to_string())
+    let store = |c: &Config| match (&c.store.path, &c.store.database) {
+        (Some(path), _) => path.display().to_string(),
+        (None, Some(database)) => database.shown.clone(),
+        (None, None) => "memory".to_owned(),
     };
     compare("store.path", store(running), store(new));
+    // The same database with another password (never shown).
+    let password_changed =
+        running.store.database != new.store.database && store(running) == store(new);
+    let password = if password_changed {
+        "a new one"
+    } else {
+        "the old password"
+    };
+    compare(
+        "store.password_file",
+        "the old password".into(),
+        password.into(),
+    );
+    compare(
+        "store.lease_ms",
+        running.store.lease.as_millis().to_string(),
+        new.store.lease.as_millis().to_string(),
+    );
     let admin = |c: &Config| {
         c.admin
             .as_ref()

@@ -51,7 +51,7 @@ pub async fn run(config: Config, path: PathBuf, log: Option<LogHandle>) -> Resul
     // One pooled HTTP client for the reply target's attempts and the outbox's deliveries.
     let forwarder = Forwarder::new();
     let outbox = Outbox::start(&config, forwarder.clone()).await?;
-    if config.store.path.is_none() {
+    if !config.store.durable() {
         warn!("no [store] path: deliveries are kept in memory and lost on restart");
     }
     if let Some(tls) = &config.server.tls {

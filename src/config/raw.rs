@@ -93,13 +93,18 @@ pub(super) struct RawAdmin {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawStore {
     pub path: Option<PathBuf>,
+    /// PostgreSQL: `postgres://user@host:port/db` (or libpq's key=value and socket forms).
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub lease_ms: u64,
     pub dedupe_ttl_s: u64,
     /// By backend when not given: see [`RawStore::budget`].
     pub max_bytes: Option<u64>,
     pub dead_letter_retention_s: u64,
 }
 
-/// The store's budget when `max_bytes` is not given: 1 GiB on disk, 64 MiB in memory.
+/// The store's budget when `max_bytes` is not given: 1 GiB on disk (SQLite or PostgreSQL),
+/// 64 MiB in memory.
 const DEFAULT_SQLITE_BYTES: u64 = 1 << 30;
 const DEFAULT_MEMORY_BYTES: u64 = 64 << 20;
 
@@ -107,6 +112,9 @@ impl Default for RawStore {
     fn default() -> Self {
         Self {
             path: None,
+            url: None,
+            password_file: None,
+            lease_ms: 30_000,
             dedupe_ttl_s: 300,
             max_bytes: None,
             dead_letter_retention_s: 7 * 86_400,
@@ -117,9 +125,9 @@ impl Default for RawStore {
 impl RawStore {
     /// `max_bytes`, or the default of the backend `path` selects.
     pub fn budget(&self) -> u64 {
-        self.max_bytes.unwrap_or(match self.path {
-            Some(_) => DEFAULT_SQLITE_BYTES,
-            None => DEFAULT_MEMORY_BYTES,
+        self.max_bytes.unwrap_or(match (&self.path, &self.url) {
+            (None, None) => DEFAULT_MEMORY_BYTES,
+            _ => DEFAULT_SQLITE_BYTES,
         })
     }
 }

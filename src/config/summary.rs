@@ -66,14 +66,21 @@ impl fmt::Display for Config {
             Some(admin) => writeln!(f, "admin: {} (/healthz, /readyz, /metrics)", admin.listen)?,
             None => writeln!(f, "admin: off")?,
         }
-        match &self.store.path {
-            Some(path) => writeln!(
+        match (&self.store.path, &self.store.database) {
+            (Some(path), _) => writeln!(
                 f,
                 "store: {} (SQLite, fsync on commit), dedupe window {} s",
                 path.display(),
                 self.store.dedupe_ttl.as_secs()
             )?,
-            None => writeln!(
+            (None, Some(database)) => writeln!(
+                f,
+                "store: {} (PostgreSQL, shared; synchronous commit), dedupe window {} s, leases {} ms",
+                database.shown,
+                self.store.dedupe_ttl.as_secs(),
+                self.store.lease.as_millis()
+            )?,
+            (None, None) => writeln!(
                 f,
                 "store: none, in memory: pending deliveries are lost on restart (set [store] path), dedupe window {} s",
                 self.store.dedupe_ttl.as_secs()

@@ -44,14 +44,14 @@ pub enum CommandError {
 
 /// Runs `command` and returns what to print.
 pub async fn run(config: &Config, command: &OutboxCommand) -> Result<Printed, CommandError> {
-    if config.store.path.is_none() {
+    if !config.store.durable() {
         return Err(StoreError::Open(
-            "the config has no [store] path: deliveries are in the running relay's memory only"
+            "the config has no [store] path or url: deliveries are in the running relay's memory only"
                 .into(),
         )
         .into());
     }
-    let store = super::open_store(config, Role::Tool)?;
+    let store = super::open_store(config, Role::Tool).await?;
     let mut printed = Printed::default();
     let out = &mut printed.out;
     let now = now_ms();

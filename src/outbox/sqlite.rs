@@ -46,8 +46,6 @@ use super::store::{
     RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
     TargetStats,
 };
-use crate::push::Push;
-use crate::wechat::message::Message;
 
 mod checkpointer;
 
@@ -1351,32 +1349,19 @@ fn migrate(conn: &mut Connection) -> Result<(), Migration> {
 // ---- rows --------------------------------------------------------------------------------
 
 fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
-    let body = Bytes::from(row.get::<_, Vec<u8>>(5)?);
-    let xml = row.get::<_, Option<Vec<u8>>>(8)?.map(Bytes::from);
-    let content_type = row
-        .get::<_, Option<Vec<u8>>>(6)?
-        .and_then(|v| HeaderValue::from_bytes(&v).ok());
-    let key_index = row
-        .get::<_, Option<i64>>(9)?
-        .and_then(|i| usize::try_from(i).ok());
     let received_at = UNIX_EPOCH + Duration::from_millis(unsigned(row.get(10)?));
-    let (account, event_id, query, forwarded_for) =
-        (row.get(2)?, row.get(3)?, row.get(4)?, row.get(7)?);
-    let push = Message::parse(xml.unwrap_or_else(|| body.clone()))
-        .map(|message| {
-            Arc::new(Push {
-                account,
-                event_id,
-                query,
-                body,
-                content_type,
-                forwarded_for,
-                message,
-                key_index,
-                received_at,
-            })
-        })
-        .map_err(|e| format!("the stored message no longer parses: {e}"));
+    let push = super::store::stored_push(
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        Bytes::from(row.get::<_, Vec<u8>>(5)?),
+        row.get::<_, Option<Vec<u8>>>(6)?.as_deref(),
+        row.get(7)?,
+        row.get::<_, Option<Vec<u8>>>(8)?.map(Bytes::from),
+        row.get::<_, Option<i64>>(9)?
+            .and_then(|i| usize::try_from(i).ok()),
+        received_at,
+    );
     Ok(Delivery {
         id: row.get(0)?,
         target: row.get(1)?,
@@ -1446,6 +1431,8 @@ mod tests {
 
     use super::*;
     use crate::outbox::store::{Budget, NewDelivery};
+    use crate::push::Push;
+    use crate::wechat::message::Message;
 
     /// Holds the writer just before each COMMIT while closed, and records the
     /// `synchronous` level of every transaction that reached it.

@@ -304,6 +304,13 @@ pub trait Store: Send + Sync {
     /// resolve before (its record may then be lost in a crash: a retry is handled afresh).
     fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>>;
 
+    /// Whether other processes write the store too (PostgreSQL, shared by several relays):
+    /// then a retry check always reads the store, for an id this process never saw may be
+    /// recorded.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
     fn answer(&self, event_id: &str, since_ms: u64)
     -> BoxFuture<'_, StoreResult<Option<Recorded>>>;
@@ -363,4 +370,36 @@ pub trait Store: Send + Sync {
         before_ms: Option<u64>,
         target: Option<String>,
     ) -> BoxFuture<'_, StoreResult<u64>>;
+}
+
+/// A stored delivery's push, from the columns both durable backends keep: the message is
+/// parsed again from the decrypted XML kept for an encrypted push, or from the body.
+#[allow(clippy::too_many_arguments)]
+pub fn stored_push(
+    account: String,
+    event_id: String,
+    query: String,
+    body: Bytes,
+    content_type: Option<&[u8]>,
+    forwarded_for: String,
+    xml: Option<Bytes>,
+    key_index: Option<usize>,
+    received_at: std::time::SystemTime,
+) -> Result<Arc<Push>, String> {
+    let content_type = content_type.and_then(|v| http::HeaderValue::from_bytes(v).ok());
+    crate::wechat::message::Message::parse(xml.unwrap_or_else(|| body.clone()))
+        .map(|message| {
+            Arc::new(Push {
+                account,
+                event_id,
+                query,
+                body,
+                content_type,
+                forwarded_for,
+                message,
+                key_index,
+                received_at,
+            })
+        })
+        .map_err(|e| format!("the stored message no longer parses: {e}"))
 }

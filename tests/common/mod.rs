@@ -2,6 +2,8 @@
 //! a small HTTP client, and signed / encrypted push builders.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

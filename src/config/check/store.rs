@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::Checker;
 use crate::config::raw::RawStore;
-use crate::config::{Server, Store};
+use crate::config::{Database, Server, Store};
 
 /// PROTOCOL.md §6: keep dedupe keys for at least 60 s (WeChat retries for about 15 s).
 const MIN_DEDUPE_TTL_S: u64 = 60;
@@ -12,6 +12,9 @@ const MIN_DEDUPE_TTL_S: u64 = 60;
 const MAX_DEDUPE_TTL_S: u64 = 7 * 86_400;
 /// The store's budget: at least 1 MiB.
 const MIN_STORE_BYTES: u64 = 1 << 20;
+/// A delivery or a push a relay took is its own for 1 s to 10 min before another may take it.
+const MIN_LEASE_MS: u64 = 1_000;
+const MAX_LEASE_MS: u64 = 600_000;
 /// Dead letters are kept 1 s to a year (0, "for ever", is refused: the store is bounded).
 const MAX_DEAD_LETTER_RETENTION_S: u64 = 365 * 86_400;
 
@@ -50,6 +53,25 @@ impl Checker<'_> {
                 "must name a folder (leave it out to keep deliveries in memory)",
             );
         }
+        if raw.path.is_some() && raw.url.is_some() {
+            self.problem(
+                "store",
+                "give path (SQLite, one relay) or url (PostgreSQL, shared by several), not both",
+            );
+        }
+        self.range("store.lease_ms", raw.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS);
+        let database = match &raw.url {
+            Some(url) => self.database(url, raw.password_file.clone()),
+            None => {
+                if raw.password_file.is_some() {
+                    self.problem(
+                        "store.password_file",
+                        "is the password of [store] url, which is not given",
+                    );
+                }
+                None
+            }
+        };
         let max_bytes = raw.budget();
         if max_bytes < MIN_STORE_BYTES {
             self.problem(
@@ -78,9 +100,96 @@ impl Checker<'_> {
         }
         Some(Store {
             path: raw.path.map(|p| self.base.join(p)),
+            database,
+            lease: Duration::from_millis(raw.lease_ms),
             dedupe_ttl: Duration::from_secs(raw.dedupe_ttl_s),
             max_bytes,
             dead_letter_retention: Duration::from_secs(raw.dead_letter_retention_s),
         })
     }
+
+    /// `[store] url` (a URL or libpq's `key=value` form) with the password of
+    /// `password_file`, which the URL must then not also hold.
+    fn database(
+        &mut self,
+        url: &str,
+        password_file: Option<std::path::PathBuf>,
+    ) -> Option<Database> {
+        let mut config = match url.parse::<tokio_postgres::Config>() {
+            Ok(config) => config,
+            Err(e) => {
+                // The parser names the option it could not read, never a value.
+                self.problem(
+                    "store.url",
+                    format!(
+                        "must be a PostgreSQL URL (postgres://user@host:port/db, or postgres:///db?host=/run/postgresql for the socket): {e}"
+                    ),
+                );
+                return None;
+            }
+        };
+        let shown = shown(&config);
+        if config.get_hosts().is_empty() {
+            self.problem(
+                "store.url",
+                "names no host: postgres://user@host:port/db, or host=/run/postgresql for the socket",
+            );
+        }
+        if config.get_user().is_none() {
+            self.problem("store.url", "names no user: postgres://user@host:port/db");
+        }
+        if config.get_dbname().is_none() {
+            self.problem(
+                "store.url",
+                "names no database: postgres://user@host:port/db",
+            );
+        }
+        let in_url = config.get_password().is_some();
+        match self.secret("store", "password", None, password_file) {
+            Ok(Some(_)) if in_url => {
+                self.problem(
+                    "store.password_file",
+                    "the url holds a password too: give it in one place (password_file)",
+                );
+            }
+            Ok(Some(password)) => {
+                config.password(password.as_bytes());
+            }
+            Ok(None) if in_url => self.warn(
+                "store.url",
+                "holds the database password: keep it in password_file (or a systemd credential) instead",
+            ),
+            Ok(None) | Err(_) => {}
+        }
+        Some(Database { config, shown })
+    }
+}
+
+/// What a database config names, without its password: `postgres://user@host:port/db`.
+pub(in crate::config) fn shown(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for every host, or one each.
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    format!(
+        "postgres://{}@{}/{}",
+        config.get_user().unwrap_or("-"),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("-")
+    )
 }

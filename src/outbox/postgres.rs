@@ -1,0 +1,1024 @@
+//! The shared store: PostgreSQL (`[store] url`), for several relays behind one load balancer.
+//! Every relay that names the database sees the same dedupe records and the same outbox:
+//!
+//! - a commit is one `INSERT ... ON CONFLICT` of the push's dedupe record, which another
+//!   relay's commit of the same event id waits on (the row lock) and then finds, so a WeChat
+//!   retry that lands on the other relay gets the same answer and is not forwarded again;
+//!   its deliveries go in the same transaction. Concurrent commits share a transaction
+//!   (group commit: one task writes what is waiting while the last batch is in flight), and
+//!   a batch that leaves nothing pending does not wait for the WAL flush
+//!   (`synchronous_commit = off`; it is visible to every relay all the same);
+//! - a pending delivery carries a lease (`lease_owner`, `lease_until_ms`): the relay that
+//!   committed it holds it, a worker that takes it due renews it, and `FOR UPDATE SKIP LOCKED`
+//!   keeps two relays from taking the same one. A relay that died leaves leases that run out
+//!   after `[store] lease_ms`, and another relay's worker then takes the delivery;
+//! - the schema is versioned in `wechat_relay_schema` and migrated at start under an
+//!   advisory lock, so that relays starting together do not race; a relay refuses a schema
+//!   newer than it knows.
+//!
+//! Every call is bounded ([`OP_TIMEOUT`]): a database that does not answer fails the push
+//! with 503 (WeChat retries), never holds it past its deadline.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use http::HeaderValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+
+use super::sqlite::Role;
+use super::store::{
+    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
+    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
+    TargetStats, stored_push,
+};
+use crate::config::Database;
+use crate::push::Push;
+
+/// The schema this relay writes; the one row of `wechat_relay_schema`.
+pub const SCHEMA_VERSION: i32 = 1;
+/// The advisory lock under which the schema is set up or migrated ("wechatrl").
+const MIGRATION_LOCK: i64 = 0x7765_6368_6174_726c;
+/// The longest any call to the database may take before the push or attempt fails.
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a connection may take to open (the relay refuses to start past it).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections to the database: the writer's, the workers', the retry checks'.
+const POOL_SIZE: usize = 8;
+/// Commits waiting for the writer; past it a push is refused (503, WeChat retries).
+const MAX_WAITING: usize = 4096;
+/// The most commits one transaction takes.
+const MAX_BATCH: usize = 256;
+/// How often the size of the store's tables is measured (`used_bytes`).
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+/// Dedupe records evicted for each one written while the store is at its budget.
+const EVICT_PER_RECORD: i64 = 2;
+
+const SCHEMA_1: &str = "
+    CREATE TABLE wechat_relay_dedupe (
+        event_id text PRIMARY KEY,
+        committed_ms bigint NOT NULL,
+        status integer NOT NULL,
+        content_type text NOT NULL,
+        body bytea NOT NULL,
+        digest bytea
+    );
+    CREATE INDEX wechat_relay_dedupe_committed ON wechat_relay_dedupe (committed_ms);
+    CREATE TABLE wechat_relay_deliveries (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        target text NOT NULL,
+        account text NOT NULL,
+        event_id text NOT NULL,
+        query text NOT NULL,
+        body bytea NOT NULL,
+        content_type bytea,
+        forwarded_for text NOT NULL,
+        xml bytea,
+        key_index integer,
+        received_ms bigint NOT NULL,
+        enqueued_ms bigint NOT NULL,
+        attempts integer NOT NULL,
+        at_ms bigint NOT NULL,
+        last_error text,
+        msg_type text,
+        event text,
+        route text,
+        dead boolean NOT NULL DEFAULT false,
+        lease_owner text,
+        lease_until_ms bigint
+    );
+    CREATE INDEX wechat_relay_deliveries_due ON wechat_relay_deliveries (target, at_ms)
+        WHERE NOT dead;
+    CREATE INDEX wechat_relay_deliveries_dead ON wechat_relay_deliveries (target, at_ms)
+        WHERE dead;
+    CREATE INDEX wechat_relay_deliveries_leased ON wechat_relay_deliveries (lease_owner)
+        WHERE lease_owner IS NOT NULL;
+    CREATE TABLE wechat_relay_probe (id integer PRIMARY KEY, data bytea NOT NULL);";
+
+/// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
+const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
+    forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts";
+/// The columns a [`DeliveryInfo`] is read from, in [`info_from_row`]'s order.
+const INFO_COLUMNS: &str = "id, target, account, event_id, attempts, last_error, enqueued_ms, \
+    at_ms, msg_type, event, route, dead";
+
+/// The rows a [`Selection`] names, given `$1` (an id or NULL), `$2` (a target or NULL) and
+/// `$3` (pending, dead, or both when NULL).
+const SELECTED: &str = "($1::bigint IS NULL OR id = $1) AND ($2::text IS NULL OR target = $2) \
+    AND ($3::boolean IS NULL OR dead = $3)";
+
+pub struct PgStore {
+    pool: Pool,
+    writer: mpsc::Sender<Job>,
+    /// The bytes of the store's tables, as last measured.
+    used: Arc<AtomicU64>,
+    /// Who holds a lease this relay takes: `host:pid:random`.
+    owner: Arc<str>,
+    lease_ms: u64,
+    stop: CancellationToken,
+}
+
+struct Job {
+    commit: Commit,
+    done: oneshot::Sender<StoreResult<Committed>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// What `check` says of a database: its schema version, or that it is empty.
+pub async fn schema_version(database: &Database) -> StoreResult<Option<i32>> {
+    let pool = pool(database)?;
+    let client = connect(&pool).await?;
+    bounded(read_version(&client)).await
+}
+
+impl PgStore {
+    /// Connects, then sets up or migrates the schema (`serve`), or checks that it is the one
+    /// this relay knows (`outbox` commands: they change nothing else).
+    pub async fn open(database: &Database, lease: Duration, role: Role) -> StoreResult<PgStore> {
+        let pool = pool(database)?;
+        let mut client = connect(&pool).await?;
+        match role {
+            Role::Server => migrate(&mut client).await?,
+            Role::Tool => match bounded(read_version(&client)).await? {
+                Some(SCHEMA_VERSION) => {}
+                None => {
+                    return Err(StoreError::Open(format!(
+                        "{}: no relay store here yet (a relay sets it up at its first start)",
+                        database.shown
+                    )));
+                }
+                Some(other) => return Err(StoreError::Open(version_mismatch(other))),
+            },
+        }
+        drop(client);
+        let (writer, jobs) = mpsc::channel(MAX_WAITING);
+        let owner: Arc<str> = format!(
+            "{}:{}:{:08x}",
+            hostname(),
+            std::process::id(),
+            rand::random::<u32>()
+        )
+        .into();
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let store = PgStore {
+            pool: pool.clone(),
+            writer,
+            used: Arc::default(),
+            owner: Arc::clone(&owner),
+            lease_ms,
+            stop: CancellationToken::new(),
+        };
+        let used = Arc::clone(&store.used);
+        store.measure_now().await;
+        tokio::spawn(write_loop(
+            pool.clone(),
+            jobs,
+            Arc::clone(&owner),
+            lease_ms,
+            Arc::clone(&used),
+        ));
+        tokio::spawn(measure_loop(pool.clone(), used, store.stop.clone()));
+        tokio::spawn(renew_loop(pool, owner, lease_ms, store.stop.clone()));
+        Ok(store)
+    }
+
+    async fn measure_now(&self) {
+        if let Ok(bytes) = measure(&self.pool).await {
+            self.used.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `read` on a pooled connection, bounded by [`OP_TIMEOUT`].
+    fn with<'a, T: Send + 'a>(
+        &'a self,
+        read: impl for<'c> FnOnce(
+            &'c deadpool_postgres::Client,
+        ) -> BoxFuture<'c, Result<T, tokio_postgres::Error>>
+        + Send
+        + 'a,
+    ) -> BoxFuture<'a, StoreResult<T>> {
+        Box::pin(async move {
+            bounded(async {
+                let client = connect(&self.pool).await?;
+                read(&client).await.map_err(io_error)
+            })
+            .await
+        })
+    }
+}
+
+fn pool(database: &Database) -> StoreResult<Pool> {
+    let mut config = database.config.clone();
+    config.connect_timeout(CONNECT_TIMEOUT);
+    config.application_name("wechat-relay");
+    let manager = Manager::from_config(
+        config,
+        tls()?,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(OP_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(OP_TIMEOUT))
+        .build()
+        .map_err(|e| StoreError::Open(format!("cannot set up the database pool: {e}")))
+}
+
+/// TLS to the database when its URL asks for it (`sslmode=require`), verified against the
+/// Web PKI roots; `sslmode=prefer` (libpq's default) uses it when the server offers it.
+fn tls() -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Open(format!("cannot set up TLS to the database: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+async fn connect(pool: &Pool) -> StoreResult<deadpool_postgres::Object> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => io_error(e),
+        deadpool_postgres::PoolError::Timeout(_) => {
+            StoreError::Io("cannot reach the database: timed out".into())
+        }
+        other => StoreError::Io(format!("cannot reach the database: {other}")),
+    })
+}
+
+/// `work` within [`OP_TIMEOUT`].
+async fn bounded<T>(work: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    match tokio::time::timeout(OP_TIMEOUT, work).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Io(format!(
+            "the database did not answer within {} ms",
+            OP_TIMEOUT.as_millis()
+        ))),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "relay".into())
+}
+
+// ---- schema ------------------------------------------------------------------------------
+
+async fn read_version(client: &impl GenericClient) -> StoreResult<Option<i32>> {
+    let exists = client
+        .query_one("SELECT to_regclass('wechat_relay_schema') IS NOT NULL", &[])
+        .await
+        .map_err(io_error)?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt("SELECT version FROM wechat_relay_schema", &[])
+        .await
+        .map_err(io_error)?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+fn version_mismatch(found: i32) -> String {
+    if found > SCHEMA_VERSION {
+        format!(
+            "the database's relay schema is version {found}, newer than this relay's {SCHEMA_VERSION}: run the newer relay, or restore the database"
+        )
+    } else {
+        format!(
+            "the database's relay schema is version {found}; this relay writes {SCHEMA_VERSION}: start a relay (serve) to migrate it"
+        )
+    }
+}
+
+/// Sets the schema up, or migrates it, in one transaction under [`MIGRATION_LOCK`]: a second
+/// relay starting at the same time waits, then finds it done.
+async fn migrate(client: &mut deadpool_postgres::Object) -> StoreResult<()> {
+    let tx = client.transaction().await.map_err(io_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(io_error)?;
+    match read_version(&tx).await? {
+        Some(SCHEMA_VERSION) => return Ok(()),
+        Some(newer) if newer > SCHEMA_VERSION => {
+            return Err(StoreError::Open(version_mismatch(newer)));
+        }
+        Some(older) => {
+            return Err(StoreError::Open(format!(
+                "the database's relay schema is version {older}, which this relay cannot migrate"
+            )));
+        }
+        None => {}
+    }
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS wechat_relay_schema (version integer NOT NULL);
+         {SCHEMA_1}
+         INSERT INTO wechat_relay_schema (version) VALUES ({SCHEMA_VERSION});"
+    ))
+    .await
+    .map_err(io_error)?;
+    tx.commit().await.map_err(io_error)
+}
+
+// ---- writes ------------------------------------------------------------------------------
+
+/// The writer: takes what is waiting (up to [`MAX_BATCH`]) and commits it in one transaction,
+/// then answers each. A batch that fails is tried again commit by commit, so that one bad
+/// commit fails only itself.
+async fn write_loop(
+    pool: Pool,
+    mut jobs: mpsc::Receiver<Job>,
+    owner: Arc<str>,
+    lease_ms: u64,
+    used: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let commits: Vec<&Commit> = batch.iter().map(|job| &job.commit).collect();
+        let results = match bounded(write_batch(&pool, &commits, &owner, lease_ms, &used)).await {
+            Ok(results) => results.into_iter().map(Ok).collect(),
+            Err(_) if commits.len() > 1 => {
+                let mut results = Vec::with_capacity(commits.len());
+                for commit in &commits {
+                    let one = bounded(write_batch(&pool, &[commit], &owner, lease_ms, &used)).await;
+                    results.push(one.map(|mut r| r.remove(0)));
+                }
+                results
+            }
+            Err(e) => vec![Err(e)],
+        };
+        for (job, result) in batch.drain(..).zip(results) {
+            let _ = job.done.send(result);
+        }
+    }
+}
+
+async fn write_batch(
+    pool: &Pool,
+    commits: &[&Commit],
+    owner: &str,
+    lease_ms: u64,
+    used: &AtomicU64,
+) -> StoreResult<Vec<Committed>> {
+    let mut client = connect(pool).await?;
+    let tx = client.transaction().await.map_err(io_error)?;
+    let nothing_pending = commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
+    if nothing_pending {
+        // Visible to every relay at COMMIT all the same; a crash may lose it, and a retry is
+        // then handled afresh.
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await
+            .map_err(io_error)?;
+    }
+    let mut results = Vec::with_capacity(commits.len());
+    for commit in commits {
+        results.push(commit_push(&tx, commit, owner, lease_ms, used).await?);
+    }
+    tx.commit().await.map_err(io_error)?;
+    Ok(results)
+}
+
+/// A push's dedupe record and deliveries, unless the push is recorded already (by any relay:
+/// the insert waits for another transaction's record of the same id, then finds it).
+async fn commit_push(
+    tx: &deadpool_postgres::Transaction<'_>,
+    commit: &Commit,
+    owner: &str,
+    lease_ms: u64,
+    used: &AtomicU64,
+) -> StoreResult<Committed> {
+    let push = &commit.push;
+    make_room(tx, commit, used).await?;
+    let record = tx
+        .prepare_cached(
+            "INSERT INTO wechat_relay_dedupe (event_id, committed_ms, status, content_type, body, digest) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO UPDATE SET \
+             committed_ms = EXCLUDED.committed_ms, status = EXCLUDED.status, \
+             content_type = EXCLUDED.content_type, body = EXCLUDED.body, digest = EXCLUDED.digest \
+             WHERE wechat_relay_dedupe.committed_ms < $7 RETURNING 1",
+        )
+        .await
+        .map_err(io_error)?;
+    let written = tx
+        .query_opt(
+            &record,
+            &[
+                &push.event_id,
+                &ms(commit.now_ms),
+                &i32::from(commit.answer.status),
+                &commit.answer.content_type,
+                &commit.answer.body.as_ref(),
+                &commit.digest.0.as_slice(),
+                &ms(commit.dedupe_since_ms),
+            ],
+        )
+        .await
+        .map_err(io_error)?;
+    if written.is_none() {
+        return match recorded(tx, &push.event_id, 0).await? {
+            Some(recorded) => Ok(recorded.meet(&commit.digest)),
+            None => Err(StoreError::Io(
+                "the push's dedupe record went away while it was committed".into(),
+            )),
+        };
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO wechat_relay_deliveries (target, account, event_id, query, body, \
+             content_type, forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, \
+             at_ms, last_error, msg_type, event, route, dead, lease_owner, lease_until_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20) RETURNING id",
+        )
+        .await
+        .map_err(io_error)?;
+    let xml = push.encrypted().then(|| push.message.xml().as_ref());
+    let key_index = push.key_index.and_then(|i| i32::try_from(i).ok());
+    let content_type = push.content_type.as_ref().map(HeaderValue::as_bytes);
+    let received_ms = ms(super::sqlite::unix_ms(push.received_at));
+    let mut ids = Vec::with_capacity(commit.deliveries.len());
+    for delivery in &commit.deliveries {
+        // A pending delivery is this relay's (its worker has it in memory) until its lease
+        // runs out; a dead one is stamped with when it died.
+        let (at_ms, lease_owner, lease_until) = if delivery.dead {
+            (commit.now_ms, None, None)
+        } else {
+            (
+                delivery.at_ms,
+                Some(owner),
+                Some(ms(commit.now_ms.saturating_add(lease_ms))),
+            )
+        };
+        let attempts = i32::try_from(delivery.attempts).unwrap_or(i32::MAX);
+        let row = tx
+            .query_one(
+                &insert,
+                &[
+                    &delivery.target,
+                    &push.account,
+                    &push.event_id,
+                    &push.query,
+                    &push.body.as_ref(),
+                    &content_type,
+                    &push.forwarded_for,
+                    &xml,
+                    &key_index,
+                    &received_ms,
+                    &ms(commit.now_ms),
+                    &attempts,
+                    &ms(at_ms),
+                    &delivery.last_error,
+                    &push.message.msg_type(),
+                    &push.message.event(),
+                    &commit.route,
+                    &delivery.dead,
+                    &lease_owner,
+                    &lease_until,
+                ],
+            )
+            .await
+            .map_err(io_error)?;
+        ids.push(row.get::<_, i64>(0));
+    }
+    Ok(Committed::New(ids))
+}
+
+/// Evicts the oldest dedupe records the commit's budget lets go when the store (as last
+/// measured) is at it.
+async fn make_room(
+    tx: &deadpool_postgres::Transaction<'_>,
+    commit: &Commit,
+    used: &AtomicU64,
+) -> StoreResult<()> {
+    let budget = commit.budget;
+    if budget.max_bytes == u64::MAX || used.load(Ordering::Relaxed) < budget.max_bytes {
+        return Ok(());
+    }
+    let evicted = tx
+        .execute(
+            "DELETE FROM wechat_relay_dedupe WHERE event_id IN (SELECT event_id FROM \
+             wechat_relay_dedupe WHERE committed_ms < $1 ORDER BY committed_ms LIMIT $2 \
+             FOR UPDATE SKIP LOCKED)",
+            &[&ms(budget.evict_before_ms), &EVICT_PER_RECORD],
+        )
+        .await
+        .map_err(io_error)?;
+    super::store::evicted(evicted, commit.now_ms);
+    Ok(())
+}
+
+async fn recorded(
+    client: &impl GenericClient,
+    event_id: &str,
+    since_ms: u64,
+) -> StoreResult<Option<Recorded>> {
+    let row = client
+        .query_opt(
+            "SELECT status, content_type, body, digest FROM wechat_relay_dedupe \
+             WHERE event_id = $1 AND committed_ms >= $2",
+            &[&event_id, &ms(since_ms)],
+        )
+        .await
+        .map_err(io_error)?;
+    Ok(row.map(|row| Recorded {
+        answer: CachedAnswer {
+            status: u16::try_from(row.get::<_, i32>(0)).unwrap_or(500),
+            content_type: row.get(1),
+            body: Bytes::from(row.get::<_, Vec<u8>>(2)),
+        },
+        digest: row
+            .get::<_, Option<Vec<u8>>>(3)
+            .and_then(|d| <[u8; 32]>::try_from(d).ok())
+            .map(Digest),
+    }))
+}
+
+/// The size of the store's tables and their indexes.
+async fn measure(pool: &Pool) -> StoreResult<u64> {
+    bounded(async {
+        let client = connect(pool).await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                 WHERE c.relname IN ('wechat_relay_dedupe', 'wechat_relay_deliveries')",
+                &[],
+            )
+            .await
+            .map_err(io_error)?;
+        Ok(unsigned(row.get(0)))
+    })
+    .await
+}
+
+async fn measure_loop(pool: Pool, used: Arc<AtomicU64>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(MEASURE_EVERY) => {}
+        }
+        if let Ok(bytes) = measure(&pool).await {
+            used.store(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Renews the leases this relay holds (the deliveries it committed or took, until it settles
+/// them) three times per lease, so that another relay takes none while this one lives.
+async fn renew_loop(pool: Pool, owner: Arc<str>, lease_ms: u64, stop: CancellationToken) {
+    let every = Duration::from_millis((lease_ms / 3).max(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let until = ms(super::now_ms().saturating_add(lease_ms));
+        let renewed = bounded(async {
+            let client = connect(&pool).await?;
+            client
+                .execute(
+                    "UPDATE wechat_relay_deliveries SET lease_until_ms = $2 \
+                     WHERE lease_owner = $1 AND NOT dead",
+                    &[&&*owner, &until],
+                )
+                .await
+                .map_err(io_error)
+        })
+        .await;
+        if let Err(e) = renewed {
+            tracing::warn!(error = %e, "cannot renew the leases of this relay's deliveries");
+        }
+    }
+}
+
+// ---- the trait ---------------------------------------------------------------------------
+
+impl Store for PgStore {
+    fn commit(&self, commit: Commit) -> BoxFuture<'_, StoreResult<Committed>> {
+        Box::pin(async move {
+            let (done, answer) = oneshot::channel();
+            self.writer
+                .try_send(Job { commit, done })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => StoreError::Io(format!(
+                        "{MAX_WAITING} commits are waiting for the database"
+                    )),
+                    mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+                })?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn answer(
+        &self,
+        event_id: &str,
+        since_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
+        let event_id = event_id.to_owned();
+        Box::pin(async move {
+            bounded(async {
+                let client = connect(&self.pool).await?;
+                recorded(&client, &event_id, since_ms).await
+            })
+            .await
+        })
+    }
+
+    fn recent(&self, since_ms: u64) -> BoxFuture<'_, StoreResult<Vec<RecentId>>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT event_id, digest, committed_ms FROM wechat_relay_dedupe \
+                         WHERE committed_ms >= $1 ORDER BY committed_ms",
+                        &[&ms(since_ms)],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| RecentId {
+                        event_id: row.get(0),
+                        digest: row
+                            .get::<_, Option<Vec<u8>>>(1)
+                            .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                            .map(Digest),
+                        committed_ms: unsigned(row.get(2)),
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn probe(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(async move {
+            bounded(async {
+                let mut client = connect(&self.pool).await?;
+                // A write that is undone: fails when the database takes none (read-only, full).
+                let tx = client.transaction().await.map_err(io_error)?;
+                tx.execute(
+                    "INSERT INTO wechat_relay_probe (id, data) VALUES (1, $1) \
+                     ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data",
+                    &[&vec![0u8; 1024]],
+                )
+                .await
+                .map_err(io_error)?;
+                tx.rollback().await.map_err(io_error)
+            })
+            .await
+        })
+    }
+
+    fn due(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: Vec<DeliveryId>,
+    ) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
+        let target = target.to_owned();
+        let owner = Arc::clone(&self.owner);
+        let until = ms(now_ms.saturating_add(self.lease_ms));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |client| {
+            Box::pin(async move {
+                // Due, and not leased by a live relay: a lease of this relay's own (one it
+                // committed) is its to take; another's counts until it runs out.
+                let rows = client
+                    .query(
+                        &format!(
+                            "UPDATE wechat_relay_deliveries SET lease_owner = $5, lease_until_ms = $6 \
+                             WHERE id IN (SELECT id FROM wechat_relay_deliveries \
+                               WHERE target = $1 AND NOT dead AND at_ms <= $2 \
+                               AND (lease_until_ms IS NULL OR lease_until_ms <= $2 OR lease_owner = $5) \
+                               AND NOT (id = ANY($4)) \
+                               ORDER BY at_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                             RETURNING {DELIVERY_COLUMNS}, at_ms"
+                        ),
+                        &[&target, &ms(now_ms), &limit, &skip, &&*owner, &until],
+                    )
+                    .await?;
+                let mut due: Vec<(i64, Delivery)> = rows
+                    .iter()
+                    .map(|row| (row.get::<_, i64>(13), delivery_from_row(row)))
+                    .collect();
+                due.sort_by_key(|(at, d)| (*at, d.id));
+                Ok(due.into_iter().map(|(_, d)| d).collect())
+            })
+        })
+    }
+
+    fn next_due(&self, target: &str, now_ms: u64) -> BoxFuture<'_, StoreResult<Option<u64>>> {
+        let target = target.to_owned();
+        let owner = Arc::clone(&self.owner);
+        self.with(move |client| {
+            Box::pin(async move {
+                // The next due, or the next lease of another relay to run out on one due.
+                let row = client
+                    .query_one(
+                        "SELECT LEAST( \
+                           (SELECT min(at_ms) FROM wechat_relay_deliveries \
+                             WHERE target = $1 AND NOT dead AND at_ms > $2), \
+                           (SELECT min(lease_until_ms) FROM wechat_relay_deliveries \
+                             WHERE target = $1 AND NOT dead AND at_ms <= $2 \
+                             AND lease_until_ms > $2 AND lease_owner <> $3))",
+                        &[&target, &ms(now_ms), &&*owner],
+                    )
+                    .await?;
+                Ok(row.get::<_, Option<i64>>(0).map(unsigned))
+            })
+        })
+    }
+
+    fn settle(
+        &self,
+        id: DeliveryId,
+        settle: Settle,
+        now_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<()>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                match settle {
+                    Settle::Delivered => {
+                        client
+                            .execute("DELETE FROM wechat_relay_deliveries WHERE id = $1", &[&id])
+                            .await?;
+                    }
+                    Settle::Retry {
+                        attempts,
+                        at_ms,
+                        error,
+                    } => {
+                        // Released: due again at at_ms, for whichever relay takes it then.
+                        client
+                            .execute(
+                                "UPDATE wechat_relay_deliveries SET attempts = $2, at_ms = $3, \
+                                 last_error = $4, lease_owner = NULL, lease_until_ms = NULL \
+                                 WHERE id = $1",
+                                &[&id, &count(attempts), &ms(at_ms), &error],
+                            )
+                            .await?;
+                    }
+                    Settle::Dead { attempts, error } => {
+                        client
+                            .execute(
+                                "UPDATE wechat_relay_deliveries SET attempts = $2, at_ms = $3, \
+                                 last_error = $4, dead = true, lease_owner = NULL, \
+                                 lease_until_ms = NULL WHERE id = $1",
+                                &[&id, &count(attempts), &ms(now_ms), &error],
+                            )
+                            .await?;
+                    }
+                }
+                Ok(())
+            })
+        })
+    }
+
+    fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "DELETE FROM wechat_relay_dedupe WHERE committed_ms < $1",
+                        &[&ms(before_ms)],
+                    )
+                    .await
+            })
+        })
+    }
+
+    fn stats(&self) -> BoxFuture<'_, StoreResult<Stats>> {
+        self.with(|client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT target, count(*) FILTER (WHERE NOT dead), \
+                         count(*) FILTER (WHERE dead), min(enqueued_ms) FILTER (WHERE NOT dead) \
+                         FROM wechat_relay_deliveries GROUP BY target ORDER BY target",
+                        &[],
+                    )
+                    .await?;
+                let targets = rows
+                    .iter()
+                    .map(|row| TargetStats {
+                        target: row.get(0),
+                        pending: unsigned(row.get(1)),
+                        dead: unsigned(row.get(2)),
+                        oldest_pending_ms: row.get::<_, Option<i64>>(3).map(unsigned),
+                    })
+                    .collect();
+                let keys = client
+                    .query_one("SELECT count(*) FROM wechat_relay_dedupe", &[])
+                    .await?;
+                Ok(Stats {
+                    targets,
+                    dedupe_keys: unsigned(keys.get(0)),
+                })
+            })
+        })
+    }
+
+    fn list(&self, filter: Filter) -> BoxFuture<'_, StoreResult<Vec<DeliveryInfo>>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &format!(
+                            "SELECT {INFO_COLUMNS} FROM wechat_relay_deliveries \
+                             WHERE dead = $1 AND ($2::text IS NULL OR target = $2) ORDER BY id"
+                        ),
+                        &[&filter.dead, &filter.target],
+                    )
+                    .await?;
+                Ok(rows.iter().map(info_from_row).collect())
+            })
+        })
+    }
+
+    fn get(&self, id: DeliveryId) -> BoxFuture<'_, StoreResult<Option<StoredDelivery>>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        &format!(
+                            "SELECT {INFO_COLUMNS}, {DELIVERY_COLUMNS} FROM wechat_relay_deliveries \
+                             WHERE id = $1"
+                        ),
+                        &[&id],
+                    )
+                    .await?;
+                Ok(row.map(|row| {
+                    let info = info_from_row(&row);
+                    let dead = row.get::<_, bool>(11);
+                    let push = push_from_row(&row, 12);
+                    StoredDelivery { info, dead, push }
+                }))
+            })
+        })
+    }
+
+    fn replay(&self, selection: Selection, now_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let (id, target, dead) = selected(&selection);
+                // Back in line, due now, with a fresh attempt count and age, leased by nobody.
+                client
+                    .execute(
+                        &format!(
+                            "UPDATE wechat_relay_deliveries SET attempts = 0, enqueued_ms = $4, \
+                             at_ms = $4, last_error = NULL, dead = false, lease_owner = NULL, \
+                             lease_until_ms = NULL WHERE {SELECTED}"
+                        ),
+                        &[&id, &target, &dead, &ms(now_ms)],
+                    )
+                    .await
+            })
+        })
+    }
+
+    fn discard(&self, selection: Selection) -> BoxFuture<'_, StoreResult<u64>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let (id, target, _) = selected(&selection);
+                if matches!(selection, Selection::Dead { .. }) {
+                    return Ok(0);
+                }
+                // Pending ones only: dead letters go with purge.
+                client
+                    .execute(
+                        &format!("DELETE FROM wechat_relay_deliveries WHERE {SELECTED}"),
+                        &[&id, &target, &Some(false)],
+                    )
+                    .await
+            })
+        })
+    }
+
+    fn purge_dead(
+        &self,
+        before_ms: Option<u64>,
+        target: Option<String>,
+    ) -> BoxFuture<'_, StoreResult<u64>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "DELETE FROM wechat_relay_deliveries WHERE dead \
+                         AND ($1::bigint IS NULL OR at_ms < $1) AND ($2::text IS NULL OR target = $2)",
+                        &[&before_ms.map(ms), &target],
+                    )
+                    .await
+            })
+        })
+    }
+}
+
+/// A selection as the id, target and dead-or-pending of [`SELECTED`].
+fn selected(selection: &Selection) -> (Option<DeliveryId>, Option<String>, Option<bool>) {
+    match selection {
+        Selection::Id(id) => (Some(*id), None, None),
+        Selection::Pending { target } => (None, target.clone(), Some(false)),
+        Selection::Dead { target } => (None, target.clone(), Some(true)),
+    }
+}
+
+// ---- rows --------------------------------------------------------------------------------
+
+/// A delivery from the [`DELIVERY_COLUMNS`] at the start of `row`.
+fn delivery_from_row(row: &Row) -> Delivery {
+    Delivery {
+        id: row.get(0),
+        target: row.get(1),
+        push: push_from_row(row, 0),
+        attempts: u32::try_from(row.get::<_, i32>(12)).unwrap_or(0),
+        enqueued_ms: unsigned(row.get(11)),
+    }
+}
+
+/// The push of the [`DELIVERY_COLUMNS`] starting at column `at`.
+fn push_from_row(row: &Row, at: usize) -> Result<Arc<Push>, String> {
+    let received_ms = unsigned(row.get(at + 10));
+    stored_push(
+        row.get(at + 2),
+        row.get(at + 3),
+        row.get(at + 4),
+        Bytes::from(row.get::<_, Vec<u8>>(at + 5)),
+        row.get::<_, Option<Vec<u8>>>(at + 6).as_deref(),
+        row.get(at + 7),
+        row.get::<_, Option<Vec<u8>>>(at + 8).map(Bytes::from),
+        row.get::<_, Option<i32>>(at + 9)
+            .and_then(|i| usize::try_from(i).ok()),
+        UNIX_EPOCH + Duration::from_millis(received_ms),
+    )
+}
+
+/// A delivery as `outbox list` shows it, from the [`INFO_COLUMNS`].
+fn info_from_row(row: &Row) -> DeliveryInfo {
+    DeliveryInfo {
+        id: row.get(0),
+        target: row.get(1),
+        account: row.get(2),
+        event_id: row.get(3),
+        attempts: u32::try_from(row.get::<_, i32>(4)).unwrap_or(0),
+        last_error: row.get(5),
+        enqueued_ms: unsigned(row.get(6)),
+        at_ms: unsigned(row.get(7)),
+        msg_type: row.get(8),
+        event: row.get(9),
+        route: row.get(10),
+    }
+}
+
+fn ms(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn count(attempts: u32) -> i32 {
+    i32::try_from(attempts).unwrap_or(i32::MAX)
+}
+
+/// A database error as one line: its SQLSTATE and message when the server sent one, never the
+/// statement's parameters.
+fn io_error(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) if *db.code() == SqlState::DISK_FULL => {
+            StoreError::Io(format!("the database is out of disk: {}", db.message()))
+        }
+        Some(db) => StoreError::Io(format!(
+            "database error {}: {}",
+            db.code().code(),
+            db.message()
+        )),
+        None => StoreError::Io(format!("database: {e}")),
+    }
+}

@@ -1,0 +1,299 @@
+//! The PostgreSQL store (`[store] url`) on a real PostgreSQL server (tests/common/postgres.rs):
+//! `check` and `serve` set up and read the schema, two relays share dedupe and the outbox, a
+//! relay refuses a newer schema and an unreachable database, and the `outbox` commands read
+//! the shared store.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::postgres::Postgres;
+use common::{
+    Binary, FakeTarget, PushBuilder, account_section, assert_success, cli, post, target_section,
+    text_xml,
+};
+
+/// A relay config on database `db` of `pg`: a plaintext account, target `t` (the reply
+/// target of the catch-all) at `target`, leases of `lease_ms`.
+fn write_config(dir: &Path, pg: &Postgres, db: &str, target: &str, lease_ms: u64) -> PathBuf {
+    let password = pg.password_file(dir);
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 1000\n\
+         [store]\nurl = \"{}\"\npassword_file = \"{}\"\nlease_ms = {lease_ms}\n",
+        pg.url(db),
+        password.display()
+    );
+    toml.push_str(&account_section("main", "/wechat", "plaintext"));
+    toml.push_str(&target_section(
+        "t",
+        target,
+        "raw",
+        "retry_initial_ms = 100\n",
+    ));
+    toml.push_str("[[route]]\nto = [\"t\"]\nreply = \"t\"\n");
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, toml).expect("config");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    path
+}
+
+fn check(config: &Path) -> (Option<i32>, String, String) {
+    cli(&["check", "--config", &config.to_string_lossy()])
+}
+
+#[test]
+fn check_reads_the_schema_version_and_serve_sets_it_up_once() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &pg, "relay", "http://127.0.0.1:9/t", 30_000);
+
+    let (code, out, err) = check(&config);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "store: postgres://relay@127.0.0.1:{}/relay (PostgreSQL",
+            pg.port
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("database: empty: a relay sets up the schema at its first start"),
+        "{out}"
+    );
+    // check changed nothing.
+    assert_eq!(
+        pg.psql(
+            "relay",
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'wechat_relay%'"
+        ),
+        "0"
+    );
+    // No secret in what check prints.
+    assert!(!out.contains(common::postgres::PASSWORD) && !err.contains(common::postgres::PASSWORD));
+
+    // Two relays starting together: the advisory lock lets one set it up; both serve.
+    let mut first = Binary::start(&config);
+    let mut second = Binary::start(&config);
+    assert_eq!(
+        pg.psql("relay", "SELECT version FROM wechat_relay_schema"),
+        "1"
+    );
+    let (code, out, _) = check(&config);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("database: schema version 1"), "{out}");
+    first.terminate();
+    second.terminate();
+}
+
+#[test]
+fn a_schema_newer_than_the_relay_is_refused_and_so_is_an_unreachable_database() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &pg, "relay", "http://127.0.0.1:9/t", 30_000);
+    pg.psql(
+        "relay",
+        "CREATE TABLE wechat_relay_schema (version integer NOT NULL); \
+         INSERT INTO wechat_relay_schema VALUES (99)",
+    );
+    let (code, err) = serve_until_exit(&config);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("version 99, newer than this relay's 1"),
+        "a line naming both versions: {err}"
+    );
+    let (code, out, err) = check(&config);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(out.contains("database: schema version 99"), "{out}");
+
+    // Nothing listens on the port any more: a clear error, exit 1, within 10 s.
+    drop(pg);
+    let started = Instant::now();
+    let (code, err) = serve_until_exit(&config);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("cannot reach the database") || err.contains("database:"),
+        "{err}"
+    );
+    assert!(!err.contains(common::postgres::PASSWORD), "{err}");
+}
+
+/// Runs `serve` until it exits (it must, within 20 s): its exit code and stderr.
+fn serve_until_exit(config: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run serve");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_lands_on_the_other_relay_gets_the_same_answer_and_is_not_forwarded_again() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut target = FakeTarget::start().await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let url = target.url("/t");
+    let a = Binary::start(&write_config(dir_a.path(), &pg, "relay", &url, 30_000));
+    let b = Binary::start(&write_config(dir_b.path(), &pg, "relay", &url, 30_000));
+
+    let (query, body) = PushBuilder::new(text_xml("hello", 42)).plaintext();
+    let first = post(&a.url(&format!("/wechat?{query}")), body.clone()).await;
+    assert_success(&first);
+    let asked = target.next().await;
+    assert!(String::from_utf8_lossy(&asked.body).contains("hello"));
+
+    // WeChat's retry, byte for byte, reaches the other relay.
+    let retry = post(&b.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(retry.status, first.status);
+    assert_eq!(retry.body, first.body, "the same bytes");
+    target.expect_none(Duration::from_millis(1500)).await;
+    assert_eq!(
+        pg.psql("relay", "SELECT count(*) FROM wechat_relay_dedupe"),
+        "1"
+    );
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_left_by_a_relay_that_died_is_taken_by_the_other_when_its_lease_runs_out() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    // The target fails: relay A keeps the delivery pending (retried), then dies.
+    let mut target = FakeTarget::with(common::Behaviour {
+        status: http::StatusCode::SERVICE_UNAVAILABLE,
+        ..Default::default()
+    })
+    .await;
+    let url = target.url("/t");
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let mut a = Binary::start(&write_config(dir_a.path(), &pg, "relay", &url, 2_000));
+    let (query, body) = PushBuilder::new(text_xml("left behind", 7)).plaintext();
+    let answer = post(&a.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let _ = target.next().await;
+    a.kill();
+    assert_eq!(
+        pg.psql(
+            "relay",
+            "SELECT count(*) FROM wechat_relay_deliveries WHERE NOT dead"
+        ),
+        "1"
+    );
+
+    // Relay B takes it once A's lease runs out (2 s), and the target now takes it.
+    target.set(common::Behaviour::default());
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = Binary::start(&write_config(dir_b.path(), &pg, "relay", &url, 2_000));
+    let started = Instant::now();
+    let delivered = tokio::time::timeout(Duration::from_secs(10), target.next())
+        .await
+        .expect("delivered by the other relay");
+    assert!(String::from_utf8_lossy(&delivered.body).contains("left behind"));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pg.psql("relay", "SELECT count(*) FROM wechat_relay_deliveries") != "0" {
+        assert!(Instant::now() < deadline, "the delivery is settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_commands_read_and_change_the_shared_store() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let target = FakeTarget::with(common::Behaviour {
+        status: http::StatusCode::BAD_REQUEST,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &pg, "relay", &target.url("/t"), 30_000);
+    let relay = Binary::start(&config);
+    // A 4xx from the reply target: a dead letter on arrival.
+    let (query, body) = PushBuilder::new(text_xml("dead on arrival", 9)).plaintext();
+    let _ = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    let config = config.to_string_lossy().into_owned();
+    let (code, out, err) = cli(&["outbox", "stats", "--config", &config]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("target=t pending=0 dead=1"), "{out}");
+    let (code, out, err) = cli(&["outbox", "list", "--dead", "--json", "--config", &config]);
+    assert_eq!(code, Some(0), "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let dead = &listed["deliveries"][0];
+    assert_eq!(dead["target"], "t", "{out}");
+    assert_eq!(dead["msg_type"], "text", "{out}");
+    let (code, out, err) = cli(&["outbox", "purge", "--dead", "--config", &config]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("purged=1"), "{out}");
+    assert_eq!(
+        pg.psql("relay", "SELECT count(*) FROM wechat_relay_deliveries"),
+        "0"
+    );
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_relay_keeps_its_delivery_past_the_lease_and_the_other_does_not_send_it_too() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    // An attempt that lasts 2.5 leases; relay B polls the store every second meanwhile.
+    let mut target = FakeTarget::with(common::Behaviour {
+        delay: Duration::from_millis(2500),
+        ..Default::default()
+    })
+    .await;
+    let url = target.url("/t");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let no_reply = |dir: &Path| {
+        let path = write_config(dir, &pg, "relay", &url, 1_000);
+        let toml = std::fs::read_to_string(&path).expect("read");
+        let toml = toml.replace("reply = \"t\"\n", "")
+            + "[[target]]\nname = \"u\"\nurl = \"http://127.0.0.1:9/u\"\n";
+        std::fs::write(
+            &path,
+            toml.replace(
+                "[[route]]\nto = [\"t\"]",
+                "[[route]]\nto = [\"t\"]\nreply_text = \"ok\"",
+            ),
+        )
+        .expect("write");
+        path
+    };
+    let a = Binary::start(&no_reply(dir_a.path()));
+    let b = Binary::start(&no_reply(dir_b.path()));
+    let (query, body) = PushBuilder::new(text_xml("held", 11)).plaintext();
+    let answer = post(&a.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let first = target.next().await;
+    assert!(String::from_utf8_lossy(&first.body).contains("held"));
+    // A renews its lease while it attempts: B never takes the delivery.
+    target.expect_none(Duration::from_millis(4000)).await;
+    assert_eq!(
+        pg.psql("relay", "SELECT count(*) FROM wechat_relay_deliveries"),
+        "0"
+    );
+    drop((a, b));
+}
