@@ -26,7 +26,7 @@ use crate::error::{self, Rejection};
 use crate::forward::Forwarder;
 use crate::metrics;
 use crate::outbox::store::{CachedAnswer, StoreError};
-use crate::outbox::{Accepted, Admitted, Outbox};
+use crate::outbox::{Accepted, Admitted, Outbox, ReplyAttempt, Ticket};
 use crate::peer;
 use crate::push::Push;
 use crate::reply::{self, Replier, ReplyOutcome};
@@ -48,6 +48,10 @@ pub struct Relay {
     /// connection never cuts a commit. Drained at shutdown.
     pushes: TaskTracker,
 }
+
+/// How long after a push arrived the relay waits for the store to commit it: WeChat stops
+/// waiting at 5 s (PROTOCOL.md §6), and a 503 it still hears makes it retry.
+const COMMIT_BY: std::time::Duration = std::time::Duration::from_millis(4_950);
 
 /// How a request ended: what its log line and its metrics say, written once by
 /// [`Relay::record`].
@@ -283,13 +287,12 @@ impl Relay {
         };
         let replied = replier.reply(&account, ticket.push(), &route.reply).await;
         let accepted = self
-            .outbox
-            .commit(
+            .commit_in_time(
                 ticket,
                 replied.answer,
-                &route.name,
-                &route.to,
                 replied.attempt,
+                (&route.name, &route.to),
+                started,
             )
             .await;
         match accepted {
@@ -312,6 +315,35 @@ impl Relay {
                 answer
             }
             Err(error) => self.failed(&push, error, peer, started),
+        }
+    }
+
+    /// Commits the push, or answers 503 (WeChat retries) when the store has not committed it
+    /// by the time WeChat stops waiting ([`COMMIT_BY`] after the request came): a store that
+    /// stalls (a database that stopped answering) never holds the answer past it. A commit
+    /// still under way then goes on in a task of its own, and its retry finds it.
+    async fn commit_in_time(
+        &self,
+        ticket: Ticket,
+        answer: CachedAnswer,
+        attempt: Option<ReplyAttempt>,
+        (route, to): (&str, &[String]),
+        started: Instant,
+    ) -> Result<Accepted, StoreError> {
+        let outbox = Arc::clone(&self.outbox);
+        let (route, to) = (route.to_owned(), to.to_vec());
+        let mut commit =
+            Box::pin(async move { outbox.commit(ticket, answer, &route, &to, attempt).await });
+        let by = tokio::time::Instant::from_std(started) + COMMIT_BY;
+        tokio::select! {
+            accepted = &mut commit => accepted,
+            () = tokio::time::sleep_until(by) => {
+                self.pushes.spawn(commit);
+                Err(StoreError::Io(format!(
+                    "the store did not commit the push within {} ms of its arrival",
+                    COMMIT_BY.as_millis()
+                )))
+            }
         }
     }
 

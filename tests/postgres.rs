@@ -17,9 +17,23 @@ use common::{
 /// A relay config on database `db` of `pg`: a plaintext account, target `t` (the reply
 /// target of the catch-all) at `target`, leases of `lease_ms`.
 fn write_config(dir: &Path, pg: &Postgres, db: &str, target: &str, lease_ms: u64) -> PathBuf {
+    write_config_with(dir, pg, db, target, lease_ms, "reply = \"t\"")
+}
+
+/// [`write_config`] with `reply` as the route's answer (`reply_text = "ok"`: `t` is only
+/// queued), an admin listener, and `t` taking 5 s per attempt at most.
+fn write_config_with(
+    dir: &Path,
+    pg: &Postgres,
+    db: &str,
+    target: &str,
+    lease_ms: u64,
+    reply: &str,
+) -> PathBuf {
     let password = pg.password_file(dir);
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_ms = 1000\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
          [store]\nurl = \"{}\"\npassword_file = \"{}\"\nlease_ms = {lease_ms}\n",
         pg.url(db),
         password.display()
@@ -29,9 +43,9 @@ fn write_config(dir: &Path, pg: &Postgres, db: &str, target: &str, lease_ms: u64
         "t",
         target,
         "raw",
-        "retry_initial_ms = 100\n",
+        "retry_initial_ms = 100\ntimeout_ms = 5000\n",
     ));
-    toml.push_str("[[route]]\nto = [\"t\"]\nreply = \"t\"\n");
+    toml.push_str(&format!("[[route]]\nto = [\"t\"]\n{reply}\n"));
     let path = dir.join("relay.toml");
     std::fs::write(&path, toml).expect("config");
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -267,21 +281,8 @@ async fn a_live_relay_keeps_its_delivery_past_the_lease_and_the_other_does_not_s
         tempfile::tempdir().expect("tmp"),
         tempfile::tempdir().expect("tmp"),
     );
-    let no_reply = |dir: &Path| {
-        let path = write_config(dir, &pg, "relay", &url, 1_000);
-        let toml = std::fs::read_to_string(&path).expect("read");
-        let toml = toml.replace("reply = \"t\"\n", "")
-            + "[[target]]\nname = \"u\"\nurl = \"http://127.0.0.1:9/u\"\n";
-        std::fs::write(
-            &path,
-            toml.replace(
-                "[[route]]\nto = [\"t\"]",
-                "[[route]]\nto = [\"t\"]\nreply_text = \"ok\"",
-            ),
-        )
-        .expect("write");
-        path
-    };
+    let no_reply =
+        |dir: &Path| write_config_with(dir, &pg, "relay", &url, 1_000, "reply_text = \"ok\"");
     let a = Binary::start(&no_reply(dir_a.path()));
     let b = Binary::start(&no_reply(dir_b.path()));
     let (query, body) = PushBuilder::new(text_xml("held", 11)).plaintext();
@@ -296,4 +297,109 @@ async fn a_live_relay_keeps_its_delivery_past_the_lease_and_the_other_does_not_s
         "0"
     );
     drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_lost_while_serving_gets_503s_then_the_relay_serves_again_without_a_restart() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    pg.create_db("relay");
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = target.url("/t");
+    let config = write_config_with(
+        dir.path(),
+        &pg,
+        "relay",
+        &url,
+        30_000,
+        "reply_text = \"ok\"",
+    );
+    let relay = Binary::start(&config);
+    let ready = format!("http://{}/readyz", relay.admin_addr());
+    let push = |n: u64| PushBuilder::new(text_xml(&format!("push {n}"), n)).plaintext();
+
+    let (query, body) = push(1);
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let _ = target.next().await;
+    assert_eq!(common::get(&ready).await.status, 200);
+
+    // The database goes away: 503 (WeChat retries) within WeChat's 5 s, and not ready.
+    pg.kill();
+    let (query, body) = push(2);
+    let started = Instant::now();
+    let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    assert_ne!(common::get(&ready).await.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // It comes back: the relay serves again within 10 s, with no restart.
+    pg.run();
+    let back = Instant::now();
+    let (query, body) = push(3);
+    loop {
+        let answer = post(&relay.url(&format!("/wechat?{query}")), body.clone()).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "not serving again: {}",
+            answer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let delivered = tokio::time::timeout(Duration::from_secs(10), target.next())
+        .await
+        .expect("the push after the outage is delivered");
+    assert!(String::from_utf8_lossy(&delivered.body).contains("push 3"));
+    assert_eq!(common::get(&ready).await.status, 200);
+    // Push 1 was delivered, push 2 never acknowledged (nor recorded), push 3 recorded.
+    assert_eq!(
+        pg.psql("relay", "SELECT count(*) FROM wechat_relay_dedupe"),
+        "2"
+    );
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_hangs_mid_push_gets_a_503_within_wechat_s_five_seconds() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    // The reply target answers after 4 s; the database hangs meanwhile, before the commit.
+    let mut target = FakeTarget::with(common::Behaviour {
+        delay: Duration::from_millis(4000),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &pg, "relay", &target.url("/t"), 30_000);
+    let relay = Binary::start(&config);
+    let (query, body) = PushBuilder::new(text_xml("stalled", 5)).plaintext();
+    let url = relay.url(&format!("/wechat?{query}"));
+    let started = Instant::now();
+    let answer = tokio::spawn(async move { post(&url, body).await });
+    let _ = target.next().await;
+    pg.pause();
+    let answer = answer.await.expect("the push");
+    let elapsed = started.elapsed();
+    pg.resume();
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}"
+    );
+    drop(relay);
 }

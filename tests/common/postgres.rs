@@ -170,11 +170,61 @@ impl Postgres {
         }
     }
 
-    /// Stops the server at once (SIGKILL: a crash, for the fault tests).
+    /// Stops the server at once, as a crash does: SIGQUIT is PostgreSQL's immediate shutdown
+    /// (every backend quits, nothing is flushed but the WAL already written); the data
+    /// folder stays for [`Postgres::run`].
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill has no memory preconditions; pid is our child's.
+                unsafe { libc::kill(pid, libc::SIGQUIT) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Freezes the server and every backend (SIGSTOP to the postmaster and its children, each
+    /// of which is a session of its own): connections stay open and queries get no answer, as
+    /// when the database host hangs.
+    pub fn pause(&self) {
+        self.signal_group(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on.
+    pub fn resume(&self) {
+        self.signal_group(libc::SIGCONT);
+    }
+
+    fn signal_group(&self, signal: i32) {
+        let postmaster = self.child.as_ref().map(Child::id).expect("the server runs");
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`: the comm may hold spaces, so read after its ')'.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            let pid = i32::try_from(pid).expect("a pid");
+            // SAFETY: kill has no memory preconditions; pid is the server's or a child's.
+            unsafe { libc::kill(pid, signal) };
         }
     }
 
