@@ -4,8 +4,8 @@
 //! - The unit declares what the relay does under systemd (notify, watchdog, validated reload,
 //!   the store in its StateDirectory): always checked, from its text.
 //! - `systemd-analyze verify` is clean on the unit, alone and with the credentials drop-in the
-//!   unit and the README document, and `systemd-analyze security` rates it 2.0 or lower: where
-//!   `systemd-analyze` is installed.
+//!   unit and docs/operations.md document, and `systemd-analyze security` rates it 2.0 or
+//!   lower: where `systemd-analyze` is installed.
 //! - The postinst of a first install prints what to edit, the unit's check command and how to
 //!   start the unit; build.rs writes the packaged relay.toml (the repository's but for its
 //!   `[store] path`), the man pages and the completion scripts `wechat-relay completions`
@@ -31,6 +31,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_wechat-relay");
 const INSTALLED_BIN: &str = "/usr/bin/wechat-relay";
 /// The highest `systemd-analyze security` exposure the unit may have ("OK" and better).
 const MAX_EXPOSURE: f64 = 2.0;
+/// The operator's guide: the unit, secrets as credentials (the drop-in), upgrades.
+const OPERATIONS_DOC: &str = "docs/operations.md";
 
 // ---- kit ---------------------------------------------------------------------------------
 
@@ -92,17 +94,19 @@ fn dropin_from_unit_comments() -> String {
     format!("[Service]\n{}\n", lines.join("\n"))
 }
 
-/// The credentials drop-in as the README shows it: the first fenced block that starts with
-/// `[Service]` and has a `LoadCredential=` line.
-fn dropin_from_readme() -> String {
-    let readme = read("README.md");
-    readme
+/// The credentials drop-in as the operations guide shows it (its "Secrets" section): the first
+/// fenced block that starts with `[Service]` and has a `LoadCredential=` line.
+fn dropin_from_docs() -> String {
+    let operations = read(OPERATIONS_DOC);
+    operations
         .split("```")
         .skip(1)
         .step_by(2)
         .map(|block| block.split_once('\n').map_or("", |(_, body)| body))
         .find(|body| body.starts_with("[Service]\n") && body.contains("\nLoadCredential="))
-        .expect("README.md shows the credentials drop-in in a fenced block starting [Service]")
+        .unwrap_or_else(|| {
+            panic!("{OPERATIONS_DOC} shows the credentials drop-in in a fenced block starting [Service]")
+        })
         .to_owned()
 }
 
@@ -451,13 +455,13 @@ fn unit_with_the_credentials_dropin_passes_systemd_analyze_verify() {
         return;
     }
     let from_unit = dropin_from_unit_comments();
-    let from_readme = dropin_from_readme();
+    let from_docs = dropin_from_docs();
     assert!(
-        from_readme.contains("=%d/"),
-        "the README's drop-in points the relay at %d"
+        from_docs.contains("=%d/"),
+        "the drop-in of {OPERATIONS_DOC} points the relay at %d"
     );
     assert_verify_clean(Some(&from_unit));
-    assert_verify_clean(Some(&from_readme));
+    assert_verify_clean(Some(&from_docs));
 }
 
 #[test]
@@ -465,7 +469,7 @@ fn unit_is_rated_ok_by_systemd_analyze_security() {
     if skip_without_systemd_analyze() {
         return;
     }
-    for dropin in [None, Some(dropin_from_readme())] {
+    for dropin in [None, Some(dropin_from_docs())] {
         if let Some(level) = exposure(dropin.as_deref()) {
             assert!(
                 level <= MAX_EXPOSURE,
