@@ -11,10 +11,11 @@
 //!   `[store] path`), the man pages and the completion scripts `wechat-relay completions`
 //!   prints, which name every subcommand: always checked.
 //! - The newest `target/debian/wechat-relay_*.deb` holds the binary, the unit (byte for byte
-//!   this repository's), relay.toml as a conffile with the unit's store, the README, the alert
-//!   rules and the dashboard (contrib/), the man page, the completion scripts and the
-//!   maintainer scripts: where a .deb and `dpkg-deb` exist. A .deb built before the unit or
-//!   the command line changed fails the test: run `cargo deb` again.
+//!   this repository's), relay.toml as a conffile with the unit's store, the README and the
+//!   docs/ pages (byte for byte), the alert rules and the dashboard (contrib/), the man page,
+//!   the completion scripts and the maintainer scripts: where a .deb and `dpkg-deb` exist. A
+//!   .deb built before the unit, a docs/ page or the command line changed fails the test: run
+//!   `cargo deb` again.
 //!
 //! A check whose tool or .deb is missing says so on stderr and passes, except in CI (`CI` set,
 //! as `.ci/run` is run), where it fails: `.ci/run` installs the tools and runs `cargo deb`
@@ -33,6 +34,15 @@ const INSTALLED_BIN: &str = "/usr/bin/wechat-relay";
 const MAX_EXPOSURE: f64 = 2.0;
 /// The operator's guide: the unit, secrets as credentials (the drop-in), upgrades.
 const OPERATIONS_DOC: &str = "docs/operations.md";
+/// The pages of docs/ that README.md links to: the .deb ships each beside it.
+const DOC_PAGES: [&str; 6] = [
+    "backend.md",
+    "benchmarks.md",
+    "configuration.md",
+    "development.md",
+    "operations.md",
+    "security.md",
+];
 
 // ---- kit ---------------------------------------------------------------------------------
 
@@ -503,7 +513,7 @@ fn maintainer_scripts_are_valid_sh() {
 // ---- the .deb ----------------------------------------------------------------------------
 
 #[test]
-fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
+fn deb_installs_the_binary_the_unit_the_config_and_the_docs() {
     let Some(deb) = deb() else { return };
     let listing = dpkg_deb(&["-c"], &deb);
     // -rwxr-xr-x root/root   6010384 2026-11-24 12:00 ./usr/bin/wechat-relay
@@ -566,6 +576,64 @@ fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
         "{unit_path} in {} differs from systemd/wechat-relay.service: rebuild the .deb (cargo deb)",
         deb.display()
     );
+
+    // Every page of docs/ beside the README, at the path its links name (docs/x.md).
+    let mut pages: Vec<String> = fs::read_dir(repo_file("docs"))
+        .expect("read docs/")
+        .map(|entry| {
+            entry
+                .expect("a docs/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".md"))
+        .collect();
+    pages.sort();
+    assert_eq!(pages, DOC_PAGES, "DOC_PAGES lists every docs/*.md");
+    // The page a first install's next steps send the reader to is in the package, with the
+    // section they name ("Secrets").
+    let printed = next_steps(&read("debian/postinst"));
+    let named: Vec<&str> = printed
+        .split_whitespace()
+        .filter(|word| word.starts_with("/usr/share/doc/"))
+        .map(|word| word.trim_end_matches(['.', ',', ')']))
+        .collect();
+    assert!(!named.is_empty(), "the next steps name a page:\n{printed}");
+    let sections: Vec<&str> = printed.split('"').skip(1).step_by(2).collect();
+    for path in named {
+        assert!(
+            entry(path).is_some(),
+            "the .deb holds .{path}, which the postinst names:\n{listing}"
+        );
+        let page = path
+            .strip_prefix("/usr/share/doc/wechat-relay/")
+            .map(read)
+            .unwrap_or_default();
+        for section in &sections {
+            let heading = |line: &str| {
+                line.starts_with('#') && line.trim_start_matches('#').trim() == *section
+            };
+            assert!(
+                page.lines().any(heading),
+                "{path} has the section {section:?} the postinst names"
+            );
+        }
+    }
+    for page in DOC_PAGES {
+        let path = format!("/usr/share/doc/wechat-relay/docs/{page}");
+        assert_eq!(
+            entry(&path).as_deref(),
+            Some("-rw-r--r-- root/root"),
+            "dpkg-deb -c lists .{path}:\n{listing}"
+        );
+        let packaged = fs::read(root.path().join(&path[1..])).expect("read a packaged page");
+        assert!(
+            packaged == read(&format!("docs/{page}")).into_bytes(),
+            "{path} in {} differs from docs/{page}: rebuild the .deb (cargo deb)",
+            deb.display()
+        );
+    }
 }
 
 #[test]
