@@ -151,11 +151,11 @@ fn render(args: &InitArgs, secret_file: &str) -> Result<String, InitError> {
         "# Written by `wechat-relay init`: Mode 2 for one official account. QR-code logins
 # (subscribe with a scene, SCAN) go to the identity provider, which logs the user in and
 # answers WeChat; everything else goes to the business servers, which answer messages.
-# Every key and its default: README, \"Configure\". Check it with `wechat-relay check`.
+# Every key and its default: docs/configuration.md. Check it with `wechat-relay check`.
 
 [server]
 # The relay speaks plain HTTP here; for an https:// server URL put TLS in front, or see
-# [server.tls] in the README.
+# [server.tls] in docs/configuration.md.
 listen = \"127.0.0.1:8080\"
 
 [store]

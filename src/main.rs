@@ -12,7 +12,7 @@ use wechat_relay::server::descriptors;
 use wechat_relay::{service, telemetry};
 
 /// mimalloc rather than the system allocator: on the store-off push path it cut the relay's
-/// CPU time per push by about a quarter (README, "Benchmarks"), at the cost of a higher peak RSS.
+/// CPU time per push by about a quarter (docs/benchmarks.md), at the cost of a higher peak RSS.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -1,4 +1,4 @@
-//! The Prometheus metrics: their names (dashboards and the README rely on them), what each
+//! The Prometheus metrics: their names (dashboards and docs/operations.md rely on them), what each
 //! label may hold, and the recorder the admin listener renders.
 //!
 //! No label carries a secret, an openid or message content: `msg_type` and `event` are

@@ -4,17 +4,18 @@
 //! - The unit declares what the relay does under systemd (notify, watchdog, validated reload,
 //!   the store in its StateDirectory): always checked, from its text.
 //! - `systemd-analyze verify` is clean on the unit, alone and with the credentials drop-in the
-//!   unit and the README document, and `systemd-analyze security` rates it 2.0 or lower: where
-//!   `systemd-analyze` is installed.
+//!   unit and docs/operations.md document, and `systemd-analyze security` rates it 2.0 or
+//!   lower: where `systemd-analyze` is installed.
 //! - The postinst of a first install prints what to edit, the unit's check command and how to
 //!   start the unit; build.rs writes the packaged relay.toml (the repository's but for its
 //!   `[store] path`), the man pages and the completion scripts `wechat-relay completions`
 //!   prints, which name every subcommand: always checked.
 //! - The newest `target/debian/wechat-relay_*.deb` holds the binary, the unit (byte for byte
-//!   this repository's), relay.toml as a conffile with the unit's store, the README, the alert
-//!   rules and the dashboard (contrib/), the man page, the completion scripts and the
-//!   maintainer scripts: where a .deb and `dpkg-deb` exist. A .deb built before the unit or
-//!   the command line changed fails the test: run `cargo deb` again.
+//!   this repository's), relay.toml as a conffile with the unit's store, the README and the
+//!   docs/ pages (byte for byte), the alert rules and the dashboard (contrib/), the man page,
+//!   the completion scripts and the maintainer scripts: where a .deb and `dpkg-deb` exist. A
+//!   .deb built before the unit, a docs/ page or the command line changed fails the test: run
+//!   `cargo deb` again.
 //!
 //! A check whose tool or .deb is missing says so on stderr and passes, except in CI (`CI` set,
 //! as `.ci/run` is run), where it fails: `.ci/run` installs the tools and runs `cargo deb`
@@ -31,6 +32,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_wechat-relay");
 const INSTALLED_BIN: &str = "/usr/bin/wechat-relay";
 /// The highest `systemd-analyze security` exposure the unit may have ("OK" and better).
 const MAX_EXPOSURE: f64 = 2.0;
+/// The operator's guide: the unit, secrets as credentials (the drop-in), upgrades.
+const OPERATIONS_DOC: &str = "docs/operations.md";
+/// The pages of docs/ that README.md links to: the .deb ships each beside it.
+const DOC_PAGES: [&str; 6] = [
+    "backend.md",
+    "benchmarks.md",
+    "configuration.md",
+    "development.md",
+    "operations.md",
+    "security.md",
+];
 
 // ---- kit ---------------------------------------------------------------------------------
 
@@ -92,17 +104,19 @@ fn dropin_from_unit_comments() -> String {
     format!("[Service]\n{}\n", lines.join("\n"))
 }
 
-/// The credentials drop-in as the README shows it: the first fenced block that starts with
-/// `[Service]` and has a `LoadCredential=` line.
-fn dropin_from_readme() -> String {
-    let readme = read("README.md");
-    readme
+/// The credentials drop-in as the operations guide shows it (its "Secrets" section): the first
+/// fenced block that starts with `[Service]` and has a `LoadCredential=` line.
+fn dropin_from_docs() -> String {
+    let operations = read(OPERATIONS_DOC);
+    operations
         .split("```")
         .skip(1)
         .step_by(2)
         .map(|block| block.split_once('\n').map_or("", |(_, body)| body))
         .find(|body| body.starts_with("[Service]\n") && body.contains("\nLoadCredential="))
-        .expect("README.md shows the credentials drop-in in a fenced block starting [Service]")
+        .unwrap_or_else(|| {
+            panic!("{OPERATIONS_DOC} shows the credentials drop-in in a fenced block starting [Service]")
+        })
         .to_owned()
 }
 
@@ -451,13 +465,13 @@ fn unit_with_the_credentials_dropin_passes_systemd_analyze_verify() {
         return;
     }
     let from_unit = dropin_from_unit_comments();
-    let from_readme = dropin_from_readme();
+    let from_docs = dropin_from_docs();
     assert!(
-        from_readme.contains("=%d/"),
-        "the README's drop-in points the relay at %d"
+        from_docs.contains("=%d/"),
+        "the drop-in of {OPERATIONS_DOC} points the relay at %d"
     );
     assert_verify_clean(Some(&from_unit));
-    assert_verify_clean(Some(&from_readme));
+    assert_verify_clean(Some(&from_docs));
 }
 
 #[test]
@@ -465,7 +479,7 @@ fn unit_is_rated_ok_by_systemd_analyze_security() {
     if skip_without_systemd_analyze() {
         return;
     }
-    for dropin in [None, Some(dropin_from_readme())] {
+    for dropin in [None, Some(dropin_from_docs())] {
         if let Some(level) = exposure(dropin.as_deref()) {
             assert!(
                 level <= MAX_EXPOSURE,
@@ -499,7 +513,7 @@ fn maintainer_scripts_are_valid_sh() {
 // ---- the .deb ----------------------------------------------------------------------------
 
 #[test]
-fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
+fn deb_installs_the_binary_the_unit_the_config_and_the_docs() {
     let Some(deb) = deb() else { return };
     let listing = dpkg_deb(&["-c"], &deb);
     // -rwxr-xr-x root/root   6010384 2026-11-24 12:00 ./usr/bin/wechat-relay
@@ -562,6 +576,64 @@ fn deb_installs_the_binary_the_unit_the_config_and_the_readme() {
         "{unit_path} in {} differs from systemd/wechat-relay.service: rebuild the .deb (cargo deb)",
         deb.display()
     );
+
+    // Every page of docs/ beside the README, at the path its links name (docs/x.md).
+    let mut pages: Vec<String> = fs::read_dir(repo_file("docs"))
+        .expect("read docs/")
+        .map(|entry| {
+            entry
+                .expect("a docs/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".md"))
+        .collect();
+    pages.sort();
+    assert_eq!(pages, DOC_PAGES, "DOC_PAGES lists every docs/*.md");
+    // The page a first install's next steps send the reader to is in the package, with the
+    // section they name ("Secrets").
+    let printed = next_steps(&read("debian/postinst"));
+    let named: Vec<&str> = printed
+        .split_whitespace()
+        .filter(|word| word.starts_with("/usr/share/doc/"))
+        .map(|word| word.trim_end_matches(['.', ',', ')']))
+        .collect();
+    assert!(!named.is_empty(), "the next steps name a page:\n{printed}");
+    let sections: Vec<&str> = printed.split('"').skip(1).step_by(2).collect();
+    for path in named {
+        assert!(
+            entry(path).is_some(),
+            "the .deb holds .{path}, which the postinst names:\n{listing}"
+        );
+        let page = path
+            .strip_prefix("/usr/share/doc/wechat-relay/")
+            .map(read)
+            .unwrap_or_default();
+        for section in &sections {
+            let heading = |line: &str| {
+                line.starts_with('#') && line.trim_start_matches('#').trim() == *section
+            };
+            assert!(
+                page.lines().any(heading),
+                "{path} has the section {section:?} the postinst names"
+            );
+        }
+    }
+    for page in DOC_PAGES {
+        let path = format!("/usr/share/doc/wechat-relay/docs/{page}");
+        assert_eq!(
+            entry(&path).as_deref(),
+            Some("-rw-r--r-- root/root"),
+            "dpkg-deb -c lists .{path}:\n{listing}"
+        );
+        let packaged = fs::read(root.path().join(&path[1..])).expect("read a packaged page");
+        assert!(
+            packaged == read(&format!("docs/{page}")).into_bytes(),
+            "{path} in {} differs from docs/{page}: rebuild the .deb (cargo deb)",
+            deb.display()
+        );
+    }
 }
 
 #[test]

@@ -211,7 +211,7 @@ mod tests {
         table(keys).deserialize::<T>().expect("deserializes")
     }
 
-    /// The defaults relay.toml and the README document, for a section given with no keys.
+    /// The defaults relay.toml and docs/configuration.md document, for a section given with no keys.
     #[test]
     fn keys_left_out_take_the_documented_defaults() {
         let server: RawServer = from_table(&[]);
