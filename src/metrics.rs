@@ -35,6 +35,9 @@ pub const DEDUPE_RECORDS: &str = "wechat_relay_dedupe_records";
 pub const STORE_USED_BYTES: &str = "wechat_relay_store_used_bytes";
 pub const STORE_BATCH_SIZE: &str = "wechat_relay_store_batch_size";
 pub const STORE_CHECKPOINTS: &str = "wechat_relay_store_checkpoints_total";
+pub const STORE_COMMIT_SECONDS: &str = "wechat_relay_store_commit_seconds";
+pub const STORE_ERRORS: &str = "wechat_relay_store_errors_total";
+pub const STORE_LEASE_TAKEOVERS: &str = "wechat_relay_store_lease_takeovers_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
@@ -145,6 +148,18 @@ fn describe() {
         "Bytes the store's data occupies, against max_bytes"
     );
     metrics::describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        "One transaction of the store's writer, from its first write to its commit (PostgreSQL: the round trips to the database)"
+    );
+    metrics::describe_counter!(
+        STORE_ERRORS,
+        "Calls to the store that failed (PostgreSQL: the database could not be reached or refused)"
+    );
+    metrics::describe_counter!(
+        STORE_LEASE_TAKEOVERS,
+        "Deliveries taken over from another relay whose lease ran out (PostgreSQL)"
+    );
+    metrics::describe_histogram!(
         STORE_BATCH_SIZE,
         "Writes applied in one transaction of the durable store (group commit)"
     );
@@ -201,6 +216,9 @@ fn started() {
     // Registered, they render with count 0.
     let _ = histogram!(REPLY_SECONDS);
     let _ = histogram!(STORE_BATCH_SIZE);
+    let _ = histogram!(STORE_COMMIT_SECONDS);
+    counter!(STORE_ERRORS).increment(0);
+    counter!(STORE_LEASE_TAKEOVERS).increment(0);
     gauge!(STORE_USED_BYTES).increment(0.0);
     gauge!(DEDUPE_RECORDS).increment(0.0);
 }
@@ -317,6 +335,21 @@ pub fn store(used_bytes: u64, dedupe_records: u64) {
 /// One transaction of the durable store's writer, holding `writes` writes.
 pub fn store_batch(writes: usize) {
     histogram!(STORE_BATCH_SIZE).record(writes as f64);
+}
+
+/// One transaction of the store's writer took `elapsed`.
+pub fn store_commit(elapsed: std::time::Duration) {
+    histogram!(STORE_COMMIT_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// A call to the store failed.
+pub fn store_error() {
+    counter!(STORE_ERRORS).increment(1);
+}
+
+/// `count` deliveries taken over from a relay whose lease ran out.
+pub fn lease_takeovers(count: u64) {
+    counter!(STORE_LEASE_TAKEOVERS).increment(count);
 }
 
 /// A WAL checkpoint run off the commit path: `PASSIVE` or `RESTART`.

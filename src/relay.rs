@@ -50,8 +50,9 @@ pub struct Relay {
 }
 
 /// How long after a push arrived the relay waits for the store to commit it: WeChat stops
-/// waiting at 5 s (PROTOCOL.md §6), and a 503 it still hears makes it retry.
-const COMMIT_BY: std::time::Duration = std::time::Duration::from_millis(4_950);
+/// waiting at 5 s (PROTOCOL.md §6), and a 503 it still hears makes it retry (200 ms are left
+/// for the answer to reach it).
+const COMMIT_BY: std::time::Duration = std::time::Duration::from_millis(4_800);
 
 /// How a request ended: what its log line and its metrics say, written once by
 /// [`Relay::record`].

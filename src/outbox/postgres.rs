@@ -258,9 +258,13 @@ async fn connect(pool: &Pool) -> StoreResult<deadpool_postgres::Object> {
     pool.get().await.map_err(|e| match e {
         deadpool_postgres::PoolError::Backend(e) => io_error(e),
         deadpool_postgres::PoolError::Timeout(_) => {
+            crate::metrics::store_error();
             StoreError::Io("cannot reach the database: timed out".into())
         }
-        other => StoreError::Io(format!("cannot reach the database: {other}")),
+        other => {
+            crate::metrics::store_error();
+            StoreError::Io(format!("cannot reach the database: {other}"))
+        }
     })
 }
 
@@ -268,10 +272,13 @@ async fn connect(pool: &Pool) -> StoreResult<deadpool_postgres::Object> {
 async fn bounded<T>(work: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
     match tokio::time::timeout(OP_TIMEOUT, work).await {
         Ok(result) => result,
-        Err(_) => Err(StoreError::Io(format!(
-            "the database did not answer within {} ms",
-            OP_TIMEOUT.as_millis()
-        ))),
+        Err(_) => {
+            crate::metrics::store_error();
+            Err(StoreError::Io(format!(
+                "the database did not answer within {} ms",
+                OP_TIMEOUT.as_millis()
+            )))
+        }
     }
 }
 
@@ -354,7 +361,11 @@ async fn write_loop(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let commits: Vec<&Commit> = batch.iter().map(|job| &job.commit).collect();
-        let results = match bounded(write_batch(&pool, &commits, &owner, lease_ms, &used)).await {
+        let started = std::time::Instant::now();
+        let written = bounded(write_batch(&pool, &commits, &owner, lease_ms, &used)).await;
+        crate::metrics::store_commit(started.elapsed());
+        crate::metrics::store_batch(commits.len());
+        let results = match written {
             Ok(results) => results.into_iter().map(Ok).collect(),
             Err(_) if commits.len() > 1 => {
                 let mut results = Vec::with_capacity(commits.len());
@@ -709,20 +720,35 @@ impl Store for PgStore {
             Box::pin(async move {
                 // Due, and not leased by a live relay: a lease of this relay's own (one it
                 // committed) is its to take; another's counts until it runs out.
+                // The lease each had, to count those taken over from another relay.
                 let rows = client
                     .query(
                         &format!(
-                            "UPDATE wechat_relay_deliveries SET lease_owner = $5, lease_until_ms = $6 \
-                             WHERE id IN (SELECT id FROM wechat_relay_deliveries \
+                            "WITH taken AS (SELECT id, lease_owner AS was FROM wechat_relay_deliveries \
                                WHERE target = $1 AND NOT dead AND at_ms <= $2 \
                                AND (lease_until_ms IS NULL OR lease_until_ms <= $2 OR lease_owner = $5) \
                                AND NOT (id = ANY($4)) \
                                ORDER BY at_ms, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                             RETURNING {DELIVERY_COLUMNS}, at_ms"
+                             UPDATE wechat_relay_deliveries d SET lease_owner = $5, lease_until_ms = $6 \
+                             FROM taken WHERE d.id = taken.id \
+                             RETURNING {}, d.at_ms, taken.was",
+                            qualified(DELIVERY_COLUMNS, "d")
                         ),
                         &[&target, &ms(now_ms), &limit, &skip, &&*owner, &until],
                     )
                     .await?;
+                let taken_over = rows
+                    .iter()
+                    .filter(|row| {
+                        row.get::<_, Option<String>>(14)
+                            .is_some_and(|was| was != *owner)
+                    })
+                    .count();
+                if taken_over > 0 {
+                    crate::metrics::lease_takeovers(taken_over as u64);
+                    tracing::info!(target = %target, deliveries = taken_over,
+                        "took over deliveries whose relay's lease ran out");
+                }
                 let mut due: Vec<(i64, Delivery)> = rows
                     .iter()
                     .map(|row| (row.get::<_, i64>(13), delivery_from_row(row)))
@@ -995,6 +1021,15 @@ fn info_from_row(row: &Row) -> DeliveryInfo {
     }
 }
 
+/// `columns` (`a, b`) as columns of table `alias` (`d.a, d.b`).
+fn qualified(columns: &str, alias: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn ms(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -1010,6 +1045,7 @@ fn count(attempts: u32) -> i32 {
 /// A database error as one line: its SQLSTATE and message when the server sent one, never the
 /// statement's parameters.
 fn io_error(e: tokio_postgres::Error) -> StoreError {
+    crate::metrics::store_error();
     match e.as_db_error() {
         Some(db) if *db.code() == SqlState::DISK_FULL => {
             StoreError::Io(format!("the database is out of disk: {}", db.message()))

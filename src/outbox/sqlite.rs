@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -802,6 +802,7 @@ impl Writer {
         let gate = Arc::clone(&self.gate);
         let early = Arc::clone(&self.early);
         let mut measured = None;
+        let started = Instant::now();
         let results = apply_batch(
             &mut self.conn,
             Room::after(self.used.load(Ordering::Relaxed)),
@@ -822,6 +823,7 @@ impl Writer {
                 measured = used_bytes(conn).ok();
             },
         );
+        crate::metrics::store_commit(started.elapsed());
         if results.iter().any(Result::is_ok)
             && let Some(bytes) = measured
         {
