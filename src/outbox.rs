@@ -57,6 +57,12 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 const UPKEEP_MIN: Duration = Duration::from_secs(1);
 /// At most one "store over budget" line per this.
 const FULL_LOG_EVERY_MS: u64 = 1000;
+/// How long a relay's claim on a push it handles lasts in a shared store: past the 4.8 s in
+/// which it answers (`relay::COMMIT_BY`), so a claim that runs out is one whose relay died.
+const CLAIM_MS: u64 = 5_000;
+/// How long a retry waits for another relay's answer, and how often it looks.
+const CLAIM_WAIT: Duration = Duration::from_millis(4_000);
+const CLAIM_POLL: Duration = Duration::from_millis(50);
 /// How many times a push may meet another message under its event id (once is the rule: its
 /// own id holds its digest).
 const MAX_REKEYS: u32 = 2;
@@ -289,6 +295,21 @@ impl Outbox {
             if !look_up {
                 return Ok(None);
             }
+            if self.store.shared()
+                && let Some(recorded) = self.claim_shared(ticket).await?
+            {
+                match recorded.meet(&ticket.digest) {
+                    Committed::Duplicate(answer) => {
+                        let answer = Arc::new(answer);
+                        ticket.finish(&answer);
+                        return Ok(Some(answer));
+                    }
+                    _ => {
+                        ticket.rekey();
+                        continue;
+                    }
+                }
+            }
             let Some(recorded) = self.answer(&ticket.push.event_id).await? else {
                 return Ok(None);
             };
@@ -301,6 +322,32 @@ impl Outbox {
                 }
                 _ => ticket.rekey(),
             }
+        }
+    }
+
+    /// On a shared store, claims the ticket's event id there too, so that a WeChat retry that
+    /// reaches another relay while this one asks the reply target waits for this one's answer
+    /// instead of asking again. While another relay holds a live claim, waits for its answer
+    /// (`Some`), or takes the push over once that claim runs out (its relay died); past
+    /// [`CLAIM_WAIT`] the push is refused (503, WeChat retries).
+    async fn claim_shared(&self, ticket: &Ticket) -> StoreResult<Option<Recorded>> {
+        let event_id = &ticket.push.event_id;
+        let started = std::time::Instant::now();
+        loop {
+            let now = now_ms();
+            let until = now.saturating_add(CLAIM_MS);
+            if self.store.claim(event_id, now, until).await? {
+                return Ok(None);
+            }
+            if let Some(recorded) = self.store.answer(event_id, self.dedupe_since_ms()).await? {
+                return Ok(Some(recorded));
+            }
+            if started.elapsed() >= CLAIM_WAIT {
+                return Err(StoreError::Io(
+                    "another relay is handling this push and has not answered it yet".into(),
+                ));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
         }
     }
 

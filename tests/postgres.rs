@@ -53,6 +53,36 @@ fn write_config_with(
     path
 }
 
+/// Two relays on database `db` of `pg`, each with a config of its own from `config` (given
+/// its folder), and those folders.
+struct Pair {
+    a: Binary,
+    b: Binary,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn two_relays(config: impl Fn(&Path) -> PathBuf) -> Pair {
+    let dirs = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    Pair {
+        a: Binary::start(&config(dirs.0.path())),
+        b: Binary::start(&config(dirs.1.path())),
+        _dirs: dirs,
+    }
+}
+
+/// Sends the push (`query`, `body`) to `relay` in a task of its own.
+fn send_in_background(
+    relay: &Binary,
+    query: &str,
+    body: &str,
+) -> tokio::task::JoinHandle<common::Answer> {
+    let (url, body) = (relay.url(&format!("/wechat?{query}")), body.to_owned());
+    tokio::spawn(async move { post(&url, body).await })
+}
+
 fn check(config: &Path) -> (Option<i32>, String, String) {
     cli(&["check", "--config", &config.to_string_lossy()])
 }
@@ -159,11 +189,8 @@ async fn a_retry_that_lands_on_the_other_relay_gets_the_same_answer_and_is_not_f
     let Some(pg) = Postgres::start() else { return };
     pg.create_db("relay");
     let mut target = FakeTarget::start().await;
-    let dir_a = tempfile::tempdir().expect("tempdir");
-    let dir_b = tempfile::tempdir().expect("tempdir");
     let url = target.url("/t");
-    let a = Binary::start(&write_config(dir_a.path(), &pg, "relay", &url, 30_000));
-    let b = Binary::start(&write_config(dir_b.path(), &pg, "relay", &url, 30_000));
+    let Pair { a, b, _dirs } = two_relays(|dir| write_config(dir, &pg, "relay", &url, 30_000));
 
     let (query, body) = PushBuilder::new(text_xml("hello", 42)).plaintext();
     let first = post(&a.url(&format!("/wechat?{query}")), body.clone()).await;
@@ -284,14 +311,8 @@ async fn a_live_relay_keeps_its_delivery_past_the_lease_and_the_other_does_not_s
     })
     .await;
     let url = target.url("/t");
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("tmp"),
-        tempfile::tempdir().expect("tmp"),
-    );
-    let no_reply =
-        |dir: &Path| write_config_with(dir, &pg, "relay", &url, 1_000, "reply_text = \"ok\"");
-    let a = Binary::start(&no_reply(dir_a.path()));
-    let b = Binary::start(&no_reply(dir_b.path()));
+    let Pair { a, b, _dirs } =
+        two_relays(|dir| write_config_with(dir, &pg, "relay", &url, 1_000, "reply_text = \"ok\""));
     let (query, body) = PushBuilder::new(text_xml("held", 11)).plaintext();
     let answer = post(&a.url(&format!("/wechat?{query}")), body).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
@@ -421,4 +442,62 @@ async fn a_database_that_hangs_mid_push_gets_a_503_before_wechat_stops_waiting()
         "answered after {elapsed:?}"
     );
     drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_the_other_relay_while_the_first_asks_the_reply_target_waits_for_its_answer() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    // The reply target takes 2 s; WeChat's retry reaches relay B meanwhile.
+    let mut target = FakeTarget::with(common::Behaviour {
+        delay: Duration::from_millis(2000),
+        ..Default::default()
+    })
+    .await;
+    let url = target.url("/t");
+    let Pair { a, b, _dirs } = two_relays(|dir| write_config(dir, &pg, "relay", &url, 30_000));
+    let (query, body) = PushBuilder::new(text_xml("in flight", 13)).plaintext();
+    let first = send_in_background(&a, &query, &body);
+    let _ = target.next().await;
+    let retry = post(&b.url(&format!("/wechat?{query}")), body).await;
+    let first = first.await.expect("the first push");
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(retry.status, first.status, "{}", retry.text());
+    assert_eq!(retry.body, first.body, "the first one's answer");
+    // The reply target was asked once.
+    target.expect_none(Duration::from_millis(1500)).await;
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_takes_over_a_push_whose_relay_died_once_its_claim_runs_out() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut target = FakeTarget::with(common::Behaviour {
+        delay: Duration::from_secs(10),
+        ..Default::default()
+    })
+    .await;
+    let url = target.url("/t");
+    let Pair { mut a, b, _dirs } = two_relays(|dir| write_config(dir, &pg, "relay", &url, 30_000));
+    let (query, body) = PushBuilder::new(text_xml("orphaned", 17)).plaintext();
+    let first = send_in_background(&a, &query, &body);
+    let _ = target.next().await;
+    let claimed = Instant::now();
+    // Relay A dies while its reply target is asked; WeChat never hears from it.
+    a.kill();
+    let _ = first.await;
+    target.set(common::Behaviour::default());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The retry on B waits for A's claim (5 s) to run out, then asks the reply target itself.
+    let retry = post(&b.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert!(
+        claimed.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        claimed.elapsed()
+    );
+    let asked = target.next().await;
+    assert!(String::from_utf8_lossy(&asked.body).contains("orphaned"));
+    drop(b);
 }

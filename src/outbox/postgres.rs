@@ -98,7 +98,12 @@ const SCHEMA_1: &str = "
         WHERE dead;
     CREATE INDEX wechat_relay_deliveries_leased ON wechat_relay_deliveries (lease_owner)
         WHERE lease_owner IS NOT NULL;
-    CREATE TABLE wechat_relay_probe (id integer PRIMARY KEY, data bytea NOT NULL);";
+    CREATE TABLE wechat_relay_probe (id integer PRIMARY KEY, data bytea NOT NULL);
+    CREATE TABLE wechat_relay_claims (
+        event_id text PRIMARY KEY,
+        owner text NOT NULL,
+        until_ms bigint NOT NULL
+    );";
 
 /// The columns a delivery is read back from, in [`delivery_from_row`]'s order.
 const DELIVERY_COLUMNS: &str = "id, target, account, event_id, query, body, content_type, \
@@ -642,6 +647,32 @@ impl Store for PgStore {
         true
     }
 
+    fn claim(
+        &self,
+        event_id: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<bool>> {
+        let event_id = event_id.to_owned();
+        let owner = Arc::clone(&self.owner);
+        self.with(move |client| {
+            Box::pin(async move {
+                // Taken when free, run out, or this relay's own already.
+                let row = client
+                    .query_opt(
+                        "INSERT INTO wechat_relay_claims (event_id, owner, until_ms) \
+                         VALUES ($1, $2, $3) ON CONFLICT (event_id) DO UPDATE SET \
+                         owner = EXCLUDED.owner, until_ms = EXCLUDED.until_ms \
+                         WHERE wechat_relay_claims.until_ms <= $4 \
+                         OR wechat_relay_claims.owner = EXCLUDED.owner RETURNING 1",
+                        &[&event_id, &&*owner, &ms(until_ms), &ms(now_ms)],
+                    )
+                    .await?;
+                Ok(row.is_some())
+            })
+        })
+    }
+
     fn answer(
         &self,
         event_id: &str,
@@ -829,6 +860,13 @@ impl Store for PgStore {
     fn expire_dedupe(&self, before_ms: u64) -> BoxFuture<'_, StoreResult<u64>> {
         self.with(move |client| {
             Box::pin(async move {
+                // Claims run out within seconds: those past are gone with the expired records.
+                client
+                    .execute(
+                        "DELETE FROM wechat_relay_claims WHERE until_ms < $1",
+                        &[&ms(super::now_ms())],
+                    )
+                    .await?;
                 client
                     .execute(
                         "DELETE FROM wechat_relay_dedupe WHERE committed_ms < $1",

@@ -311,6 +311,19 @@ pub trait Store: Send + Sync {
         false
     }
 
+    /// Claims `event_id` for this process until `until_ms`, unless another process holds a
+    /// live claim on it; `true` when this process holds it now. Only a shared store has
+    /// claims of other processes: the others say `true` (this process's own claims are in
+    /// memory). A claim is not released: it runs out.
+    fn claim(
+        &self,
+        _event_id: &str,
+        _now_ms: u64,
+        _until_ms: u64,
+    ) -> BoxFuture<'_, StoreResult<bool>> {
+        Box::pin(async { Ok(true) })
+    }
+
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
     fn answer(&self, event_id: &str, since_ms: u64)
     -> BoxFuture<'_, StoreResult<Option<Recorded>>>;
