@@ -162,12 +162,17 @@ pub struct Database {
     pub config: tokio_postgres::Config,
     /// What the URL names, without its password: user, hosts and ports, database.
     pub shown: String,
+    /// `ca_file`: the roots the database's certificate must chain to (the Web PKI's when
+    /// `None`).
+    pub roots: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 impl PartialEq for Database {
     /// The same database, reached the same way (a reload compares what it would change).
     fn eq(&self, other: &Self) -> bool {
-        self.shown == other.shown && self.config.get_password() == other.config.get_password()
+        self.shown == other.shown
+            && self.config.get_password() == other.config.get_password()
+            && self.roots == other.roots
     }
 }
 

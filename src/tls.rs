@@ -16,12 +16,7 @@ use tokio_rustls::TlsAcceptor;
 /// Reads a PEM certificate chain and its private key (PKCS#8, PKCS#1 or SEC1) and checks that
 /// they belong together. The error names the file, never the key.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|e| format!("cannot read a PEM certificate from {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{} holds no certificate", cert.display()));
-    }
+    let chain = load_roots(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("cannot read a PEM private key from {}: {e}", key.display()))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
@@ -35,6 +30,18 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Strin
         )
     })?;
     Ok(certified)
+}
+
+/// Reads the PEM certificates of `file`: a chain to serve, or the CA a TLS peer's certificate
+/// must chain to.
+pub fn load_roots(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read a PEM certificate from {}: {e}", file.display()))?;
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", file.display()));
+    }
+    Ok(roots)
 }
 
 /// The current certificate, swapped on reload.

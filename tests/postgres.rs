@@ -504,3 +504,45 @@ async fn a_retry_takes_over_a_push_whose_relay_died_once_its_claim_runs_out() {
     assert!(String::from_utf8_lossy(&asked.body).contains("orphaned"));
     drop(b);
 }
+
+#[test]
+fn tls_to_the_database_is_verified_against_ca_file() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    pg.create_db("relay");
+    let ca = pg.enable_tls();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &pg, "relay", "http://127.0.0.1:9/t", 30_000);
+    let text = std::fs::read_to_string(&config).expect("read");
+    let required = text.replace("/relay\"\n", "/relay?sslmode=require\"\n");
+    assert_ne!(required, text);
+    // The server's certificate is not from the Web PKI: refused without ca_file.
+    std::fs::write(&config, &required).expect("write");
+    let (code, out, err) = check(&config);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("certificate") || err.contains("tls") || err.contains("TLS"),
+        "{err}"
+    );
+    // With it, verified and connected.
+    let trusted = required.replace(
+        "[store]\n",
+        &format!("[store]\nca_file = \"{}\"\n", ca.display()),
+    );
+    std::fs::write(&config, trusted).expect("write");
+    let (code, out, err) = check(&config);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("database: empty"), "{out}");
+    // The server saw TLS: its connection statistics say so for our own session.
+    let mut relay = Binary::start(&config);
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT count(*) > 0 FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid \
+             WHERE s.ssl AND a.application_name = 'wechat-relay'"
+        ),
+        "t"
+    );
+    relay.terminate();
+}

@@ -96,6 +96,8 @@ pub(super) struct RawStore {
     /// PostgreSQL: `postgres://user@host:port/db` (or libpq's key=value and socket forms).
     pub url: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// PEM: the CA the database's certificate must chain to, instead of the Web PKI roots.
+    pub ca_file: Option<PathBuf>,
     pub lease_ms: u64,
     pub dedupe_ttl_s: u64,
     /// By backend when not given: see [`RawStore::budget`].
@@ -114,6 +116,7 @@ impl Default for RawStore {
             path: None,
             url: None,
             password_file: None,
+            ca_file: None,
             lease_ms: 30_000,
             dedupe_ttl_s: 300,
             max_bytes: None,

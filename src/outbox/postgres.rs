@@ -228,7 +228,7 @@ fn pool(database: &Database) -> StoreResult<Pool> {
     config.application_name("wechat-relay");
     let manager = Manager::from_config(
         config,
-        tls()?,
+        tls(database)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -244,10 +244,22 @@ fn pool(database: &Database) -> StoreResult<Pool> {
 }
 
 /// TLS to the database when its URL asks for it (`sslmode=require`), verified against the
-/// Web PKI roots; `sslmode=prefer` (libpq's default) uses it when the server offers it.
-fn tls() -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+/// Web PKI roots or `[store] ca_file`; `sslmode=prefer` (libpq's default) uses it when the
+/// server offers it.
+fn tls(database: &Database) -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
+    let roots = match &database.roots {
+        None => rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+        Some(certificates) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in certificates {
+                roots.add(certificate.clone()).map_err(|e| {
+                    StoreError::Open(format!("[store] ca_file: an unusable certificate: {e}"))
+                })?;
+            }
+            roots
+        }
     };
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

@@ -24,6 +24,8 @@ pub struct Postgres {
     child: Option<Child>,
     /// The uid and gid the server runs as (root's tests: `postgres`'s).
     owner: Option<(u32, u32)>,
+    /// TLS on, with the certificate [`Postgres::enable_tls`] made.
+    tls: bool,
 }
 
 /// The newest `/usr/lib/postgresql/N/bin`.
@@ -97,6 +99,7 @@ impl Postgres {
             port: free_port(),
             child: None,
             owner,
+            tls: false,
         };
         let status = server
             .command("initdb")
@@ -150,6 +153,18 @@ impl Postgres {
                 self.sockets().display()
             ))
             .args(["-c", "max_connections=100", "-c", "fsync=on"])
+            .args(if self.tls {
+                &[
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ][..]
+            } else {
+                &[]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -168,6 +183,32 @@ impl Postgres {
             assert!(Instant::now() < deadline, "postgres did not start in 30 s");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Restarts the server with TLS, on a self-signed certificate for 127.0.0.1; returns the
+    /// path of that certificate (PEM), which a client trusts to verify the server.
+    pub fn enable_tls(&mut self) -> PathBuf {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("certificate");
+        let data = self.dir.path().join("data");
+        let cert = certified.cert.pem();
+        for (name, text, mode) in [
+            ("server.crt", cert.as_str(), 0o644),
+            ("server.key", &certified.signing_key.serialize_pem(), 0o600),
+        ] {
+            let path = data.join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown");
+            }
+        }
+        let ca = self.dir.path().join("ca.pem");
+        std::fs::write(&ca, cert).expect("write");
+        self.kill();
+        self.tls = true;
+        self.run();
+        ca
     }
 
     /// Stops the server at once, as a crash does: SIGQUIT is PostgreSQL's immediate shutdown

@@ -61,13 +61,18 @@ impl Checker<'_> {
         }
         self.range("store.lease_ms", raw.lease_ms, MIN_LEASE_MS, MAX_LEASE_MS);
         let database = match &raw.url {
-            Some(url) => self.database(url, raw.password_file.clone()),
+            Some(url) => self.database(url, raw.password_file.clone(), raw.ca_file.as_deref()),
             None => {
-                if raw.password_file.is_some() {
-                    self.problem(
-                        "store.password_file",
-                        "is the password of [store] url, which is not given",
-                    );
+                for (key, given) in [
+                    ("password_file", raw.password_file.is_some()),
+                    ("ca_file", raw.ca_file.is_some()),
+                ] {
+                    if given {
+                        self.problem(
+                            format!("store.{key}"),
+                            "is for [store] url (PostgreSQL), which is not given",
+                        );
+                    }
                 }
                 None
             }
@@ -114,6 +119,7 @@ impl Checker<'_> {
         &mut self,
         url: &str,
         password_file: Option<std::path::PathBuf>,
+        ca_file: Option<&std::path::Path>,
     ) -> Option<Database> {
         let mut config = match url.parse::<tokio_postgres::Config>() {
             Ok(config) => config,
@@ -161,7 +167,19 @@ impl Checker<'_> {
             ),
             Ok(None) | Err(_) => {}
         }
-        Some(Database { config, shown })
+        let roots = match ca_file.map(|file| crate::tls::load_roots(&self.base.join(file))) {
+            None => None,
+            Some(Ok(roots)) => Some(roots),
+            Some(Err(why)) => {
+                self.problem("store.ca_file", why);
+                None
+            }
+        };
+        Some(Database {
+            config,
+            shown,
+            roots,
+        })
     }
 }
 
