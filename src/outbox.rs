@@ -332,23 +332,28 @@ impl Outbox {
     /// [`CLAIM_WAIT`] the push is refused (503, WeChat retries).
     async fn claim_shared(&self, ticket: &Ticket) -> StoreResult<Option<Recorded>> {
         let event_id = &ticket.push.event_id;
-        let started = std::time::Instant::now();
-        loop {
-            let now = now_ms();
-            let until = now.saturating_add(CLAIM_MS);
-            if self.store.claim(event_id, now, until).await? {
-                return Ok(None);
+        let wait = async {
+            loop {
+                let now = now_ms();
+                let until = now.saturating_add(CLAIM_MS);
+                if self.store.claim(event_id, now, until).await? {
+                    return Ok(None);
+                }
+                let since = self.dedupe_since_ms();
+                if let Some(recorded) = self.store.answer(event_id, since).await? {
+                    return Ok(Some(recorded));
+                }
+                tokio::time::sleep(CLAIM_POLL).await;
             }
-            if let Some(recorded) = self.store.answer(event_id, self.dedupe_since_ms()).await? {
-                return Ok(Some(recorded));
-            }
-            if started.elapsed() >= CLAIM_WAIT {
-                return Err(StoreError::Io(
+        };
+        // The whole wait, the store's calls included, is bounded.
+        tokio::time::timeout(CLAIM_WAIT, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Io(
                     "another relay is handling this push and has not answered it yet".into(),
-                ));
-            }
-            tokio::time::sleep(CLAIM_POLL).await;
-        }
+                ))
+            })
     }
 
     /// The dedupe record committed for `event_id` within the dedupe window, if any: looked up

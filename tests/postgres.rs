@@ -546,3 +546,102 @@ fn tls_to_the_database_is_verified_against_ca_file() {
     );
     relay.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut target = FakeTarget::start().await;
+    // The target is down while A takes its pushes (so that A dies with them pending), then
+    // flaps: 503 and 200 in turn every 300 ms.
+    let flapping = target.behaviour();
+    flapping.lock().expect("lock").status = http::StatusCode::SERVICE_UNAVAILABLE;
+    let flapper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for i in 0u32.. {
+            let status = if i % 2 == 0 {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                http::StatusCode::OK
+            };
+            flapping.lock().expect("lock").status = status;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let url = target.url("/t");
+    let Pair { mut a, b, _dirs } = two_relays(|dir| {
+        let path = write_config_with(dir, &pg, "relay", &url, 2_000, "reply_text = \"ok\"");
+        let toml = std::fs::read_to_string(&path).expect("read");
+        let toml = toml.replace(
+            "timeout_ms = 5000\n",
+            "timeout_ms = 5000\nconcurrency = 2\nretry_max_ms = 500\n",
+        );
+        std::fs::write(&path, toml).expect("write");
+        path
+    });
+    let admin_b = b.admin_addr();
+    // Pushes alternate between A and B; A is killed halfway, the rest go to B.
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for n in 0..40u64 {
+        if n == 20 {
+            a.kill();
+        }
+        let relay = if n % 2 == 0 && n < 20 { &a } else { &b };
+        let (query, body) =
+            PushBuilder::new(text_xml(&format!("stream {n};"), 1000 + n)).plaintext();
+        let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+        if answer.status == 200 {
+            acknowledged.insert(n);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(
+        acknowledged.len(),
+        40,
+        "every push sent to a live relay is acknowledged"
+    );
+    // Every acknowledged push reaches the target (answered 200), A's after its leases ran out.
+    let mut delivered: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while acknowledged.iter().any(|n| !delivered.contains_key(n)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let received = tokio::time::timeout(left, target.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "not delivered: {:?}",
+                    acknowledged
+                        .iter()
+                        .filter(|n| !delivered.contains_key(n))
+                        .collect::<Vec<_>>()
+                )
+            });
+        if received.answered != http::StatusCode::OK {
+            continue;
+        }
+        let body = String::from_utf8_lossy(&received.body);
+        let n = body
+            .split("stream ")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("a pushed number");
+        *delivered.entry(n).or_default() += 1;
+    }
+    flapper.abort();
+    // Repeats (a delivery in flight on A when it died) stay within the concurrency.
+    for (n, times) in &delivered {
+        assert!(*times <= 1 + 2, "push {n} delivered {times} times");
+    }
+    let metrics = common::get(&format!("http://{admin_b}/metrics")).await;
+    let takeovers = common::metric(
+        &metrics.text(),
+        "wechat_relay_store_lease_takeovers_total",
+        &[],
+    );
+    assert!(
+        takeovers.is_some_and(|n| n >= 1.0),
+        "B took A's deliveries over: {takeovers:?}"
+    );
+    drop(b);
+}

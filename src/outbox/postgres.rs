@@ -586,8 +586,10 @@ async fn measure(pool: &Pool) -> StoreResult<u64> {
         let client = connect(pool).await?;
         let row = client
             .query_one(
-                "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
-                 WHERE c.relname IN ('wechat_relay_dedupe', 'wechat_relay_deliveries')",
+                // The relay's tables as the connection's search_path finds them (another
+                // schema's tables of the same name are not counted).
+                "SELECT (COALESCE(pg_total_relation_size(to_regclass('wechat_relay_dedupe')), 0) \
+                 + COALESCE(pg_total_relation_size(to_regclass('wechat_relay_deliveries')), 0))::bigint",
                 &[],
             )
             .await
