@@ -645,3 +645,65 @@ async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other
     );
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    pg.create_db("relay");
+    let mut target = FakeTarget::start().await;
+    let url = target.url("/t");
+    let Pair { a, b, _dirs } =
+        two_relays(|dir| write_config_with(dir, &pg, "relay", &url, 30_000, "reply_text = \"ok\""));
+    let mut acknowledged = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    for n in 0..60u64 {
+        match n {
+            20 => pg.kill(),
+            40 => pg.run(),
+            _ => {}
+        }
+        let relay = if n % 2 == 0 { &a } else { &b };
+        let (query, body) = PushBuilder::new(text_xml(&format!("load {n};"), 2000 + n)).plaintext();
+        let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+        match answer.status.as_u16() {
+            200 => {
+                acknowledged.insert(n);
+            }
+            503 => refused += 1,
+            other => panic!("push {n}: {other} {}", answer.text()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Away: 503s (WeChat retries them); before and after: acknowledged.
+    assert!(refused >= 20, "{refused} refused");
+    assert!(
+        (0..20).all(|n| acknowledged.contains(&n)),
+        "{acknowledged:?}"
+    );
+    assert!(
+        (50..60).all(|n| acknowledged.contains(&n)),
+        "serving again: {acknowledged:?}"
+    );
+    let mut delivered = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !acknowledged.is_subset(&delivered) {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {:?}",
+            acknowledged.difference(&delivered).collect::<Vec<_>>()
+        );
+        let received = target.next().await;
+        let body = String::from_utf8_lossy(&received.body);
+        if let Some(n) = body
+            .split("load ")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            delivered.insert(n);
+        }
+    }
+    drop((a, b));
+}
