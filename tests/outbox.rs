@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,11 +16,80 @@ use wechat_relay::outbox::store::{
     Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
 };
 
-/// A safe-mode account routing everything to target `t` at `url`, with the store in `store`
-/// (a folder) and `target_keys` added to the target.
-fn config(store: &Path, url: &str, format: &str, target_keys: &str, route_keys: &str) -> String {
+/// The durable backends the behaviour tests run on, each test on both.
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A store for one test: SQLite in a folder of its own, or a database on a PostgreSQL server
+/// of its own.
+struct StoreAt {
+    dir: tempfile::TempDir,
+    pg: Option<common::postgres::Postgres>,
+}
+
+impl StoreAt {
+    /// `None` (the test skips) when PostgreSQL is not installed and `CI` is not set.
+    fn new(backend: Backend) -> Option<StoreAt> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let pg = common::postgres::Postgres::start()?;
+                pg.create_db("relay");
+                Some(pg)
+            }
+        };
+        Some(StoreAt { dir, pg })
+    }
+
+    /// The `[store]` keys that name it.
+    fn keys(&self) -> String {
+        match &self.pg {
+            None => format!("path = \"{}\"\n", self.dir.path().display()),
+            Some(pg) => format!(
+                "url = \"{}\"\npassword_file = \"{}\"\n",
+                pg.url("relay"),
+                pg.password_file(self.dir.path()).display()
+            ),
+        }
+    }
+}
+
+/// `test` on SQLite (`<name>_on_sqlite`) and on PostgreSQL (`<name>_on_postgres`).
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Backend::Sqlite).await
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    a_target_down_when_the_push_arrives_receives_it_once_when_it_comes_up,
+    a_wechat_retry_during_and_after_the_first_is_forwarded_once_and_answered_the_same,
+    after_max_attempts_a_delivery_is_a_dead_letter_and_replay_delivers_it,
+    a_permanent_4xx_is_a_dead_letter_at_once_replayed_by_id_and_purged,
+    retries_keep_the_event_id_count_attempts_and_honour_retry_after,
+    a_reply_target_that_answers_needs_no_delivery_and_one_that_fails_keeps_its_place,
+);
+
+/// A safe-mode account routing everything to target `t` at `url`, with the store `store` and
+/// `target_keys` added to the target.
+fn config(store: &StoreAt, url: &str, format: &str, target_keys: &str, route_keys: &str) -> String {
     let mut toml = server_section(2000, 300);
-    toml.push_str(&format!("[store]\npath = \"{}\"\n", store.display()));
+    toml.push_str(&format!("[store]\n{}", store.keys()));
     toml.push_str(&account_section("main", "/wechat", "safe"));
     toml.push_str(&target_section("t", url, format, target_keys));
     toml.push_str(&format!("[[route]]\nto = [\"t\"]\n{route_keys}\n"));
@@ -63,16 +131,17 @@ fn outbox(relay: &TestRelay, args: &[&str]) -> String {
     stdout
 }
 
-#[tokio::test]
-async fn a_target_down_when_the_push_arrives_receives_it_once_when_it_comes_up() {
-    let store = tempfile::tempdir().expect("tempdir");
+async fn a_target_down_when_the_push_arrives_receives_it_once_when_it_comes_up(backend: Backend) {
+    let Some(store) = StoreAt::new(backend) else {
+        return;
+    };
     // A port with nobody listening: connection refused until the target starts.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
     let relay = TestRelay::start(&config(
-        store.path(),
+        &store,
         &format!("http://{addr}/hook"),
         "plain",
         FAST_RETRY,
@@ -99,9 +168,12 @@ async fn a_target_down_when_the_push_arrives_receives_it_once_when_it_comes_up()
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_wechat_retry_during_and_after_the_first_is_forwarded_once_and_answered_the_same() {
-    let store = tempfile::tempdir().expect("tempdir");
+async fn a_wechat_retry_during_and_after_the_first_is_forwarded_once_and_answered_the_same(
+    backend: Backend,
+) {
+    let Some(store) = StoreAt::new(backend) else {
+        return;
+    };
     let reply = "<xml><ToUserName><![CDATA[o]]></ToUserName><FromUserName><![CDATA[gh]]></FromUserName>\
         <CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content></xml>";
     let mut target = FakeTarget::with(Behaviour {
@@ -111,7 +183,7 @@ async fn a_wechat_retry_during_and_after_the_first_is_forwarded_once_and_answere
         ..Behaviour::default()
     })
     .await;
-    let toml = config(store.path(), &target.url("/"), "plain", "", "reply = \"t\"");
+    let toml = config(&store, &target.url("/"), "plain", "", "reply = \"t\"");
     let relay = TestRelay::start(&toml).await;
     // The identical request three times: while the first is in flight, and after it.
     let (query, body) = PushBuilder::new(text_xml("retry me", 7)).safe();
@@ -142,12 +214,13 @@ async fn a_wechat_retry_during_and_after_the_first_is_forwarded_once_and_answere
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn after_max_attempts_a_delivery_is_a_dead_letter_and_replay_delivers_it() {
-    let store = tempfile::tempdir().expect("tempdir");
+async fn after_max_attempts_a_delivery_is_a_dead_letter_and_replay_delivers_it(backend: Backend) {
+    let Some(store) = StoreAt::new(backend) else {
+        return;
+    };
     let mut target = FakeTarget::with(status(503)).await;
     let keys = format!("{FAST_RETRY}max_attempts = 3\n");
-    let relay = TestRelay::start(&config(store.path(), &target.url("/"), "raw", &keys, "")).await;
+    let relay = TestRelay::start(&config(&store, &target.url("/"), "raw", &keys, "")).await;
     assert_success(&push(&relay, 1).await);
     let attempts: Vec<u32> = [
         target.next().await,
@@ -182,18 +255,12 @@ async fn after_max_attempts_a_delivery_is_a_dead_letter_and_replay_delivers_it()
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_permanent_4xx_is_a_dead_letter_at_once_replayed_by_id_and_purged() {
-    let store = tempfile::tempdir().expect("tempdir");
+async fn a_permanent_4xx_is_a_dead_letter_at_once_replayed_by_id_and_purged(backend: Backend) {
+    let Some(store) = StoreAt::new(backend) else {
+        return;
+    };
     let mut target = FakeTarget::with(status(404)).await;
-    let relay = TestRelay::start(&config(
-        store.path(),
-        &target.url("/"),
-        "raw",
-        FAST_RETRY,
-        "",
-    ))
-    .await;
+    let relay = TestRelay::start(&config(&store, &target.url("/"), "raw", FAST_RETRY, "")).await;
     assert_success(&push(&relay, 1).await);
     target.next().await;
     target.expect_none(Duration::from_millis(400)).await;
@@ -229,16 +296,17 @@ async fn a_permanent_4xx_is_a_dead_letter_at_once_replayed_by_id_and_purged() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn retries_keep_the_event_id_count_attempts_and_honour_retry_after() {
-    let store = tempfile::tempdir().expect("tempdir");
+async fn retries_keep_the_event_id_count_attempts_and_honour_retry_after(backend: Backend) {
+    let Some(store) = StoreAt::new(backend) else {
+        return;
+    };
     let mut target = FakeTarget::with(Behaviour {
         retry_after: Some("1"),
         ..status(429)
     })
     .await;
     let keys = "retry_initial_ms = 10\nretry_max_ms = 5000\n";
-    let relay = TestRelay::start(&config(store.path(), &target.url("/"), "raw", keys, "")).await;
+    let relay = TestRelay::start(&config(&store, &target.url("/"), "raw", keys, "")).await;
     assert_success(&push(&relay, 1).await);
     let first = target.next().await;
     let asked = Instant::now();
@@ -282,12 +350,15 @@ async fn deliveries_to_one_target_stay_within_its_concurrency() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_reply_target_that_answers_needs_no_delivery_and_one_that_fails_keeps_its_place() {
-    let store = tempfile::tempdir().expect("tempdir");
+async fn a_reply_target_that_answers_needs_no_delivery_and_one_that_fails_keeps_its_place(
+    backend: Backend,
+) {
+    let Some(store) = StoreAt::new(backend) else {
+        return;
+    };
     let mut target = FakeTarget::start().await;
     let relay = TestRelay::start(&config(
-        store.path(),
+        &store,
         &target.url("/"),
         "plain",
         FAST_RETRY,
