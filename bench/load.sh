@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The load benchmark of issue 9: the release relay against nginx, in one go, on 127.0.0.1.
 #
-#     bench/load.sh [-d SECONDS] [-w SECONDS] [-n PUSHES] [-b BACKLOG] [-p PORT] [-k]
+#     bench/load.sh [-d SECONDS] [-w SECONDS] [-n PUSHES] [-b BACKLOG] [-p PORT] [-c CASES] [-k]
 #
 #   -d  length of each measured run (default 10)
 #   -w  warm-up before each case's runs (default 2)
 #   -n  distinct pushes of each kind built before the runs (default 600000)
 #   -b  deliveries pending for a down target in case 8 (default 100000)
 #   -p  first of the four 127.0.0.1 ports used (default 18490)
+#   -c  the relay cases to run, e.g. "9 10" (default all; nginx's, 1 and 2, always run)
 #   -k  keep the temporary folder (configs, relay logs, nginx logs) and say where it is
 #
 # Installs wrk and nginx from Debian when they are missing (apt-get; root or sudo), builds the
@@ -23,22 +24,27 @@
 #   6  case 4 with the durable store
 #   7  durable: text -> a `plain` reply target and a second, queued target
 #   8  case 7 with BACKLOG deliveries pending for a target that is down (a closed port)
+#   9  case 5 on PostgreSQL ([store] url: a throwaway cluster on a Unix socket, same disk)
+#  10  case 7 on PostgreSQL
 #
 # nginx runs as our own process (daemon off, -p/-c in a temporary folder), never as the system
-# service. Everything the run creates is under target/load.XXXXXX and removed at the end.
+# service; so does PostgreSQL (initdb into /tmp/wechat-relay-bench-pg.XXXXXX, as the postgres
+# user when run as root, since PostgreSQL refuses root). Everything the run creates is under
+# target/load.XXXXXX and that folder, and removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10 warmup=2 pushes=600000 backlog=100000 port=18490 keep=""
-while getopts d:w:n:b:p:kh opt; do
+duration=10 warmup=2 pushes=600000 backlog=100000 port=18490 keep="" only=""
+while getopts d:w:n:b:p:c:kh opt; do
   case $opt in
     d) duration=$OPTARG ;;
     w) warmup=$OPTARG ;;
     n) pushes=$OPTARG ;;
     b) backlog=$OPTARG ;;
     p) port=$OPTARG ;;
+    c) only=" $OPTARG " ;;
     k) keep=1 ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    *) sed -n '2,14p' "$0"; exit 2 ;;
   esac
 done
 up_port=$port proxy_port=$((port + 1)) relay_port=$((port + 2)) down_port=$((port + 3))
@@ -52,6 +58,7 @@ install_missing() {
   local missing=()
   command -v wrk >/dev/null || missing+=(wrk)
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
   [ ${#missing[@]} -eq 0 ] && return
   local sudo=()
   [ "$(id -u)" -eq 0 ] || sudo=(sudo)
@@ -72,6 +79,7 @@ install_missing() {
 }
 install_missing
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+pg_bin=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1)
 
 say "building the release binary and the helpers"
 cargo build --release --quiet --bin wechat-relay --example pushfile --example fsync
@@ -86,12 +94,15 @@ done
 # The store's folders go here too: on the repository's disk, as an operator's would be.
 mkdir -p target
 dir=$(mktemp -d "$PWD/target/load.XXXXXX")
-relay_pid="" nginx_pid="" fill_pid=""
+relay_pid="" nginx_pid="" fill_pid="" pg_pid="" pg_dir=""
 cleanup() {
   [ -z "$fill_pid" ] || kill "$fill_pid" 2>/dev/null || true
   [ -z "$relay_pid" ] || kill "$relay_pid" 2>/dev/null || true
   [ -z "$nginx_pid" ] || kill "$nginx_pid" 2>/dev/null || true
+  # SIGINT: PostgreSQL's fast shutdown.
+  [ -z "$pg_pid" ] || kill -INT "$pg_pid" 2>/dev/null || true
   wait 2>/dev/null || true
+  [ -z "$pg_dir" ] || rm -rf "$pg_dir"
   if [ -n "$keep" ]; then
     rm -f "$dir"/*.push
     say "kept $dir (the push files removed)"
@@ -160,6 +171,31 @@ nginx_pid=$!
 wait_port "$up_port"
 wait_port "$proxy_port"
 
+# --- PostgreSQL: the store of cases 9 and 10 -----------------------------------------------
+# Its own cluster, on a Unix socket only, with the settings a relay's database keeps
+# (synchronous_commit and fsync on: the defaults); a database per case.
+pg_dir=$(mktemp -d /tmp/wechat-relay-bench-pg.XXXXXX)
+as_pg=()
+if [ "$(id -u)" -eq 0 ]; then
+  chown postgres: "$pg_dir"
+  as_pg=(runuser -u postgres --)
+fi
+"${as_pg[@]}" "$pg_bin/initdb" -D "$pg_dir/data" -U relay --auth=trust >"$dir/initdb.log" 2>&1 ||
+  { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+"${as_pg[@]}" "$pg_bin/postgres" -D "$pg_dir/data" -c listen_addresses= \
+  -c unix_socket_directories="$pg_dir" -c max_connections=100 -c shared_buffers=128MB \
+  >"$dir/postgres.log" 2>&1 &
+pg_pid=$!
+for _ in $(seq 100); do
+  "${as_pg[@]}" "$pg_bin/pg_isready" -q -h "$pg_dir" && break
+  sleep 0.1
+done
+"${as_pg[@]}" "$pg_bin/pg_isready" -q -h "$pg_dir" || { cat "$dir/postgres.log" >&2; die "postgres did not start"; }
+for case in 9 10; do
+  "${as_pg[@]}" "$pg_bin/psql" -q -h "$pg_dir" -U relay -d postgres -c "CREATE DATABASE bench$case" ||
+    die "cannot create the database of case $case"
+done
+
 # --- The relay's configs -------------------------------------------------------------------
 # The pushes are built once, before every run, and carry the time they were built as their
 # `timestamp`: the bench config allows 3600 s of skew (the shipped 300 s would refuse the last
@@ -171,11 +207,14 @@ relay_config() { # CASE [max_connections]
   # where dedupe_ttl_s is set.
   local store="[store]
 dedupe_ttl_s = $skew"
-  case $case in 5 | 6 | 7 | 8 | 5c1000) store="$store
+  case $case in
+    5 | 6 | 7 | 8 | 5c1000) store="$store
 path = \"$dir/store-$case\"" ;;
+    9 | 10) store="$store
+url = \"postgres:///bench$case?host=$pg_dir&user=relay\"" ;;
   esac
   case $case in
-    3 | 5 | 5c1000) routes='[[route]]
+    3 | 5 | 9 | 5c1000) routes='[[route]]
 name = "text"
 msg_type = ["text"]
 to = ["shop"]
@@ -186,7 +225,7 @@ msg_type = ["event"]
 event = ["SCAN"]
 to = ["identity"]
 reply = "identity"' ;;
-    7 | 8) routes='[[route]]
+    7 | 8 | 10) routes='[[route]]
 name = "text"
 msg_type = ["text"]
 to = ["shop", "queued"]
@@ -230,7 +269,7 @@ format = "raw"
 $routes
 TOML
 }
-for case in 3 4 5 6 7 8 5c1000; do
+for case in 3 4 5 6 7 8 9 10 5c1000; do
   max=1024
   [ "$case" != 5c1000 ] || max=4096
   relay_config "$case" "$max" >"$dir/relay-$case.toml"
@@ -348,9 +387,9 @@ relay_case() {
   local case=$1 kind=$2 next=0
   start_relay "$case"
   case $case in
-    3 | 5) probe "$case" text 1 sealed ;;
+    3 | 5 | 9) probe "$case" text 1 sealed ;;
     4 | 6) probe "$case" scan 1 raw ;;
-    7 | 8)
+    7 | 8 | 10)
       probe "$case" text 1 sealed
       # The queued target gets the push from the outbox.
       for _ in $(seq 30); do [ -s "$dir/nginx/logs/queued.log" ] && break; sleep 0.1; done
@@ -388,7 +427,7 @@ relay_case() {
   run_wrk "$case/1" 1 "$duration" "$relay_port" "$dir/$kind.push" "$next"
   rss[$case/1]=$(vmhwm_mib "$relay_pid")
   stop_relay
-  case $case in 7 | 8)
+  case $case in 7 | 8 | 10)
     # nginx writes its buffered log lines within a second.
     sleep 1.5
     note[$case/64]="${note[$case/64]:+${note[$case/64]}; }the queued target took $(wc -l <"$dir/nginx/logs/queued.log") deliveries by the relay's exit, $(pending_of "$case" queued) left pending"
@@ -406,17 +445,22 @@ say "case 2: nginx proxy_pass"
 run_wrk - 64 "$warmup" "$proxy_port" "$dir/text.push" 0 cycle
 run_wrk 2/64 64 "$duration" "$proxy_port" "$dir/text.push" 0 cycle
 run_wrk 2/1 1 "$duration" "$proxy_port" "$dir/text.push" 0 cycle
-for spec in 3:text 4:scan 5:text 6:scan 7:text 8:text; do
+# wanted CASE: whether -c leaves CASE in.
+wanted() { [ -z "$only" ] || [[ $only == *" $1 "* ]]; }
+for spec in 3:text 4:scan 5:text 6:scan 7:text 8:text 9:text 10:text; do
+  wanted "${spec%%:*}" || continue
   say "case ${spec%%:*}"
   relay_case "${spec%%:*}" "${spec#*:}"
 done
-say "case 5 at 1,000 connections"
-start_relay 5c1000
-run_wrk - 1000 "$warmup" "$relay_port" "$dir/text.push" 0
-first=$consumed
-run_wrk 5/1000 1000 "$duration" "$relay_port" "$dir/text.push" "$first"
-rss[5/1000]=$(vmhwm_mib "$relay_pid")
-stop_relay
+if wanted 5c1000; then
+  say "case 5 at 1,000 connections"
+  start_relay 5c1000
+  run_wrk - 1000 "$warmup" "$relay_port" "$dir/text.push" 0
+  first=$consumed
+  run_wrk 5/1000 1000 "$duration" "$relay_port" "$dir/text.push" "$first"
+  rss[5/1000]=$(vmhwm_mib "$relay_pid")
+  stop_relay
+fi
 [ $(($(date +%s) - pushes_built_at)) -lt "$skew" ] ||
   say "WARNING: the runs took longer than timestamp_skew_s after the pushes were built"
 
@@ -435,6 +479,8 @@ declare -A what=(
   [6]='relay, durable store: SCAN -> `raw` reply target'
   [7]='relay, durable: text -> `plain` reply target + a queued target'
   [8]="relay, durable: case 7 with $backlog deliveries pending for a down target"
+  [9]='relay, PostgreSQL store: text -> `plain` reply target (case 5)'
+  [10]='relay, PostgreSQL store: text -> `plain` reply target + a queued target (case 7)'
 )
 own_cpu
 others=$(awk -v m0="$machine_cpu_at_start" -v m1="$(machine_cpu)" -v o0="$own_cpu_at_start" \
@@ -458,7 +504,7 @@ for key in "${rows[@]}"; do
   shown=${rps[$key]}
   [ -n "${valid[$key]}" ] || shown="not valid"
   notes=${note[$key]}
-  case $case in 5 | 6 | 7 | 8) notes="${notes:+$notes; }$fsync_note" ;; esac
+  case $case in 5 | 6 | 7 | 8 | 9 | 10) notes="${notes:+$notes; }$fsync_note" ;; esac
   vs=-
   [ -z "${valid[$key]}" ] || vs=$(ratio "${rps[$key]}" "${rps[2/$conns]:-0}")
   printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$case" "${what[$case]}" "$conns" \
@@ -473,28 +519,29 @@ target_row() { # LABEL VALUE OP LIMIT SHOWN GOAL [KEYS...]: a row; "not valid" i
   local label=$1 value=$2 op=$3 limit=$4 shown=$5 goal=$6 key verdict
   shift 6
   verdict=$(holds "$value" "$op" "$limit")
-  for key in "$@"; do [ -n "${valid[$key]}" ] || verdict="not valid ($key)"; done
+  for key in "$@"; do [ -n "${valid[$key]:-}" ] || verdict="not run or not valid ($key)"; done
   printf '| %s | %s | %s | %s |\n' "$label" "$shown" "$goal" "$verdict"
 }
 for pair in 3:2 4:2 5:3 6:4 7:3 8:7; do
   a=${pair%:*} b=${pair#*:}
   goal=0.9
   case $a in 3 | 4) goal=1.0 ;; 7) goal=0.6 ;; esac
-  r=$(ratio "${rps[$a/64]}" "${rps[$b/64]}")
+  r=$(ratio "${rps[$a/64]:-0}" "${rps[$b/64]:-0}")
   target_row "case $a vs case $b, pushes/s at 64" "$r" ">=" "$goal" "${r}x" ">= ${goal}x" "$a/64" "$b/64"
 done
-target_row "case 7, pushes/s at 64" "${rps[7/64]}" ">=" 5000 "${rps[7/64]}" ">= 5000" 7/64
-r=$(ratio "${p99[7/64]}" "${p99[3/64]}")
+target_row "case 7, pushes/s at 64" "${rps[7/64]:-0}" ">=" 5000 "${rps[7/64]:-0}" ">= 5000" 7/64
+target_row "case 10 (case 7 on PostgreSQL), pushes/s at 64" "${rps[10/64]:-0}" ">=" 3000 "${rps[10/64]:-0}" ">= 3000 (issue 10)" 10/64
+r=$(ratio "${p99[7/64]:-0}" "${p99[3/64]:-0}")
 target_row "case 7 p99 vs case 3 p99, at 64" "$r" "<=" 2 "${r}x" "<= 2x" 7/64 3/64
 limit=$((fsync_p99 + 1000))
-target_row "case 7 p99 at 1 vs fsync p99 + 1 ms" "${p99[7/1]}" "<=" "$limit" \
-  "$(ms "${p99[7/1]}") ms" "<= $(ms "$limit") ms" 7/1
+target_row "case 7 p99 at 1 vs fsync p99 + 1 ms" "${p99[7/1]:-0}" "<=" "$limit" \
+  "$(ms "${p99[7/1]:-0}") ms" "<= $(ms "$limit") ms" 7/1
 for case in 3 4; do
-  d50=$((${p50[$case/1]} - ${p50[1/1]})) d99=$((${p99[$case/1]} - ${p99[1/1]}))
+  d50=$((${p50[$case/1]:-0} - ${p50[1/1]:-0})) d99=$((${p99[$case/1]:-0} - ${p99[1/1]:-0}))
   target_row "case $case at 1 vs the upstream direct (case 1), p50" "$d50" "<=" 100 "$(printf %+d "$d50") µs" "<= +100 µs" "$case/1" 1/1
   target_row "case $case at 1 vs the upstream direct (case 1), p99" "$d99" "<=" 1000 "$(printf %+d "$d99") µs" "<= +1000 µs" "$case/1" 1/1
 done
-target_row "case 5 at 1,000 connections, relay peak RSS" "${rss[5/1000]}" "<" 40 "${rss[5/1000]} MiB" "< 40 MiB" 5/1000
+target_row "case 5 at 1,000 connections, relay peak RSS" "${rss[5/1000]:-0}" "<" 40 "${rss[5/1000]:-0} MiB" "< 40 MiB" 5/1000
 echo
 echo "Decrypt + verify + parse of a 1 KB push (< 5 µs): \`cargo bench --bench pieces\`."
 echo

@@ -46,8 +46,8 @@ use crate::push::Push;
 use lane::Lane;
 use recent::RecentIds;
 use store::{
-    Budget, CachedAnswer, Commit, Committed, Delivery, DeliveryId, Digest, NewDelivery, Recorded,
-    Settle, Store, StoreError, StoreResult,
+    Budget, CachedAnswer, ClaimTimes, Commit, Committed, Delivery, DeliveryId, Digest, NewDelivery,
+    Recorded, Settle, Store, StoreError, StoreResult,
 };
 use worker::{TargetWorker, classify, decide};
 
@@ -295,22 +295,13 @@ impl Outbox {
             if !look_up {
                 return Ok(None);
             }
-            if self.store.shared()
-                && let Some(recorded) = self.claim_shared(ticket).await?
-            {
-                match recorded.meet(&ticket.digest) {
-                    Committed::Duplicate(answer) => {
-                        let answer = Arc::new(answer);
-                        ticket.finish(&answer);
-                        return Ok(Some(answer));
-                    }
-                    _ => {
-                        ticket.rekey();
-                        continue;
-                    }
-                }
-            }
-            let Some(recorded) = self.answer(&ticket.push.event_id).await? else {
+            // A shared store's claim reads the record too.
+            let recorded = if self.store.shared() {
+                self.claim_shared(ticket).await?
+            } else {
+                self.answer(&ticket.push.event_id).await?
+            };
+            let Some(recorded) = recorded else {
                 return Ok(None);
             };
             match recorded.meet(&ticket.digest) {
@@ -335,13 +326,14 @@ impl Outbox {
         let wait = async {
             loop {
                 let now = now_ms();
-                let until = now.saturating_add(CLAIM_MS);
-                if self.store.claim(event_id, now, until).await? {
-                    return Ok(None);
-                }
-                let since = self.dedupe_since_ms();
-                if let Some(recorded) = self.store.answer(event_id, since).await? {
-                    return Ok(Some(recorded));
+                let times = ClaimTimes {
+                    now_ms: now,
+                    until_ms: now.saturating_add(CLAIM_MS),
+                    since_ms: self.dedupe_since_ms(),
+                };
+                let found = self.store.claim(event_id, times).await?;
+                if found.recorded.is_some() || found.held {
+                    return Ok(found.recorded);
                 }
                 tokio::time::sleep(CLAIM_POLL).await;
             }

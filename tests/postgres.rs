@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::postgres::Postgres;
@@ -214,9 +215,10 @@ async fn a_retry_that_lands_on_the_other_relay_gets_the_same_answer_and_is_not_f
 async fn a_delivery_left_by_a_relay_that_died_is_taken_by_the_other_when_its_lease_runs_out() {
     let Some(pg) = Postgres::start() else { return };
     pg.create_db("relay");
-    // The target fails: relay A keeps the delivery pending (retried), then dies.
+    // The target hangs: the reply attempt is cut at the deadline, and relay A dies holding
+    // the delivery (its lease, from the commit or from its worker's attempt).
     let mut target = FakeTarget::with(common::Behaviour {
-        status: http::StatusCode::SERVICE_UNAVAILABLE,
+        delay: Duration::from_secs(30),
         ..Default::default()
     })
     .await;
@@ -552,20 +554,24 @@ async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other
     let Some(pg) = Postgres::start() else { return };
     pg.create_db("relay");
     let mut target = FakeTarget::start().await;
-    // The target is down while A takes its pushes (so that A dies with them pending), then
-    // flaps: 503 and 200 in turn every 300 ms.
+    // The target is down until A dies (so that A dies with its pushes pending), then flaps:
+    // 503 and 200 in turn every 300 ms.
     let flapping = target.behaviour();
     flapping.lock().expect("lock").status = http::StatusCode::SERVICE_UNAVAILABLE;
-    let flapper = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        for i in 0u32.. {
-            let status = if i % 2 == 0 {
-                http::StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                http::StatusCode::OK
-            };
-            flapping.lock().expect("lock").status = status;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+    let a_died = Arc::new(tokio::sync::Notify::new());
+    let flapper = tokio::spawn({
+        let a_died = Arc::clone(&a_died);
+        async move {
+            a_died.notified().await;
+            for i in 0u32.. {
+                let status = if i % 2 == 0 {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::OK
+                };
+                flapping.lock().expect("lock").status = status;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
     });
     let url = target.url("/t");
@@ -579,12 +585,12 @@ async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other
         std::fs::write(&path, toml).expect("write");
         path
     });
-    let admin_b = b.admin_addr();
     // Pushes alternate between A and B; A is killed halfway, the rest go to B.
     let mut acknowledged = std::collections::BTreeSet::new();
     for n in 0..40u64 {
         if n == 20 {
             a.kill();
+            a_died.notify_one();
         }
         let relay = if n % 2 == 0 && n < 20 { &a } else { &b };
         let (query, body) =
@@ -633,16 +639,8 @@ async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other
     for (n, times) in &delivered {
         assert!(*times <= 1 + 2, "push {n} delivered {times} times");
     }
-    let metrics = common::get(&format!("http://{admin_b}/metrics")).await;
-    let takeovers = common::metric(
-        &metrics.text(),
-        "wechat_relay_store_lease_takeovers_total",
-        &[],
-    );
-    assert!(
-        takeovers.is_some_and(|n| n >= 1.0),
-        "B took A's deliveries over: {takeovers:?}"
-    );
+    // (A released most of its deliveries as it retried them; one it held when it died is
+    // taken over once its lease runs out, as the test above shows.)
     drop(b);
 }
 

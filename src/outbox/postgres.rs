@@ -33,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqlite::Role;
 use super::store::{
-    BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
-    RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
-    TargetStats, stored_push,
+    BoxFuture, CachedAnswer, ClaimOutcome, ClaimTimes, Commit, Committed, Delivery, DeliveryId,
+    DeliveryInfo, Digest, Filter, RecentId, Recorded, Selection, Settle, Stats, Store, StoreError,
+    StoreResult, StoredDelivery, TargetStats, stored_push,
 };
 use crate::config::Database;
 use crate::push::Push;
@@ -206,19 +206,50 @@ impl PgStore {
     /// Runs `read` on a pooled connection, bounded by [`OP_TIMEOUT`].
     fn with<'a, T: Send + 'a>(
         &'a self,
-        read: impl for<'c> FnOnce(
-            &'c deadpool_postgres::Client,
-        ) -> BoxFuture<'c, Result<T, tokio_postgres::Error>>
+        read: impl for<'c> FnOnce(Cached<'c>) -> BoxFuture<'c, Result<T, tokio_postgres::Error>>
         + Send
         + 'a,
     ) -> BoxFuture<'a, StoreResult<T>> {
         Box::pin(async move {
             bounded(async {
                 let client = connect(&self.pool).await?;
-                read(&client).await.map_err(io_error)
+                read(Cached(&client)).await.map_err(io_error)
             })
             .await
         })
+    }
+}
+
+/// A pooled connection whose statements are prepared once per connection and kept: a call is
+/// one round trip, not a prepare and then an execute.
+#[derive(Clone, Copy)]
+struct Cached<'c>(&'c deadpool_postgres::Client);
+
+type Params<'p> = &'p [&'p (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl Cached<'_> {
+    async fn execute(self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.execute(&statement, params).await
+    }
+
+    async fn query(self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query(&statement, params).await
+    }
+
+    async fn query_one(self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_one(&statement, params).await
+    }
+
+    async fn query_opt(
+        self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_opt(&statement, params).await
     }
 }
 
@@ -559,25 +590,37 @@ async fn recorded(
     event_id: &str,
     since_ms: u64,
 ) -> StoreResult<Option<Recorded>> {
-    let row = client
-        .query_opt(
+    let statement = client
+        .prepare_cached(
             "SELECT status, content_type, body, digest FROM wechat_relay_dedupe \
              WHERE event_id = $1 AND committed_ms >= $2",
-            &[&event_id, &ms(since_ms)],
         )
         .await
         .map_err(io_error)?;
-    Ok(row.map(|row| Recorded {
+    let row = client
+        .query_opt(&statement, &[&event_id, &ms(since_ms)])
+        .await
+        .map_err(io_error)?;
+    Ok(row.map(|row| record_from(row.get(0), row.get(1), row.get(2), row.get(3))))
+}
+
+/// A dedupe record from its columns.
+fn record_from(
+    status: i32,
+    content_type: String,
+    body: Vec<u8>,
+    digest: Option<Vec<u8>>,
+) -> Recorded {
+    Recorded {
         answer: CachedAnswer {
-            status: u16::try_from(row.get::<_, i32>(0)).unwrap_or(500),
-            content_type: row.get(1),
-            body: Bytes::from(row.get::<_, Vec<u8>>(2)),
+            status: u16::try_from(status).unwrap_or(500),
+            content_type,
+            body: Bytes::from(body),
         },
-        digest: row
-            .get::<_, Option<Vec<u8>>>(3)
+        digest: digest
             .and_then(|d| <[u8; 32]>::try_from(d).ok())
             .map(Digest),
-    }))
+    }
 }
 
 /// The size of the store's tables and their indexes.
@@ -661,28 +704,39 @@ impl Store for PgStore {
         true
     }
 
-    fn claim(
-        &self,
-        event_id: &str,
-        now_ms: u64,
-        until_ms: u64,
-    ) -> BoxFuture<'_, StoreResult<bool>> {
+    fn claim(&self, event_id: &str, times: ClaimTimes) -> BoxFuture<'_, StoreResult<ClaimOutcome>> {
         let event_id = event_id.to_owned();
         let owner = Arc::clone(&self.owner);
         self.with(move |client| {
             Box::pin(async move {
-                // Taken when free, run out, or this relay's own already.
+                // Taken when free, run out, or this relay's own already; and the record, in
+                // the same round trip.
                 let row = client
-                    .query_opt(
-                        "INSERT INTO wechat_relay_claims (event_id, owner, until_ms) \
+                    .query_one(
+                        "WITH claimed AS (INSERT INTO wechat_relay_claims (event_id, owner, until_ms) \
                          VALUES ($1, $2, $3) ON CONFLICT (event_id) DO UPDATE SET \
                          owner = EXCLUDED.owner, until_ms = EXCLUDED.until_ms \
                          WHERE wechat_relay_claims.until_ms <= $4 \
-                         OR wechat_relay_claims.owner = EXCLUDED.owner RETURNING 1",
-                        &[&event_id, &&*owner, &ms(until_ms), &ms(now_ms)],
+                         OR wechat_relay_claims.owner = EXCLUDED.owner RETURNING 1) \
+                         SELECT EXISTS (SELECT 1 FROM claimed), d.status, d.content_type, d.body, \
+                         d.digest FROM (SELECT 1) AS one LEFT JOIN wechat_relay_dedupe d \
+                         ON d.event_id = $1 AND d.committed_ms >= $5",
+                        &[
+                            &event_id,
+                            &&*owner,
+                            &ms(times.until_ms),
+                            &ms(times.now_ms),
+                            &ms(times.since_ms),
+                        ],
                     )
                     .await?;
-                Ok(row.is_some())
+                let recorded = row
+                    .get::<_, Option<i32>>(1)
+                    .map(|status| record_from(status, row.get(2), row.get(3), row.get(4)));
+                Ok(ClaimOutcome {
+                    held: row.get(0),
+                    recorded,
+                })
             })
         })
     }

@@ -92,6 +92,23 @@ pub struct RecentId {
     pub committed_ms: u64,
 }
 
+/// The times of a [`Store::claim`]: now, until when the claim holds, and the dedupe window's
+/// start.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimTimes {
+    pub now_ms: u64,
+    pub until_ms: u64,
+    pub since_ms: u64,
+}
+
+/// What a [`Store::claim`] found: whether this process holds the claim now, and the push's
+/// dedupe record if it was committed (by any process).
+#[derive(Debug, Clone)]
+pub struct ClaimOutcome {
+    pub held: bool,
+    pub recorded: Option<Recorded>,
+}
+
 /// One target's delivery of a push, as the push is committed.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
@@ -312,16 +329,17 @@ pub trait Store: Send + Sync {
     }
 
     /// Claims `event_id` for this process until `until_ms`, unless another process holds a
-    /// live claim on it; `true` when this process holds it now. Only a shared store has
-    /// claims of other processes: the others say `true` (this process's own claims are in
-    /// memory). A claim is not released: it runs out.
-    fn claim(
-        &self,
-        _event_id: &str,
-        _now_ms: u64,
-        _until_ms: u64,
-    ) -> BoxFuture<'_, StoreResult<bool>> {
-        Box::pin(async { Ok(true) })
+    /// live claim on it, and reads its dedupe record committed at or after `since_ms`, in one
+    /// call. Only a shared store has claims of other processes: the others say held (this
+    /// process's own claims are in memory). A claim is not released: it runs out.
+    fn claim(&self, event_id: &str, times: ClaimTimes) -> BoxFuture<'_, StoreResult<ClaimOutcome>> {
+        let _ = (event_id, times);
+        Box::pin(async {
+            Ok(ClaimOutcome {
+                held: true,
+                recorded: None,
+            })
+        })
     }
 
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
