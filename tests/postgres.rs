@@ -705,3 +705,63 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push(
     }
     drop((a, b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_share_transactions_and_each_delivery_reaches_its_target_once() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut first = FakeTarget::start().await;
+    let mut second = FakeTarget::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config_with(
+        dir.path(),
+        &pg,
+        "relay",
+        &first.url("/t"),
+        30_000,
+        "reply_text = \"ok\"",
+    );
+    // A second target on the route: two deliveries per push, in one statement per batch.
+    let toml = std::fs::read_to_string(&config).expect("read");
+    let toml = toml.replace("to = [\"t\"]", "to = [\"t\", \"u\"]")
+        + &target_section("u", &second.url("/u"), "raw", "");
+    std::fs::write(&config, toml).expect("write");
+    let relay = Binary::start(&config);
+    let sends: Vec<_> = (0..64u64)
+        .map(|n| {
+            let (query, body) =
+                PushBuilder::new(text_xml(&format!("batch {n};"), 3000 + n)).plaintext();
+            send_in_background(&relay, &query, &body)
+        })
+        .collect();
+    for send in sends {
+        let answer = send.await.expect("a push");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    for target in [&mut first, &mut second] {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            let received = target.next().await;
+            let body = String::from_utf8_lossy(&received.body).into_owned();
+            let n = body
+                .split("batch ")
+                .nth(1)
+                .and_then(|rest| rest.split(';').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .expect("a pushed number");
+            assert!(seen.insert(n), "push {n} delivered twice");
+        }
+        target.expect_none(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        pg.psql("relay", "SELECT count(*) FROM wechat_relay_deliveries"),
+        "0"
+    );
+    let metrics = common::get(&format!("http://{}/metrics", relay.admin_addr())).await;
+    let batches = common::metric(&metrics.text(), "wechat_relay_store_batch_size_count", &[]);
+    assert!(
+        batches.is_some_and(|n| n < 64.0),
+        "64 commits in fewer transactions: {batches:?}"
+    );
+    drop(relay);
+}

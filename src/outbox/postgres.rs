@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use super::sqlite::Role;
 use super::store::{
     BoxFuture, CachedAnswer, ClaimOutcome, ClaimTimes, Commit, Committed, Delivery, DeliveryId,
-    DeliveryInfo, Digest, Filter, RecentId, Recorded, Selection, Settle, Stats, Store, StoreError,
-    StoreResult, StoredDelivery, TargetStats, stored_push,
+    DeliveryInfo, Digest, Filter, NewDelivery, RecentId, Recorded, Selection, Settle, Stats, Store,
+    StoreError, StoreResult, StoredDelivery, TargetStats, stored_push,
 };
 use crate::config::Database;
 use crate::push::Push;
@@ -448,76 +448,223 @@ async fn write_batch(
             .await
             .map_err(io_error)?;
     }
-    let mut results = Vec::with_capacity(commits.len());
     for commit in commits {
-        results.push(commit_push(&tx, commit, owner, lease_ms, used).await?);
+        make_room(&tx, commit, used).await?;
     }
+    let written = record_all(&tx, commits).await?;
+    let met = records_met(&tx, commits, &written).await?;
+    let mut ids = insert_deliveries(&tx, commits, &written, owner, lease_ms).await?;
     tx.commit().await.map_err(io_error)?;
-    Ok(results)
+    commits
+        .iter()
+        .map(|commit| {
+            let event_id = &commit.push.event_id;
+            if written.contains(event_id) {
+                let ids = commit
+                    .deliveries
+                    .iter()
+                    .map(|d| ids.remove(&(event_id.clone(), d.target.clone())))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| StoreError::Io("a delivery's id did not come back".into()))?;
+                return Ok(Committed::New(ids));
+            }
+            match met.get(event_id) {
+                Some(recorded) => Ok(recorded.clone().meet(&commit.digest)),
+                None => Err(StoreError::Io(
+                    "the push's dedupe record went away while it was committed".into(),
+                )),
+            }
+        })
+        .collect()
 }
 
-/// A push's dedupe record and deliveries, unless the push is recorded already (by any relay:
-/// the insert waits for another transaction's record of the same id, then finds it).
-async fn commit_push(
+/// The dedupe record of every commit in one statement, unless its event id is recorded
+/// within the window (by any relay: the insert waits for another transaction's record of the
+/// same id, then finds it); returns the event ids written. Two commits of one event id in a
+/// batch make it fail, and the batch is then written commit by commit.
+async fn record_all(
     tx: &deadpool_postgres::Transaction<'_>,
-    commit: &Commit,
-    owner: &str,
-    lease_ms: u64,
-    used: &AtomicU64,
-) -> StoreResult<Committed> {
-    let push = &commit.push;
-    make_room(tx, commit, used).await?;
-    let record = tx
+    commits: &[&Commit],
+) -> StoreResult<std::collections::HashSet<String>> {
+    let event_ids: Vec<&str> = commits.iter().map(|c| c.push.event_id.as_str()).collect();
+    let committed: Vec<i64> = commits.iter().map(|c| ms(c.now_ms)).collect();
+    let status: Vec<i32> = commits.iter().map(|c| i32::from(c.answer.status)).collect();
+    let content_type: Vec<&str> = commits
+        .iter()
+        .map(|c| c.answer.content_type.as_str())
+        .collect();
+    let body: Vec<&[u8]> = commits.iter().map(|c| c.answer.body.as_ref()).collect();
+    let digest: Vec<&[u8]> = commits.iter().map(|c| c.digest.0.as_slice()).collect();
+    // The window's start of the batch's first commit: the commits of a batch are milliseconds
+    // apart, and the earliest start takes the most records for retries.
+    let since = commits
+        .iter()
+        .map(|c| c.dedupe_since_ms)
+        .min()
+        .map_or(0, ms);
+    let statement = tx
         .prepare_cached(
             "INSERT INTO wechat_relay_dedupe (event_id, committed_ms, status, content_type, body, digest) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO UPDATE SET \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::text[], $5::bytea[], $6::bytea[]) \
+             ON CONFLICT (event_id) DO UPDATE SET \
              committed_ms = EXCLUDED.committed_ms, status = EXCLUDED.status, \
              content_type = EXCLUDED.content_type, body = EXCLUDED.body, digest = EXCLUDED.digest \
-             WHERE wechat_relay_dedupe.committed_ms < $7 RETURNING 1",
+             WHERE wechat_relay_dedupe.committed_ms < $7 RETURNING event_id",
         )
         .await
         .map_err(io_error)?;
-    let written = tx
-        .query_opt(
-            &record,
+    let rows = tx
+        .query(
+            &statement,
             &[
-                &push.event_id,
-                &ms(commit.now_ms),
-                &i32::from(commit.answer.status),
-                &commit.answer.content_type,
-                &commit.answer.body.as_ref(),
-                &commit.digest.0.as_slice(),
-                &ms(commit.dedupe_since_ms),
+                &event_ids,
+                &committed,
+                &status,
+                &content_type,
+                &body,
+                &digest,
+                &since,
             ],
         )
         .await
         .map_err(io_error)?;
-    if written.is_none() {
-        return match recorded(tx, &push.event_id, 0).await? {
-            Some(recorded) => Ok(recorded.meet(&commit.digest)),
-            None => Err(StoreError::Io(
-                "the push's dedupe record went away while it was committed".into(),
-            )),
-        };
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// The records that the commits not written met, by event id.
+async fn records_met(
+    tx: &deadpool_postgres::Transaction<'_>,
+    commits: &[&Commit],
+    written: &std::collections::HashSet<String>,
+) -> StoreResult<std::collections::HashMap<String, Recorded>> {
+    let met: Vec<&str> = commits
+        .iter()
+        .map(|c| c.push.event_id.as_str())
+        .filter(|id| !written.contains(*id))
+        .collect();
+    if met.is_empty() {
+        return Ok(std::collections::HashMap::new());
     }
-    let insert = tx
+    let statement = tx
+        .prepare_cached(
+            "SELECT event_id, status, content_type, body, digest FROM wechat_relay_dedupe \
+             WHERE event_id = ANY($1)",
+        )
+        .await
+        .map_err(io_error)?;
+    let rows = tx.query(&statement, &[&met]).await.map_err(io_error)?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let recorded = record_from(row.get(1), row.get(2), row.get(3), row.get(4));
+            (row.get(0), recorded)
+        })
+        .collect())
+}
+
+/// The deliveries of the commits written, in one statement; their ids by event id and target
+/// (one delivery per target of a push).
+async fn insert_deliveries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    commits: &[&Commit],
+    written: &std::collections::HashSet<String>,
+    owner: &str,
+    lease_ms: u64,
+) -> StoreResult<std::collections::HashMap<(String, String), DeliveryId>> {
+    let mut rows = Rows::default();
+    for commit in commits
+        .iter()
+        .filter(|c| written.contains(&c.push.event_id))
+    {
+        for delivery in &commit.deliveries {
+            rows.add(commit, delivery, owner, lease_ms);
+        }
+    }
+    if rows.target.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let statement = tx
         .prepare_cached(
             "INSERT INTO wechat_relay_deliveries (target, account, event_id, query, body, \
              content_type, forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, \
              at_ms, last_error, msg_type, event, route, dead, lease_owner, lease_until_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20) RETURNING id",
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
+             $6::bytea[], $7::text[], $8::bytea[], $9::integer[], $10::bigint[], $11::bigint[], \
+             $12::integer[], $13::bigint[], $14::text[], $15::text[], $16::text[], $17::text[], \
+             $18::boolean[], $19::text[], $20::bigint[]) RETURNING id, event_id, target",
         )
         .await
         .map_err(io_error)?;
-    let xml = push.encrypted().then(|| push.message.xml().as_ref());
-    let key_index = push.key_index.and_then(|i| i32::try_from(i).ok());
-    let content_type = push.content_type.as_ref().map(HeaderValue::as_bytes);
-    let received_ms = ms(super::sqlite::unix_ms(push.received_at));
-    let mut ids = Vec::with_capacity(commit.deliveries.len());
-    for delivery in &commit.deliveries {
-        // A pending delivery is this relay's (its worker has it in memory) until its lease
-        // runs out; a dead one is stamped with when it died.
+    let returned = tx
+        .query(
+            &statement,
+            &[
+                &rows.target,
+                &rows.account,
+                &rows.event_id,
+                &rows.query,
+                &rows.body,
+                &rows.content_type,
+                &rows.forwarded_for,
+                &rows.xml,
+                &rows.key_index,
+                &rows.received_ms,
+                &rows.enqueued_ms,
+                &rows.attempts,
+                &rows.at_ms,
+                &rows.last_error,
+                &rows.msg_type,
+                &rows.event,
+                &rows.route,
+                &rows.dead,
+                &rows.lease_owner,
+                &rows.lease_until,
+            ],
+        )
+        .await
+        .map_err(io_error)?;
+    Ok(returned
+        .iter()
+        .map(|row| ((row.get(1), row.get(2)), row.get(0)))
+        .collect())
+}
+
+/// The columns of the deliveries a batch writes, one array each.
+#[derive(Default)]
+struct Rows<'a> {
+    target: Vec<&'a str>,
+    account: Vec<&'a str>,
+    event_id: Vec<&'a str>,
+    query: Vec<&'a str>,
+    body: Vec<&'a [u8]>,
+    content_type: Vec<Option<&'a [u8]>>,
+    forwarded_for: Vec<&'a str>,
+    xml: Vec<Option<&'a [u8]>>,
+    key_index: Vec<Option<i32>>,
+    received_ms: Vec<i64>,
+    enqueued_ms: Vec<i64>,
+    attempts: Vec<i32>,
+    at_ms: Vec<i64>,
+    last_error: Vec<Option<&'a str>>,
+    msg_type: Vec<Option<&'a str>>,
+    event: Vec<Option<&'a str>>,
+    route: Vec<&'a str>,
+    dead: Vec<bool>,
+    lease_owner: Vec<Option<&'a str>>,
+    lease_until: Vec<Option<i64>>,
+}
+
+impl<'a> Rows<'a> {
+    /// A pending delivery is this relay's (its worker has it in memory) until its lease runs
+    /// out; a dead one is stamped with when it died.
+    fn add(
+        &mut self,
+        commit: &'a Commit,
+        delivery: &'a NewDelivery,
+        owner: &'a str,
+        lease_ms: u64,
+    ) {
+        let push = &commit.push;
         let (at_ms, lease_owner, lease_until) = if delivery.dead {
             (commit.now_ms, None, None)
         } else {
@@ -527,38 +674,31 @@ async fn commit_push(
                 Some(ms(commit.now_ms.saturating_add(lease_ms))),
             )
         };
-        let attempts = i32::try_from(delivery.attempts).unwrap_or(i32::MAX);
-        let row = tx
-            .query_one(
-                &insert,
-                &[
-                    &delivery.target,
-                    &push.account,
-                    &push.event_id,
-                    &push.query,
-                    &push.body.as_ref(),
-                    &content_type,
-                    &push.forwarded_for,
-                    &xml,
-                    &key_index,
-                    &received_ms,
-                    &ms(commit.now_ms),
-                    &attempts,
-                    &ms(at_ms),
-                    &delivery.last_error,
-                    &push.message.msg_type(),
-                    &push.message.event(),
-                    &commit.route,
-                    &delivery.dead,
-                    &lease_owner,
-                    &lease_until,
-                ],
-            )
-            .await
-            .map_err(io_error)?;
-        ids.push(row.get::<_, i64>(0));
+        self.target.push(&delivery.target);
+        self.account.push(&push.account);
+        self.event_id.push(&push.event_id);
+        self.query.push(&push.query);
+        self.body.push(push.body.as_ref());
+        self.content_type
+            .push(push.content_type.as_ref().map(HeaderValue::as_bytes));
+        self.forwarded_for.push(&push.forwarded_for);
+        self.xml
+            .push(push.encrypted().then(|| push.message.xml().as_ref()));
+        self.key_index
+            .push(push.key_index.and_then(|i| i32::try_from(i).ok()));
+        self.received_ms
+            .push(ms(super::sqlite::unix_ms(push.received_at)));
+        self.enqueued_ms.push(ms(commit.now_ms));
+        self.attempts.push(count(delivery.attempts));
+        self.at_ms.push(ms(at_ms));
+        self.last_error.push(delivery.last_error.as_deref());
+        self.msg_type.push(push.message.msg_type());
+        self.event.push(push.message.event());
+        self.route.push(&commit.route);
+        self.dead.push(delivery.dead);
+        self.lease_owner.push(lease_owner);
+        self.lease_until.push(lease_until);
     }
-    Ok(Committed::New(ids))
 }
 
 /// Evicts the oldest dedupe records the commit's budget lets go when the store (as last
