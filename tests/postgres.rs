@@ -84,6 +84,13 @@ fn send_in_background(
     tokio::spawn(async move { post(&url, body).await })
 }
 
+/// The number `n` of a push whose text is `"{tag} {n};"`, from what a target received.
+fn numbered(received: &common::Received, tag: &str) -> Option<u64> {
+    let body = String::from_utf8_lossy(&received.body);
+    let rest = body.split(&format!("{tag} ")).nth(1)?;
+    rest.split(';').next()?.parse().ok()
+}
+
 fn check(config: &Path) -> (Option<i32>, String, String) {
     cli(&["check", "--config", &config.to_string_lossy()])
 }
@@ -625,13 +632,7 @@ async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other
         if received.answered != http::StatusCode::OK {
             continue;
         }
-        let body = String::from_utf8_lossy(&received.body);
-        let n = body
-            .split("stream ")
-            .nth(1)
-            .and_then(|rest| rest.split(';').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .expect("a pushed number");
+        let n = numbered(&received, "stream").expect("a pushed number");
         *delivered.entry(n).or_default() += 1;
     }
     flapper.abort();
@@ -693,13 +694,7 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push(
             acknowledged.difference(&delivered).collect::<Vec<_>>()
         );
         let received = target.next().await;
-        let body = String::from_utf8_lossy(&received.body);
-        if let Some(n) = body
-            .split("load ")
-            .nth(1)
-            .and_then(|rest| rest.split(';').next())
-            .and_then(|n| n.parse::<u64>().ok())
-        {
+        if let Some(n) = numbered(&received, "load") {
             delivered.insert(n);
         }
     }
@@ -742,13 +737,7 @@ async fn concurrent_pushes_share_transactions_and_each_delivery_reaches_its_targ
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..64 {
             let received = target.next().await;
-            let body = String::from_utf8_lossy(&received.body).into_owned();
-            let n = body
-                .split("batch ")
-                .nth(1)
-                .and_then(|rest| rest.split(';').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .expect("a pushed number");
+            let n = numbered(&received, "batch").expect("a pushed number");
             assert!(seen.insert(n), "push {n} delivered twice");
         }
         target.expect_none(Duration::from_millis(500)).await;

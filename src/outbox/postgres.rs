@@ -128,9 +128,17 @@ pub struct PgStore {
     stop: CancellationToken,
 }
 
-struct Job {
-    commit: Commit,
-    done: oneshot::Sender<StoreResult<Committed>>,
+/// What the writer takes: a push's commit, or a delivery delivered (the attempts' most
+/// frequent outcome, deleted with the commits of the same transaction).
+enum Job {
+    Commit {
+        commit: Commit,
+        done: oneshot::Sender<StoreResult<Committed>>,
+    },
+    Delivered {
+        id: DeliveryId,
+        done: oneshot::Sender<StoreResult<()>>,
+    },
 }
 
 impl Drop for PgStore {
@@ -408,39 +416,85 @@ async fn write_loop(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let commits: Vec<&Commit> = batch.iter().map(|job| &job.commit).collect();
-        let started = std::time::Instant::now();
-        let written = bounded(write_batch(&pool, &commits, &owner, lease_ms, &used)).await;
-        crate::metrics::store_commit(started.elapsed());
-        crate::metrics::store_batch(commits.len());
+        let written = write_jobs(&pool, &batch, &owner, lease_ms, &used).await;
         let results = match written {
             Ok(results) => results.into_iter().map(Ok).collect(),
-            Err(_) if commits.len() > 1 => {
-                let mut results = Vec::with_capacity(commits.len());
-                for commit in &commits {
-                    let one = bounded(write_batch(&pool, &[commit], &owner, lease_ms, &used)).await;
-                    results.push(one.map(|mut r| r.remove(0)));
+            Err(_) if batch.len() > 1 => {
+                let mut results = Vec::with_capacity(batch.len());
+                for job in &batch {
+                    let one = write_jobs(&pool, std::slice::from_ref(job), &owner, lease_ms, &used);
+                    results.push(one.await.map(|mut r| r.remove(0)));
                 }
                 results
             }
             Err(e) => vec![Err(e)],
         };
         for (job, result) in batch.drain(..).zip(results) {
-            let _ = job.done.send(result);
+            match job {
+                Job::Commit { done, .. } => {
+                    let _ = done.send(result.and_then(|r| r.ok_or(StoreError::Closed)));
+                }
+                Job::Delivered { done, .. } => {
+                    let _ = done.send(result.map(|_| ()));
+                }
+            }
         }
     }
+}
+
+/// One transaction of `jobs`, timed and bounded: what each commit did (`None` for a
+/// delivered delivery), in order.
+async fn write_jobs(
+    pool: &Pool,
+    jobs: &[Job],
+    owner: &str,
+    lease_ms: u64,
+    used: &AtomicU64,
+) -> StoreResult<Vec<Option<Committed>>> {
+    let commits: Vec<&Commit> = jobs
+        .iter()
+        .filter_map(|job| match job {
+            Job::Commit { commit, .. } => Some(commit),
+            Job::Delivered { .. } => None,
+        })
+        .collect();
+    let delivered: Vec<DeliveryId> = jobs
+        .iter()
+        .filter_map(|job| match job {
+            Job::Delivered { id, .. } => Some(*id),
+            Job::Commit { .. } => None,
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let written = bounded(write_batch(
+        pool, &commits, &delivered, owner, lease_ms, used,
+    ))
+    .await;
+    crate::metrics::store_commit(started.elapsed());
+    crate::metrics::store_batch(jobs.len());
+    let mut committed = written?.into_iter();
+    Ok(jobs
+        .iter()
+        .map(|job| match job {
+            Job::Commit { .. } => committed.next(),
+            Job::Delivered { .. } => None,
+        })
+        .collect())
 }
 
 async fn write_batch(
     pool: &Pool,
     commits: &[&Commit],
+    delivered: &[DeliveryId],
     owner: &str,
     lease_ms: u64,
     used: &AtomicU64,
 ) -> StoreResult<Vec<Committed>> {
     let mut client = connect(pool).await?;
     let tx = client.transaction().await.map_err(io_error)?;
-    let nothing_pending = commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
+    // A delivered delivery is recorded durably, as SQLite's are: lost, it would be sent again.
+    let nothing_pending =
+        delivered.is_empty() && commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
     if nothing_pending {
         // Visible to every relay at COMMIT all the same; a crash may lose it, and a retry is
         // then handled afresh.
@@ -450,6 +504,19 @@ async fn write_batch(
     }
     for commit in commits {
         make_room(&tx, commit, used).await?;
+    }
+    if !delivered.is_empty() {
+        let statement = tx
+            .prepare_cached("DELETE FROM wechat_relay_deliveries WHERE id = ANY($1)")
+            .await
+            .map_err(io_error)?;
+        tx.execute(&statement, &[&delivered])
+            .await
+            .map_err(io_error)?;
+    }
+    if commits.is_empty() {
+        tx.commit().await.map_err(io_error)?;
+        return Ok(Vec::new());
     }
     let written = record_all(&tx, commits).await?;
     let met = records_met(&tx, commits, &written).await?;
@@ -829,7 +896,7 @@ impl Store for PgStore {
         Box::pin(async move {
             let (done, answer) = oneshot::channel();
             self.writer
-                .try_send(Job { commit, done })
+                .try_send(Job::Commit { commit, done })
                 .map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => StoreError::Io(format!(
                         "{MAX_WAITING} commits are waiting for the database"
@@ -1026,6 +1093,17 @@ impl Store for PgStore {
         settle: Settle,
         now_ms: u64,
     ) -> BoxFuture<'_, StoreResult<()>> {
+        if settle == Settle::Delivered {
+            // With the writer's next transaction, beside the commits waiting.
+            return Box::pin(async move {
+                let (done, recorded) = oneshot::channel();
+                self.writer
+                    .send(Job::Delivered { id, done })
+                    .await
+                    .map_err(|_| StoreError::Closed)?;
+                recorded.await.map_err(|_| StoreError::Closed)?
+            });
+        }
         self.with(move |client| {
             Box::pin(async move {
                 match settle {
