@@ -120,6 +120,8 @@ const SELECTED: &str = "($1::bigint IS NULL OR id = $1) AND ($2::text IS NULL OR
 pub struct PgStore {
     pool: Pool,
     writer: mpsc::Sender<Job>,
+    /// Delivered deliveries, deleted in batches of their own beside the writer's commits.
+    settler: mpsc::Sender<Job>,
     /// The bytes of the store's tables, as last measured.
     used: Arc<AtomicU64>,
     /// Who holds a lease this relay takes: `host:pid:random`.
@@ -128,8 +130,9 @@ pub struct PgStore {
     stop: CancellationToken,
 }
 
-/// What the writer takes: a push's commit, or a delivery delivered (the attempts' most
-/// frequent outcome, deleted with the commits of the same transaction).
+/// What a writer loop takes: a push's commit (the writer's queue), or a delivery delivered
+/// (the attempts' most frequent outcome: the settler's queue, so that it does not wait for the
+/// commits; many are deleted in one transaction).
 enum Job {
     Commit {
         commit: Commit,
@@ -175,6 +178,7 @@ impl PgStore {
         }
         drop(client);
         let (writer, jobs) = mpsc::channel(MAX_WAITING);
+        let (settler, settles) = mpsc::channel(MAX_WAITING);
         let owner: Arc<str> = format!(
             "{}:{}:{:08x}",
             hostname(),
@@ -186,6 +190,7 @@ impl PgStore {
         let store = PgStore {
             pool: pool.clone(),
             writer,
+            settler,
             used: Arc::default(),
             owner: Arc::clone(&owner),
             lease_ms,
@@ -196,6 +201,15 @@ impl PgStore {
         tokio::spawn(write_loop(
             pool.clone(),
             jobs,
+            Arc::clone(&owner),
+            lease_ms,
+            Arc::clone(&used),
+        ));
+        // The same loop on a queue of its own: a delivered delivery does not wait for the
+        // commits, and many are deleted with one fsync.
+        tokio::spawn(write_loop(
+            pool.clone(),
+            settles,
             Arc::clone(&owner),
             lease_ms,
             Arc::clone(&used),
@@ -1094,10 +1108,10 @@ impl Store for PgStore {
         now_ms: u64,
     ) -> BoxFuture<'_, StoreResult<()>> {
         if settle == Settle::Delivered {
-            // With the writer's next transaction, beside the commits waiting.
+            // In the next batch of delivered deliveries, one transaction for all of them.
             return Box::pin(async move {
                 let (done, recorded) = oneshot::channel();
-                self.writer
+                self.settler
                     .send(Job::Delivered { id, done })
                     .await
                     .map_err(|_| StoreError::Closed)?;
