@@ -120,8 +120,6 @@ const SELECTED: &str = "($1::bigint IS NULL OR id = $1) AND ($2::text IS NULL OR
 pub struct PgStore {
     pool: Pool,
     writer: mpsc::Sender<Job>,
-    /// Delivered deliveries, deleted in batches of their own beside the writer's commits.
-    settler: mpsc::Sender<Job>,
     /// The bytes of the store's tables, as last measured.
     used: Arc<AtomicU64>,
     /// Who holds a lease this relay takes: `host:pid:random`.
@@ -130,18 +128,9 @@ pub struct PgStore {
     stop: CancellationToken,
 }
 
-/// What a writer loop takes: a push's commit (the writer's queue), or a delivery delivered
-/// (the attempts' most frequent outcome: the settler's queue, so that it does not wait for the
-/// commits; many are deleted in one transaction).
-enum Job {
-    Commit {
-        commit: Commit,
-        done: oneshot::Sender<StoreResult<Committed>>,
-    },
-    Delivered {
-        id: DeliveryId,
-        done: oneshot::Sender<StoreResult<()>>,
-    },
+struct Job {
+    commit: Commit,
+    done: oneshot::Sender<StoreResult<Committed>>,
 }
 
 impl Drop for PgStore {
@@ -178,7 +167,6 @@ impl PgStore {
         }
         drop(client);
         let (writer, jobs) = mpsc::channel(MAX_WAITING);
-        let (settler, settles) = mpsc::channel(MAX_WAITING);
         let owner: Arc<str> = format!(
             "{}:{}:{:08x}",
             hostname(),
@@ -190,7 +178,6 @@ impl PgStore {
         let store = PgStore {
             pool: pool.clone(),
             writer,
-            settler,
             used: Arc::default(),
             owner: Arc::clone(&owner),
             lease_ms,
@@ -201,15 +188,6 @@ impl PgStore {
         tokio::spawn(write_loop(
             pool.clone(),
             jobs,
-            Arc::clone(&owner),
-            lease_ms,
-            Arc::clone(&used),
-        ));
-        // The same loop on a queue of its own: a delivered delivery does not wait for the
-        // commits, and many are deleted with one fsync.
-        tokio::spawn(write_loop(
-            pool.clone(),
-            settles,
             Arc::clone(&owner),
             lease_ms,
             Arc::clone(&used),
@@ -430,85 +408,39 @@ async fn write_loop(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let written = write_jobs(&pool, &batch, &owner, lease_ms, &used).await;
+        let commits: Vec<&Commit> = batch.iter().map(|job| &job.commit).collect();
+        let started = std::time::Instant::now();
+        let written = bounded(write_batch(&pool, &commits, &owner, lease_ms, &used)).await;
+        crate::metrics::store_commit(started.elapsed());
+        crate::metrics::store_batch(commits.len());
         let results = match written {
             Ok(results) => results.into_iter().map(Ok).collect(),
-            Err(_) if batch.len() > 1 => {
-                let mut results = Vec::with_capacity(batch.len());
-                for job in &batch {
-                    let one = write_jobs(&pool, std::slice::from_ref(job), &owner, lease_ms, &used);
-                    results.push(one.await.map(|mut r| r.remove(0)));
+            Err(_) if commits.len() > 1 => {
+                let mut results = Vec::with_capacity(commits.len());
+                for commit in &commits {
+                    let one = bounded(write_batch(&pool, &[commit], &owner, lease_ms, &used)).await;
+                    results.push(one.map(|mut r| r.remove(0)));
                 }
                 results
             }
             Err(e) => vec![Err(e)],
         };
         for (job, result) in batch.drain(..).zip(results) {
-            match job {
-                Job::Commit { done, .. } => {
-                    let _ = done.send(result.and_then(|r| r.ok_or(StoreError::Closed)));
-                }
-                Job::Delivered { done, .. } => {
-                    let _ = done.send(result.map(|_| ()));
-                }
-            }
+            let _ = job.done.send(result);
         }
     }
-}
-
-/// One transaction of `jobs`, timed and bounded: what each commit did (`None` for a
-/// delivered delivery), in order.
-async fn write_jobs(
-    pool: &Pool,
-    jobs: &[Job],
-    owner: &str,
-    lease_ms: u64,
-    used: &AtomicU64,
-) -> StoreResult<Vec<Option<Committed>>> {
-    let commits: Vec<&Commit> = jobs
-        .iter()
-        .filter_map(|job| match job {
-            Job::Commit { commit, .. } => Some(commit),
-            Job::Delivered { .. } => None,
-        })
-        .collect();
-    let delivered: Vec<DeliveryId> = jobs
-        .iter()
-        .filter_map(|job| match job {
-            Job::Delivered { id, .. } => Some(*id),
-            Job::Commit { .. } => None,
-        })
-        .collect();
-    let started = std::time::Instant::now();
-    let written = bounded(write_batch(
-        pool, &commits, &delivered, owner, lease_ms, used,
-    ))
-    .await;
-    crate::metrics::store_commit(started.elapsed());
-    crate::metrics::store_batch(jobs.len());
-    let mut committed = written?.into_iter();
-    Ok(jobs
-        .iter()
-        .map(|job| match job {
-            Job::Commit { .. } => committed.next(),
-            Job::Delivered { .. } => None,
-        })
-        .collect())
 }
 
 async fn write_batch(
     pool: &Pool,
     commits: &[&Commit],
-    delivered: &[DeliveryId],
     owner: &str,
     lease_ms: u64,
     used: &AtomicU64,
 ) -> StoreResult<Vec<Committed>> {
     let mut client = connect(pool).await?;
     let tx = client.transaction().await.map_err(io_error)?;
-    // A delivered delivery is recorded durably, as SQLite's are: lost, it would be sent again.
-    let nothing_pending =
-        delivered.is_empty() && commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
+    let nothing_pending = commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
     if nothing_pending {
         // Visible to every relay at COMMIT all the same; a crash may lose it, and a retry is
         // then handled afresh.
@@ -518,19 +450,6 @@ async fn write_batch(
     }
     for commit in commits {
         make_room(&tx, commit, used).await?;
-    }
-    if !delivered.is_empty() {
-        let statement = tx
-            .prepare_cached("DELETE FROM wechat_relay_deliveries WHERE id = ANY($1)")
-            .await
-            .map_err(io_error)?;
-        tx.execute(&statement, &[&delivered])
-            .await
-            .map_err(io_error)?;
-    }
-    if commits.is_empty() {
-        tx.commit().await.map_err(io_error)?;
-        return Ok(Vec::new());
     }
     let written = record_all(&tx, commits).await?;
     let met = records_met(&tx, commits, &written).await?;
@@ -910,7 +829,7 @@ impl Store for PgStore {
         Box::pin(async move {
             let (done, answer) = oneshot::channel();
             self.writer
-                .try_send(Job::Commit { commit, done })
+                .try_send(Job { commit, done })
                 .map_err(|e| match e {
                     mpsc::error::TrySendError::Full(_) => StoreError::Io(format!(
                         "{MAX_WAITING} commits are waiting for the database"
@@ -1107,17 +1026,6 @@ impl Store for PgStore {
         settle: Settle,
         now_ms: u64,
     ) -> BoxFuture<'_, StoreResult<()>> {
-        if settle == Settle::Delivered {
-            // In the next batch of delivered deliveries, one transaction for all of them.
-            return Box::pin(async move {
-                let (done, recorded) = oneshot::channel();
-                self.settler
-                    .send(Job::Delivered { id, done })
-                    .await
-                    .map_err(|_| StoreError::Closed)?;
-                recorded.await.map_err(|_| StoreError::Closed)?
-            });
-        }
         self.with(move |client| {
             Box::pin(async move {
                 match settle {
