@@ -99,9 +99,15 @@ cleanup() {
   [ -z "$fill_pid" ] || kill "$fill_pid" 2>/dev/null || true
   [ -z "$relay_pid" ] || kill "$relay_pid" 2>/dev/null || true
   [ -z "$nginx_pid" ] || kill "$nginx_pid" 2>/dev/null || true
-  # SIGINT: PostgreSQL's fast shutdown.
-  [ -z "$pg_pid" ] || kill -INT "$pg_pid" 2>/dev/null || true
+  # SIGINT to the postmaster itself (runuser, in between under root, does not pass it on):
+  # PostgreSQL's fast shutdown; then its folder goes once it has exited.
+  local postmaster=""
+  [ -z "$pg_dir" ] || postmaster=$(head -1 "$pg_dir/data/postmaster.pid" 2>/dev/null || true)
+  [ -z "$postmaster" ] || kill -INT "$postmaster" 2>/dev/null || true
   wait 2>/dev/null || true
+  if [ -n "$postmaster" ]; then
+    for _ in $(seq 100); do kill -0 "$postmaster" 2>/dev/null || break; sleep 0.1; done
+  fi
   [ -z "$pg_dir" ] || rm -rf "$pg_dir"
   if [ -n "$keep" ]; then
     rm -f "$dir"/*.push

@@ -313,22 +313,23 @@ async fn the_outbox_commands_read_and_change_the_shared_store() {
 async fn a_live_relay_keeps_its_delivery_past_the_lease_and_the_other_does_not_send_it_too() {
     let Some(pg) = Postgres::start() else { return };
     pg.create_db("relay");
-    // An attempt that lasts 2.5 leases; relay B polls the store every second meanwhile.
+    // An attempt that lasts 2.25 leases of 2 s (renewed every 667 ms, slack for a loaded
+    // machine); relay B polls the store every second meanwhile.
     let mut target = FakeTarget::with(common::Behaviour {
-        delay: Duration::from_millis(2500),
+        delay: Duration::from_millis(4500),
         ..Default::default()
     })
     .await;
     let url = target.url("/t");
     let Pair { a, b, _dirs } =
-        two_relays(|dir| write_config_with(dir, &pg, "relay", &url, 1_000, "reply_text = \"ok\""));
+        two_relays(|dir| write_config_with(dir, &pg, "relay", &url, 2_000, "reply_text = \"ok\""));
     let (query, body) = PushBuilder::new(text_xml("held", 11)).plaintext();
     let answer = post(&a.url(&format!("/wechat?{query}")), body).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     let first = target.next().await;
     assert!(String::from_utf8_lossy(&first.body).contains("held"));
     // A renews its lease while it attempts: B never takes the delivery.
-    target.expect_none(Duration::from_millis(4000)).await;
+    target.expect_none(Duration::from_millis(5500)).await;
     assert_eq!(
         pg.psql("relay", "SELECT count(*) FROM wechat_relay_deliveries"),
         "0"

@@ -486,6 +486,10 @@ async fn record_all(
     tx: &deadpool_postgres::Transaction<'_>,
     commits: &[&Commit],
 ) -> StoreResult<std::collections::HashSet<String>> {
+    // In event id order: two relays' batches that share ids lock them in the same order, so
+    // they wait for each other rather than deadlock.
+    let mut commits = commits.to_vec();
+    commits.sort_unstable_by(|a, b| a.push.event_id.cmp(&b.push.event_id));
     let event_ids: Vec<&str> = commits.iter().map(|c| c.push.event_id.as_str()).collect();
     let committed: Vec<i64> = commits.iter().map(|c| ms(c.now_ms)).collect();
     let status: Vec<i32> = commits.iter().map(|c| i32::from(c.answer.status)).collect();
