@@ -35,7 +35,7 @@ use super::sqlite::Role;
 use super::store::{
     BoxFuture, CachedAnswer, ClaimOutcome, ClaimTimes, Commit, Committed, Delivery, DeliveryId,
     DeliveryInfo, Digest, Filter, NewDelivery, RecentId, Recorded, Selection, Settle, Stats, Store,
-    StoreError, StoreResult, StoredDelivery, TargetStats, stored_push,
+    StoreError, StoreResult, StoredDelivery, TargetStats, ms, stored_push, unsigned,
 };
 use crate::config::Database;
 use crate::push::Push;
@@ -761,9 +761,7 @@ fn record_from(
             content_type,
             body: Bytes::from(body),
         },
-        digest: digest
-            .and_then(|d| <[u8; 32]>::try_from(d).ok())
-            .map(Digest),
+        digest: Digest::from_stored(digest),
     }
 }
 
@@ -914,10 +912,7 @@ impl Store for PgStore {
                     .iter()
                     .map(|row| RecentId {
                         event_id: row.get(0),
-                        digest: row
-                            .get::<_, Option<Vec<u8>>>(1)
-                            .and_then(|d| <[u8; 32]>::try_from(d).ok())
-                            .map(Digest),
+                        digest: Digest::from_stored(row.get(1)),
                         committed_ms: unsigned(row.get(2)),
                     })
                     .collect())
@@ -1278,14 +1273,6 @@ fn qualified(columns: &str, alias: &str) -> String {
         .map(|c| format!("{alias}.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn ms(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn unsigned(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
 }
 
 fn count(attempts: u32) -> i32 {

@@ -44,7 +44,7 @@ use checkpointer::{Checkpointer, Wal, WalLimits};
 use super::store::{
     BoxFuture, CachedAnswer, Commit, Committed, Delivery, DeliveryId, DeliveryInfo, Digest, Filter,
     RecentId, Recorded, Selection, Settle, Stats, Store, StoreError, StoreResult, StoredDelivery,
-    TargetStats,
+    TargetStats, ms, unsigned,
 };
 
 mod checkpointer;
@@ -531,7 +531,7 @@ impl Store for SqliteStore {
             let rows = statement.query_map(params![ms(since_ms)], |row| {
                 Ok(RecentId {
                     event_id: row.get(0)?,
-                    digest: digest_from(row.get(1)?),
+                    digest: Digest::from_stored(row.get(1)?),
                     committed_ms: unsigned(row.get(2)?),
                 })
             })?;
@@ -1202,18 +1202,10 @@ fn recorded(
                     content_type: row.get(1)?,
                     body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
                 },
-                digest: digest_from(row.get(3)?),
+                digest: Digest::from_stored(row.get(3)?),
             })
         })
         .optional()
-}
-
-/// A stored digest: a digest of another length cannot come from this relay, so it is taken
-/// for NULL, as before schema 2.
-fn digest_from(stored: Option<Vec<u8>>) -> Option<Digest> {
-    stored
-        .and_then(|d| <[u8; 32]>::try_from(d).ok())
-        .map(Digest)
 }
 
 /// The dedupe records of the window, through `dedupe_committed`.
@@ -1391,14 +1383,6 @@ fn info_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
 }
 
 /// Milliseconds as SQLite's integer (far beyond any clock).
-fn ms(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn unsigned(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or_default()
-}
-
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -57,6 +57,14 @@ impl Digest {
         Digest(sha2::Sha256::digest(message).into())
     }
 
+    /// A digest as a durable store keeps it: one of another length cannot come from this
+    /// relay, so it is taken for none (as before digests were kept).
+    pub fn from_stored(stored: Option<Vec<u8>>) -> Option<Digest> {
+        stored
+            .and_then(|d| <[u8; 32]>::try_from(d).ok())
+            .map(Digest)
+    }
+
     /// The first 8 bytes in hex: what tells a colliding push's event id apart.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..8])
@@ -433,4 +441,14 @@ pub fn stored_push(
             })
         })
         .map_err(|e| format!("the stored message no longer parses: {e}"))
+}
+
+/// Milliseconds (or any count) as a database's signed 64-bit integer: saturating.
+pub(super) fn ms(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A database's signed integer read back as a count: a negative one is 0.
+pub(super) fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
 }
