@@ -7,7 +7,7 @@
 #   -w  warm-up before each case's runs (default 2)
 #   -n  distinct pushes of each kind built before the runs (default 600000)
 #   -b  deliveries pending for a down target in case 8 (default 100000)
-#   -p  first of the four 127.0.0.1 ports used (default 18490)
+#   -p  first of the five 127.0.0.1 ports used (default 18490)
 #   -c  the relay cases to run, e.g. "9 10" (default all; nginx's, 1 and 2, always run)
 #   -k  keep the temporary folder (configs, relay logs, nginx logs) and say where it is
 #
@@ -48,6 +48,7 @@ while getopts d:w:n:b:p:c:kh opt; do
   esac
 done
 up_port=$port proxy_port=$((port + 1)) relay_port=$((port + 2)) down_port=$((port + 3))
+admin_port=$((port + 4))
 started_at=$(date +%s) load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 say() { printf '%s\n' "$*" >&2; }
@@ -87,7 +88,7 @@ release=${CARGO_TARGET_DIR:-target}/release
 relay_bin=$release/wechat-relay
 pushfile=$release/examples/pushfile
 
-for p in $up_port $proxy_port $relay_port $down_port; do
+for p in $up_port $proxy_port $relay_port $down_port $admin_port; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "127.0.0.1:$p is in use (-p PORT)"; fi
 done
 
@@ -248,6 +249,8 @@ to = ["down"]' ;;
 listen = "127.0.0.1:$relay_port"
 timestamp_skew_s = $skew
 max_connections = ${2:-1024}
+[admin]
+listen = "127.0.0.1:$admin_port"
 $store
 [[account]]
 name = "main"
@@ -382,6 +385,24 @@ probe() {
   esac
 }
 
+# store_totals: the durable store's transactions, the commits in them and their seconds, so
+# far (from /metrics; "0 0 0" without a store); store_note KEY BEFORE: their means over a run.
+store_totals() {
+  curl -s "http://127.0.0.1:$admin_port/metrics" | awk '
+    $1 == "wechat_relay_store_batch_size_count" { n = $2 }
+    $1 == "wechat_relay_store_batch_size_sum" { c = $2 }
+    $1 == "wechat_relay_store_commit_seconds_sum" { s = $2 }
+    END { printf "%d %d %f\n", n, c, s }'
+}
+store_note() {
+  local key=$1 n0 c0 s0 n1 c1 s1
+  read -r n0 c0 s0 <<<"$2"
+  read -r n1 c1 s1 < <(store_totals)
+  [ "$n1" -gt "$n0" ] || return 0
+  note[$key]="${note[$key]:+${note[$key]}; }$(awk -v n=$((n1 - n0)) -v c=$((c1 - c0)) -v s0="$s0" -v s1="$s1" \
+    'BEGIN { printf "%d store transactions of %.1f commits on average, %.2f ms each", n, c / n, (s1 - s0) * 1000 / n }')"
+}
+
 pending_of() { # CASE TARGET
   "$relay_bin" outbox stats --config "$dir/relay-$1.toml" |
     awk -v t="target=$2" '$1 == t { sub("pending=", "", $2); print $2 }'
@@ -427,9 +448,12 @@ relay_case() {
   fi
   run_wrk - 64 "$warmup" "$relay_port" "$dir/$kind.push" "$next"
   next=$((next + consumed))
+  local before
+  before=$(store_totals)
   run_wrk "$case/64" 64 "$duration" "$relay_port" "$dir/$kind.push" "$next"
   next=$((next + consumed))
   rss[$case/64]=$(vmhwm_mib "$relay_pid")
+  store_note "$case/64" "$before"
   run_wrk "$case/1" 1 "$duration" "$relay_port" "$dir/$kind.push" "$next"
   rss[$case/1]=$(vmhwm_mib "$relay_pid")
   stop_relay

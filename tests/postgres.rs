@@ -755,3 +755,45 @@ async fn concurrent_pushes_share_transactions_and_each_delivery_reaches_its_targ
     );
     drop(relay);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_on_the_other_relay_each_get_their_own_push_s_answer() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut target = FakeTarget::start().await;
+    let url = target.url("/t");
+    let Pair { a, b, _dirs } = two_relays(|dir| write_config(dir, &pg, "relay", &url, 30_000));
+    // Claims made together share a statement: each push must get its own claim and record.
+    let pushes: Vec<(String, String)> = (0..32u64)
+        .map(|n| PushBuilder::new(text_xml(&format!("claim {n};"), 5000 + n)).plaintext())
+        .collect();
+    let send_all = |relay: &Binary| {
+        pushes
+            .iter()
+            .map(|(query, body)| send_in_background(relay, query, body))
+            .collect::<Vec<_>>()
+    };
+    let mut firsts = Vec::new();
+    for send in send_all(&a) {
+        let answer = send.await.expect("a push");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        firsts.push(answer);
+    }
+    let mut asked = std::collections::BTreeSet::new();
+    for _ in 0..32 {
+        let n = numbered(&target.next().await, "claim").expect("a pushed number");
+        assert!(asked.insert(n), "push {n} asked twice");
+    }
+    // WeChat's retries, all at once, on the other relay: the recorded answers, no new ask.
+    for (send, first) in send_all(&b).into_iter().zip(&firsts) {
+        let retry = send.await.expect("a retry");
+        assert_eq!(retry.status, first.status, "{}", retry.text());
+        assert_eq!(retry.body, first.body, "the first relay's answer");
+    }
+    target.expect_none(Duration::from_millis(1000)).await;
+    assert_eq!(
+        pg.psql("relay", "SELECT count(*) FROM wechat_relay_dedupe"),
+        "32"
+    );
+    drop((a, b));
+}

@@ -4,10 +4,15 @@
 //! - a commit is one `INSERT ... ON CONFLICT` of the push's dedupe record, which another
 //!   relay's commit of the same event id waits on (the row lock) and then finds, so a WeChat
 //!   retry that lands on the other relay gets the same answer and is not forwarded again;
-//!   its deliveries go in the same transaction. Concurrent commits share a transaction
-//!   (group commit: one task writes what is waiting while the last batch is in flight), and
-//!   a batch that leaves nothing pending does not wait for the WAL flush
-//!   (`synchronous_commit = off`; it is visible to every relay all the same);
+//!   its deliveries go in the same statement. Concurrent commits share a transaction
+//!   (group commit: one task, on a connection of its own, writes what is waiting while the
+//!   last batch is in flight; BEGIN, the statement and COMMIT in one round trip), and a batch
+//!   that leaves nothing pending does not wait for the WAL flush (`synchronous_commit = off`;
+//!   it is visible to every relay all the same);
+//! - claims, and deliveries delivered, are written the same way in batches ([`Queue`]), each
+//!   on a connection that does not wait for the WAL flush: losing the last of them with the
+//!   database server costs work done again (a reply target asked, a delivery sent, once more),
+//!   never a push;
 //! - a pending delivery carries a lease (`lease_owner`, `lease_until_ms`): the relay that
 //!   committed it holds it, a worker that takes it due renews it, and `FOR UPDATE SKIP LOCKED`
 //!   keeps two relays from taking the same one. A relay that died leaves leases that run out
@@ -48,7 +53,8 @@ const MIGRATION_LOCK: i64 = 0x7765_6368_6174_726c;
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest a connection may take to open (the relay refuses to start past it).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections to the database: the writer's, the workers', the retry checks'.
+/// The pool's connections to the database (the workers', the retries' reads, the `outbox`
+/// commands'); the writer and each [`Queue`] have one more each.
 const POOL_SIZE: usize = 8;
 /// Commits waiting for the writer; past it a push is refused (503, WeChat retries).
 const MAX_WAITING: usize = 4096;
@@ -120,6 +126,10 @@ const SELECTED: &str = "($1::bigint IS NULL OR id = $1) AND ($2::text IS NULL OR
 pub struct PgStore {
     pool: Pool,
     writer: mpsc::Sender<Job>,
+    /// Claims, and the deliveries delivered, each written in batches on a connection of its
+    /// own that commits without waiting for the WAL flush (see [`Batch`]).
+    claims: Queue<Claims>,
+    delivered: Queue<Delivered>,
     /// The bytes of the store's tables, as last measured.
     used: Arc<AtomicU64>,
     /// Who holds a lease this relay takes: `host:pid:random`.
@@ -141,7 +151,7 @@ impl Drop for PgStore {
 
 /// What `check` says of a database: its schema version, or that it is empty.
 pub async fn schema_version(database: &Database) -> StoreResult<Option<i32>> {
-    let pool = pool(database)?;
+    let pool = pool(database, 1)?;
     let client = connect(&pool).await?;
     bounded(read_version(&client)).await
 }
@@ -150,7 +160,10 @@ impl PgStore {
     /// Connects, then sets up or migrates the schema (`serve`), or checks that it is the one
     /// this relay knows (`outbox` commands: they change nothing else).
     pub async fn open(database: &Database, lease: Duration, role: Role) -> StoreResult<PgStore> {
-        let pool = pool(database)?;
+        let writer_pool = pool(database, 1)?;
+        let claims_pool = unflushed_pool(database)?;
+        let delivered_pool = unflushed_pool(database)?;
+        let pool = pool(database, POOL_SIZE)?;
         let mut client = connect(&pool).await?;
         match role {
             Role::Server => migrate(&mut client).await?,
@@ -178,6 +191,13 @@ impl PgStore {
         let store = PgStore {
             pool: pool.clone(),
             writer,
+            claims: Queue::spawn(
+                claims_pool,
+                Claims {
+                    owner: Arc::clone(&owner),
+                },
+            ),
+            delivered: Queue::spawn(delivered_pool, Delivered),
             used: Arc::default(),
             owner: Arc::clone(&owner),
             lease_ms,
@@ -186,7 +206,7 @@ impl PgStore {
         let used = Arc::clone(&store.used);
         store.measure_now().await;
         tokio::spawn(write_loop(
-            pool.clone(),
+            writer_pool,
             jobs,
             Arc::clone(&owner),
             lease_ms,
@@ -253,10 +273,16 @@ impl Cached<'_> {
     }
 }
 
-fn pool(database: &Database) -> StoreResult<Pool> {
+fn pool(database: &Database, size: usize) -> StoreResult<Pool> {
     let mut config = database.config.clone();
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("wechat-relay");
+    // Every statement the relay prepares finds its rows by an index. A connection plans a
+    // statement once and keeps the plan; planned while the tables are small (a fresh
+    // database), it would scan them whole for as long as they grow, until autovacuum next
+    // analyzes them. Without sequential scans the plan is the index's from the start; the
+    // few statements that read a whole table (stats, list) still may.
+    with_options(&mut config, "-c enable_seqscan=off");
     let manager = Manager::from_config(
         config,
         tls(database)?,
@@ -265,13 +291,30 @@ fn pool(database: &Database) -> StoreResult<Pool> {
         },
     );
     Pool::builder(manager)
-        .max_size(POOL_SIZE)
+        .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(OP_TIMEOUT))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(OP_TIMEOUT))
         .build()
         .map_err(|e| StoreError::Open(format!("cannot set up the database pool: {e}")))
+}
+
+/// A connection for [`Queue`]s: its transactions commit without waiting for the WAL flush
+/// (`synchronous_commit = off`), visible to every relay at once all the same.
+fn unflushed_pool(database: &Database) -> StoreResult<Pool> {
+    let mut database = database.clone();
+    with_options(&mut database.config, "-c synchronous_commit=off");
+    pool(&database, 1)
+}
+
+/// Adds server options to those the URL gave, if any.
+fn with_options(config: &mut tokio_postgres::Config, options: &str) {
+    let options = match config.get_options() {
+        Some(given) => format!("{given} {options}"),
+        None => options.to_owned(),
+    };
+    config.options(&options);
 }
 
 /// TLS to the database when its URL asks for it (`sslmode=require`), verified against the
@@ -438,28 +481,54 @@ async fn write_batch(
     lease_ms: u64,
     used: &AtomicU64,
 ) -> StoreResult<Vec<Committed>> {
-    let mut client = connect(pool).await?;
-    let tx = client.transaction().await.map_err(io_error)?;
+    // In event id order: two relays' batches that share ids lock them in the same order, so
+    // they wait for each other rather than deadlock.
+    let mut commits = commits.to_vec();
+    commits.sort_unstable_by(|a, b| a.push.event_id.cmp(&b.push.event_id));
+    let client = connect(pool).await?;
+    let statement = client.prepare_cached(WRITE).await.map_err(io_error)?;
     let nothing_pending = commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
-    if nothing_pending {
-        // Visible to every relay at COMMIT all the same; a crash may lose it, and a retry is
-        // then handled afresh.
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await
-            .map_err(io_error)?;
+    // A batch that leaves nothing pending is visible to every relay at COMMIT all the same; a
+    // crash of the database may lose it, and a retry is then handled afresh.
+    let begin = if nothing_pending {
+        "BEGIN; SET LOCAL synchronous_commit = off"
+    } else {
+        "BEGIN"
+    };
+    let written = Written::new(&commits, owner, lease_ms);
+    let params = written.params();
+    // One round trip: the four are sent back to back (tokio-postgres pipelines requests polled
+    // together, in the order they are first polled), and the server runs them in that order.
+    // A failed statement aborts the transaction, and its COMMIT then rolls it back.
+    let (begun, evicted, rows, committed) = tokio::join!(
+        client.batch_execute(begin),
+        make_room(&client, &commits, used),
+        client.query(&statement, &params),
+        client.batch_execute("COMMIT"),
+    );
+    begun.map_err(io_error)?;
+    evicted?;
+    let rows = rows.map_err(io_error)?;
+    committed.map_err(io_error)?;
+    let mut recorded = std::collections::HashSet::new();
+    let mut ids = std::collections::HashMap::new();
+    for row in &rows {
+        let event_id: String = row.get(0);
+        match row.get::<_, Option<i64>>(1) {
+            None => {
+                recorded.insert(event_id);
+            }
+            Some(id) => {
+                ids.insert((event_id, row.get::<_, String>(2)), id);
+            }
+        }
     }
-    for commit in commits {
-        make_room(&tx, commit, used).await?;
-    }
-    let written = record_all(&tx, commits).await?;
-    let met = records_met(&tx, commits, &written).await?;
-    let mut ids = insert_deliveries(&tx, commits, &written, owner, lease_ms).await?;
-    tx.commit().await.map_err(io_error)?;
+    let met = records_met(&client, &commits, &recorded).await?;
     commits
         .iter()
         .map(|commit| {
             let event_id = &commit.push.event_id;
-            if written.contains(event_id) {
+            if recorded.contains(event_id) {
                 let ids = commit
                     .deliveries
                     .iter()
@@ -478,85 +547,54 @@ async fn write_batch(
         .collect()
 }
 
-/// The dedupe record of every commit in one statement, unless its event id is recorded
-/// within the window (by any relay: the insert waits for another transaction's record of the
-/// same id, then finds it); returns the event ids written. Two commits of one event id in a
-/// batch make it fail, and the batch is then written commit by commit.
-async fn record_all(
-    tx: &deadpool_postgres::Transaction<'_>,
-    commits: &[&Commit],
-) -> StoreResult<std::collections::HashSet<String>> {
-    // In event id order: two relays' batches that share ids lock them in the same order, so
-    // they wait for each other rather than deadlock.
-    let mut commits = commits.to_vec();
-    commits.sort_unstable_by(|a, b| a.push.event_id.cmp(&b.push.event_id));
-    let event_ids: Vec<&str> = commits.iter().map(|c| c.push.event_id.as_str()).collect();
-    let committed: Vec<i64> = commits.iter().map(|c| ms(c.now_ms)).collect();
-    let status: Vec<i32> = commits.iter().map(|c| i32::from(c.answer.status)).collect();
-    let content_type: Vec<&str> = commits
-        .iter()
-        .map(|c| c.answer.content_type.as_str())
-        .collect();
-    let body: Vec<&[u8]> = commits.iter().map(|c| c.answer.body.as_ref()).collect();
-    let digest: Vec<&[u8]> = commits.iter().map(|c| c.digest.0.as_slice()).collect();
-    // The window's start of the batch's first commit: the commits of a batch are milliseconds
-    // apart, and the earliest start takes the most records for retries.
-    let since = commits
-        .iter()
-        .map(|c| c.dedupe_since_ms)
-        .min()
-        .map_or(0, ms);
-    let statement = tx
-        .prepare_cached(
-            "INSERT INTO wechat_relay_dedupe (event_id, committed_ms, status, content_type, body, digest) \
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::text[], $5::bytea[], $6::bytea[]) \
-             ON CONFLICT (event_id) DO UPDATE SET \
-             committed_ms = EXCLUDED.committed_ms, status = EXCLUDED.status, \
-             content_type = EXCLUDED.content_type, body = EXCLUDED.body, digest = EXCLUDED.digest \
-             WHERE wechat_relay_dedupe.committed_ms < $7 RETURNING event_id",
-        )
-        .await
-        .map_err(io_error)?;
-    let rows = tx
-        .query(
-            &statement,
-            &[
-                &event_ids,
-                &committed,
-                &status,
-                &content_type,
-                &body,
-                &digest,
-                &since,
-            ],
-        )
-        .await
-        .map_err(io_error)?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
-}
+/// A batch in one statement: the dedupe record of every commit, unless its event id is
+/// recorded within the window (by any relay: the insert waits for another transaction's record
+/// of the same id, then finds it), and the deliveries of the commits recorded. It returns a row
+/// per event id recorded (`id` NULL) and one per delivery written. Two commits of one event id
+/// in a batch make it fail, and the batch is then written commit by commit.
+const WRITE: &str = "WITH recorded AS ( \
+      INSERT INTO wechat_relay_dedupe (event_id, committed_ms, status, content_type, body, digest) \
+      SELECT * FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::text[], $5::bytea[], $6::bytea[]) \
+      ON CONFLICT (event_id) DO UPDATE SET \
+      committed_ms = EXCLUDED.committed_ms, status = EXCLUDED.status, \
+      content_type = EXCLUDED.content_type, body = EXCLUDED.body, digest = EXCLUDED.digest \
+      WHERE wechat_relay_dedupe.committed_ms < $7 RETURNING event_id), \
+    delivered AS ( \
+      INSERT INTO wechat_relay_deliveries (target, account, event_id, query, body, \
+      content_type, forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, \
+      at_ms, last_error, msg_type, event, route, dead, lease_owner, lease_until_ms) \
+      SELECT * FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $12::bytea[], \
+      $13::bytea[], $14::text[], $15::bytea[], $16::integer[], $17::bigint[], $18::bigint[], \
+      $19::integer[], $20::bigint[], $21::text[], $22::text[], $23::text[], $24::text[], \
+      $25::boolean[], $26::text[], $27::bigint[]) AS d(target, account, event_id) \
+      WHERE d.event_id IN (SELECT event_id FROM recorded) \
+      RETURNING id, event_id, target) \
+    SELECT event_id, NULL::bigint, NULL::text FROM recorded \
+    UNION ALL SELECT event_id, id, target FROM delivered";
 
-/// The records that the commits not written met, by event id.
+/// The records that the commits not recorded met, by event id (after the batch's COMMIT:
+/// another relay's record, committed before it).
 async fn records_met(
-    tx: &deadpool_postgres::Transaction<'_>,
+    client: &deadpool_postgres::Client,
     commits: &[&Commit],
-    written: &std::collections::HashSet<String>,
+    recorded: &std::collections::HashSet<String>,
 ) -> StoreResult<std::collections::HashMap<String, Recorded>> {
     let met: Vec<&str> = commits
         .iter()
         .map(|c| c.push.event_id.as_str())
-        .filter(|id| !written.contains(*id))
+        .filter(|id| !recorded.contains(*id))
         .collect();
     if met.is_empty() {
         return Ok(std::collections::HashMap::new());
     }
-    let statement = tx
+    let statement = client
         .prepare_cached(
             "SELECT event_id, status, content_type, body, digest FROM wechat_relay_dedupe \
              WHERE event_id = ANY($1)",
         )
         .await
         .map_err(io_error)?;
-    let rows = tx.query(&statement, &[&met]).await.map_err(io_error)?;
+    let rows = client.query(&statement, &[&met]).await.map_err(io_error)?;
     Ok(rows
         .iter()
         .map(|row| {
@@ -566,71 +604,79 @@ async fn records_met(
         .collect())
 }
 
-/// The deliveries of the commits written, in one statement; their ids by event id and target
-/// (one delivery per target of a push).
-async fn insert_deliveries(
-    tx: &deadpool_postgres::Transaction<'_>,
-    commits: &[&Commit],
-    written: &std::collections::HashSet<String>,
-    owner: &str,
-    lease_ms: u64,
-) -> StoreResult<std::collections::HashMap<(String, String), DeliveryId>> {
-    let mut rows = Rows::default();
-    for commit in commits
-        .iter()
-        .filter(|c| written.contains(&c.push.event_id))
-    {
-        for delivery in &commit.deliveries {
-            rows.add(commit, delivery, owner, lease_ms);
+/// The parameters of [`WRITE`]: the records' columns, then the deliveries', one array each.
+struct Written<'a> {
+    event_id: Vec<&'a str>,
+    committed: Vec<i64>,
+    status: Vec<i32>,
+    content_type: Vec<&'a str>,
+    body: Vec<&'a [u8]>,
+    digest: Vec<&'a [u8]>,
+    /// The window's start of the batch's first commit: the commits of a batch are
+    /// milliseconds apart, and the earliest start takes the most records for retries.
+    since: i64,
+    rows: Rows<'a>,
+}
+
+impl<'a> Written<'a> {
+    fn new(commits: &[&'a Commit], owner: &'a str, lease_ms: u64) -> Self {
+        let mut rows = Rows::default();
+        for commit in commits {
+            for delivery in &commit.deliveries {
+                rows.add(commit, delivery, owner, lease_ms);
+            }
+        }
+        Written {
+            event_id: commits.iter().map(|c| c.push.event_id.as_str()).collect(),
+            committed: commits.iter().map(|c| ms(c.now_ms)).collect(),
+            status: commits.iter().map(|c| i32::from(c.answer.status)).collect(),
+            content_type: commits
+                .iter()
+                .map(|c| c.answer.content_type.as_str())
+                .collect(),
+            body: commits.iter().map(|c| c.answer.body.as_ref()).collect(),
+            digest: commits.iter().map(|c| c.digest.0.as_slice()).collect(),
+            since: commits
+                .iter()
+                .map(|c| c.dedupe_since_ms)
+                .min()
+                .map_or(0, ms),
+            rows,
         }
     }
-    if rows.target.is_empty() {
-        return Ok(std::collections::HashMap::new());
+
+    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        let rows = &self.rows;
+        vec![
+            &self.event_id,
+            &self.committed,
+            &self.status,
+            &self.content_type,
+            &self.body,
+            &self.digest,
+            &self.since,
+            &rows.target,
+            &rows.account,
+            &rows.event_id,
+            &rows.query,
+            &rows.body,
+            &rows.content_type,
+            &rows.forwarded_for,
+            &rows.xml,
+            &rows.key_index,
+            &rows.received_ms,
+            &rows.enqueued_ms,
+            &rows.attempts,
+            &rows.at_ms,
+            &rows.last_error,
+            &rows.msg_type,
+            &rows.event,
+            &rows.route,
+            &rows.dead,
+            &rows.lease_owner,
+            &rows.lease_until,
+        ]
     }
-    let statement = tx
-        .prepare_cached(
-            "INSERT INTO wechat_relay_deliveries (target, account, event_id, query, body, \
-             content_type, forwarded_for, xml, key_index, received_ms, enqueued_ms, attempts, \
-             at_ms, last_error, msg_type, event, route, dead, lease_owner, lease_until_ms) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], \
-             $6::bytea[], $7::text[], $8::bytea[], $9::integer[], $10::bigint[], $11::bigint[], \
-             $12::integer[], $13::bigint[], $14::text[], $15::text[], $16::text[], $17::text[], \
-             $18::boolean[], $19::text[], $20::bigint[]) RETURNING id, event_id, target",
-        )
-        .await
-        .map_err(io_error)?;
-    let returned = tx
-        .query(
-            &statement,
-            &[
-                &rows.target,
-                &rows.account,
-                &rows.event_id,
-                &rows.query,
-                &rows.body,
-                &rows.content_type,
-                &rows.forwarded_for,
-                &rows.xml,
-                &rows.key_index,
-                &rows.received_ms,
-                &rows.enqueued_ms,
-                &rows.attempts,
-                &rows.at_ms,
-                &rows.last_error,
-                &rows.msg_type,
-                &rows.event,
-                &rows.route,
-                &rows.dead,
-                &rows.lease_owner,
-                &rows.lease_until,
-            ],
-        )
-        .await
-        .map_err(io_error)?;
-    Ok(returned
-        .iter()
-        .map(|row| ((row.get(1), row.get(2)), row.get(0)))
-        .collect())
 }
 
 /// The columns of the deliveries a batch writes, one array each.
@@ -705,27 +751,35 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// Evicts the oldest dedupe records the commit's budget lets go when the store (as last
-/// measured) is at it.
+/// Evicts the oldest dedupe records the batch's budget lets go when the store (as last
+/// measured) is at it: [`EVICT_PER_RECORD`] for each commit at its budget.
 async fn make_room(
-    tx: &deadpool_postgres::Transaction<'_>,
-    commit: &Commit,
+    client: &deadpool_postgres::Client,
+    commits: &[&Commit],
     used: &AtomicU64,
 ) -> StoreResult<()> {
-    let budget = commit.budget;
-    if budget.max_bytes == u64::MAX || used.load(Ordering::Relaxed) < budget.max_bytes {
+    let used = used.load(Ordering::Relaxed);
+    let at_budget: Vec<&&Commit> = commits
+        .iter()
+        .filter(|c| c.budget.max_bytes != u64::MAX && used >= c.budget.max_bytes)
+        .collect();
+    let Some(before) = at_budget.iter().map(|c| c.budget.evict_before_ms).min() else {
         return Ok(());
-    }
-    let evicted = tx
+    };
+    let count = i64::try_from(at_budget.len())
+        .unwrap_or(i64::MAX)
+        .saturating_mul(EVICT_PER_RECORD);
+    let evicted = client
         .execute(
             "DELETE FROM wechat_relay_dedupe WHERE event_id IN (SELECT event_id FROM \
              wechat_relay_dedupe WHERE committed_ms < $1 ORDER BY committed_ms LIMIT $2 \
              FOR UPDATE SKIP LOCKED)",
-            &[&ms(budget.evict_before_ms), &EVICT_PER_RECORD],
+            &[&ms(before), &count],
         )
         .await
         .map_err(io_error)?;
-    super::store::evicted(evicted, commit.now_ms);
+    let now_ms = at_budget.iter().map(|c| c.now_ms).max().unwrap_or(0);
+    super::store::evicted(evicted, now_ms);
     Ok(())
 }
 
@@ -824,6 +878,183 @@ async fn renew_loop(pool: Pool, owner: Arc<str>, lease_ms: u64, stop: Cancellati
     }
 }
 
+// ---- batches of small writes ------------------------------------------------------------
+
+/// A write that many pushes or attempts make at once, done for all that are waiting in one
+/// statement on a connection of its own, one batch at a time (what waits meanwhile makes the
+/// next batch). Its connection commits without waiting for the WAL flush: what it writes is
+/// visible to every relay at COMMIT, and a crash of the database server (not of a relay) loses
+/// at most its last fraction of a second, which only costs work done again (see each).
+trait Batch: Send + Sync + 'static {
+    type Item: Send + Sync + 'static;
+    type Out: Send + 'static;
+    /// One result per item, in order.
+    fn write<'a>(
+        &'a self,
+        client: Cached<'a>,
+        items: &'a [Self::Item],
+    ) -> BoxFuture<'a, Result<Vec<Self::Out>, tokio_postgres::Error>>;
+}
+
+type Waiting<B> = (
+    <B as Batch>::Item,
+    oneshot::Sender<StoreResult<<B as Batch>::Out>>,
+);
+
+struct Queue<B: Batch> {
+    jobs: mpsc::Sender<Waiting<B>>,
+}
+
+impl<B: Batch> Queue<B> {
+    fn spawn(pool: Pool, batch: B) -> Self {
+        let (jobs, waiting) = mpsc::channel(MAX_WAITING);
+        tokio::spawn(Self::run(pool, batch, waiting));
+        Queue { jobs }
+    }
+
+    async fn run(pool: Pool, batch: B, mut waiting: mpsc::Receiver<Waiting<B>>) {
+        let mut jobs = Vec::with_capacity(MAX_BATCH);
+        while waiting.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+            let (items, answers): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
+            let written = bounded(async {
+                let client = connect(&pool).await?;
+                let out = batch
+                    .write(Cached(&client), &items)
+                    .await
+                    .map_err(io_error)?;
+                if out.len() == items.len() {
+                    Ok(out)
+                } else {
+                    Err(StoreError::Io(format!(
+                        "the database answered {} of a batch of {}",
+                        out.len(),
+                        items.len()
+                    )))
+                }
+            })
+            .await;
+            match written {
+                Ok(out) => {
+                    for (answer, out) in answers.into_iter().zip(out) {
+                        let _ = answer.send(Ok(out));
+                    }
+                }
+                Err(e) => {
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn call(&self, item: B::Item) -> StoreResult<B::Out> {
+        let (done, answer) = oneshot::channel();
+        self.jobs.try_send((item, done)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                StoreError::Io(format!("{MAX_WAITING} writes are waiting for the database"))
+            }
+            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Claims of pushes about to ask their reply target, with each push's dedupe record. A claim
+/// lost with the database's last fraction of a second lets a WeChat retry on another relay
+/// ask the reply target once more, as a relay that died would.
+struct Claims {
+    owner: Arc<str>,
+}
+
+impl Batch for Claims {
+    type Item = (String, ClaimTimes);
+    type Out = ClaimOutcome;
+
+    fn write<'a>(
+        &'a self,
+        client: Cached<'a>,
+        items: &'a [Self::Item],
+    ) -> BoxFuture<'a, Result<Vec<ClaimOutcome>, tokio_postgres::Error>> {
+        Box::pin(async move {
+            // Each event id once, in order: two relays' batches that share ids lock them in
+            // the same order, so they wait for each other rather than deadlock.
+            let mut asked: Vec<(&str, &ClaimTimes)> = items
+                .iter()
+                .map(|(id, times)| (id.as_str(), times))
+                .collect();
+            asked.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            asked.dedup_by(|a, b| a.0 == b.0);
+            let event_ids: Vec<&str> = asked.iter().map(|(id, _)| *id).collect();
+            let until: Vec<i64> = asked.iter().map(|(_, t)| ms(t.until_ms)).collect();
+            let since: Vec<i64> = asked.iter().map(|(_, t)| ms(t.since_ms)).collect();
+            // The batch's earliest now: a claim that runs out within it waits for the next.
+            let now = asked.iter().map(|(_, t)| t.now_ms).min().map_or(0, ms);
+            // Taken when free, run out, or this relay's own already; and the record, in the
+            // same statement (LATERAL: a lookup by key per claim, never a scan of the table,
+            // which a join with unnest's unknown row count can plan).
+            let rows = client
+                .query(
+                    "WITH claimed AS (INSERT INTO wechat_relay_claims (event_id, owner, until_ms) \
+                     SELECT a.event_id, $3, a.until_ms FROM unnest($1::text[], $2::bigint[]) \
+                     AS a(event_id, until_ms) \
+                     ON CONFLICT (event_id) DO UPDATE SET \
+                     owner = EXCLUDED.owner, until_ms = EXCLUDED.until_ms \
+                     WHERE wechat_relay_claims.until_ms <= $4 \
+                     OR wechat_relay_claims.owner = EXCLUDED.owner RETURNING event_id) \
+                     SELECT a.event_id, a.event_id IN (SELECT event_id FROM claimed), \
+                     d.status, d.content_type, d.body, d.digest \
+                     FROM unnest($1::text[], $5::bigint[]) AS a(event_id, since_ms) \
+                     LEFT JOIN LATERAL (SELECT * FROM wechat_relay_dedupe r \
+                       WHERE r.event_id = a.event_id AND r.committed_ms >= a.since_ms) d ON true",
+                    &[&event_ids, &until, &&*self.owner, &now, &since],
+                )
+                .await?;
+            let mut found = std::collections::HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let recorded = row
+                    .get::<_, Option<i32>>(2)
+                    .map(|status| record_from(status, row.get(3), row.get(4), row.get(5)));
+                let outcome = ClaimOutcome {
+                    held: row.get(1),
+                    recorded,
+                };
+                found.insert(row.get::<_, String>(0), outcome);
+            }
+            // An item the answer lacks makes the batch's length wrong, which fails it.
+            Ok(items
+                .iter()
+                .filter_map(|(id, _)| found.get(id).cloned())
+                .collect())
+        })
+    }
+}
+
+/// Deliveries delivered, deleted. One lost with the database's last fraction of a second is
+/// delivered again (at least once, as after a relay's crash).
+struct Delivered;
+
+impl Batch for Delivered {
+    type Item = DeliveryId;
+    type Out = ();
+
+    fn write<'a>(
+        &'a self,
+        client: Cached<'a>,
+        items: &'a [DeliveryId],
+    ) -> BoxFuture<'a, Result<Vec<()>, tokio_postgres::Error>> {
+        Box::pin(async move {
+            client
+                .execute(
+                    "DELETE FROM wechat_relay_deliveries WHERE id = ANY($1)",
+                    &[&items],
+                )
+                .await?;
+            Ok(vec![(); items.len()])
+        })
+    }
+}
+
 // ---- the trait ---------------------------------------------------------------------------
 
 impl Store for PgStore {
@@ -848,39 +1079,7 @@ impl Store for PgStore {
 
     fn claim(&self, event_id: &str, times: ClaimTimes) -> BoxFuture<'_, StoreResult<ClaimOutcome>> {
         let event_id = event_id.to_owned();
-        let owner = Arc::clone(&self.owner);
-        self.with(move |client| {
-            Box::pin(async move {
-                // Taken when free, run out, or this relay's own already; and the record, in
-                // the same round trip.
-                let row = client
-                    .query_one(
-                        "WITH claimed AS (INSERT INTO wechat_relay_claims (event_id, owner, until_ms) \
-                         VALUES ($1, $2, $3) ON CONFLICT (event_id) DO UPDATE SET \
-                         owner = EXCLUDED.owner, until_ms = EXCLUDED.until_ms \
-                         WHERE wechat_relay_claims.until_ms <= $4 \
-                         OR wechat_relay_claims.owner = EXCLUDED.owner RETURNING 1) \
-                         SELECT EXISTS (SELECT 1 FROM claimed), d.status, d.content_type, d.body, \
-                         d.digest FROM (SELECT 1) AS one LEFT JOIN wechat_relay_dedupe d \
-                         ON d.event_id = $1 AND d.committed_ms >= $5",
-                        &[
-                            &event_id,
-                            &&*owner,
-                            &ms(times.until_ms),
-                            &ms(times.now_ms),
-                            &ms(times.since_ms),
-                        ],
-                    )
-                    .await?;
-                let recorded = row
-                    .get::<_, Option<i32>>(1)
-                    .map(|status| record_from(status, row.get(2), row.get(3), row.get(4)));
-                Ok(ClaimOutcome {
-                    held: row.get(0),
-                    recorded,
-                })
-            })
-        })
+        Box::pin(self.claims.call((event_id, times)))
     }
 
     fn answer(
@@ -1025,40 +1224,27 @@ impl Store for PgStore {
         settle: Settle,
         now_ms: u64,
     ) -> BoxFuture<'_, StoreResult<()>> {
+        // Released when not delivered: due again at `at_ms` (or dead), for whichever relay
+        // takes it then.
+        let (attempts, at_ms, dead, error) = match settle {
+            Settle::Delivered => return Box::pin(self.delivered.call(id)),
+            Settle::Retry {
+                attempts,
+                at_ms,
+                error,
+            } => (attempts, at_ms, false, error),
+            Settle::Dead { attempts, error } => (attempts, now_ms, true, error),
+        };
         self.with(move |client| {
             Box::pin(async move {
-                match settle {
-                    Settle::Delivered => {
-                        client
-                            .execute("DELETE FROM wechat_relay_deliveries WHERE id = $1", &[&id])
-                            .await?;
-                    }
-                    Settle::Retry {
-                        attempts,
-                        at_ms,
-                        error,
-                    } => {
-                        // Released: due again at at_ms, for whichever relay takes it then.
-                        client
-                            .execute(
-                                "UPDATE wechat_relay_deliveries SET attempts = $2, at_ms = $3, \
-                                 last_error = $4, lease_owner = NULL, lease_until_ms = NULL \
-                                 WHERE id = $1",
-                                &[&id, &count(attempts), &ms(at_ms), &error],
-                            )
-                            .await?;
-                    }
-                    Settle::Dead { attempts, error } => {
-                        client
-                            .execute(
-                                "UPDATE wechat_relay_deliveries SET attempts = $2, at_ms = $3, \
-                                 last_error = $4, dead = true, lease_owner = NULL, \
-                                 lease_until_ms = NULL WHERE id = $1",
-                                &[&id, &count(attempts), &ms(now_ms), &error],
-                            )
-                            .await?;
-                    }
-                }
+                client
+                    .execute(
+                        "UPDATE wechat_relay_deliveries SET attempts = $2, at_ms = $3, \
+                         last_error = $4, dead = $5, lease_owner = NULL, lease_until_ms = NULL \
+                         WHERE id = $1",
+                        &[&id, &count(attempts), &ms(at_ms), &error, &dead],
+                    )
+                    .await?;
                 Ok(())
             })
         })
