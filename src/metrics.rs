@@ -38,6 +38,7 @@ pub const STORE_CHECKPOINTS: &str = "wechat_relay_store_checkpoints_total";
 pub const STORE_COMMIT_SECONDS: &str = "wechat_relay_store_commit_seconds";
 pub const STORE_ERRORS: &str = "wechat_relay_store_errors_total";
 pub const STORE_LEASE_TAKEOVERS: &str = "wechat_relay_store_lease_takeovers_total";
+pub const STORE_CONNECT_FAILURES: &str = "wechat_relay_store_connect_failures_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
@@ -156,6 +157,10 @@ fn describe() {
         "Calls to the store that failed (PostgreSQL: the database could not be reached or refused)"
     );
     metrics::describe_counter!(
+        STORE_CONNECT_FAILURES,
+        "Connections to the database that could not be made (PostgreSQL; retried with a backoff of 100 ms doubling to 2 s)"
+    );
+    metrics::describe_counter!(
         STORE_LEASE_TAKEOVERS,
         "Deliveries taken over from another relay whose lease ran out (PostgreSQL)"
     );
@@ -219,6 +224,7 @@ fn started() {
     let _ = histogram!(STORE_COMMIT_SECONDS);
     counter!(STORE_ERRORS).increment(0);
     counter!(STORE_LEASE_TAKEOVERS).increment(0);
+    counter!(STORE_CONNECT_FAILURES).increment(0);
     gauge!(STORE_USED_BYTES).increment(0.0);
     gauge!(DEDUPE_RECORDS).increment(0.0);
 }
@@ -348,6 +354,11 @@ pub fn store_error() {
 }
 
 /// `count` deliveries taken over from a relay whose lease ran out.
+/// A connection to the database could not be made.
+pub fn store_connect_failure() {
+    counter!(STORE_CONNECT_FAILURES).increment(1);
+}
+
 pub fn lease_takeovers(count: u64) {
     counter!(STORE_LEASE_TAKEOVERS).increment(count);
 }

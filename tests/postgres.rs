@@ -384,6 +384,29 @@ async fn a_database_lost_while_serving_gets_503s_then_the_relay_serves_again_wit
         started.elapsed()
     );
 
+    // While it is away, pushes fail at once rather than each trying to connect: connections
+    // are tried with a backoff (100 ms doubling to 2 s), however fast the pushes come.
+    let storm = Instant::now();
+    let mut refused = 0u64;
+    while storm.elapsed() < Duration::from_secs(3) {
+        let (query, body) = push(100 + refused);
+        let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
+        assert_eq!(answer.status, 503, "{}", answer.text());
+        refused += 1;
+    }
+    let metrics = common::get(&format!("http://{admin}/metrics")).await;
+    let tried = common::metric(
+        &metrics.text(),
+        "wechat_relay_store_connect_failures_total",
+        &[],
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 50, "only {refused} pushes in 3 s");
+    assert!(
+        (1.0..=15.0).contains(&tried),
+        "{tried} connections tried for {refused} pushes"
+    );
+
     // It comes back: the relay serves again within 10 s, with no restart.
     pg.run();
     let back = Instant::now();
@@ -403,7 +426,11 @@ async fn a_database_lost_while_serving_gets_503s_then_the_relay_serves_again_wit
     let delivered = tokio::time::timeout(Duration::from_secs(10), target.next())
         .await
         .expect("the push after the outage is delivered");
-    assert!(String::from_utf8_lossy(&delivered.body).contains("push 3"));
+    assert!(
+        String::from_utf8_lossy(&delivered.body).contains("push 3"),
+        "{}",
+        String::from_utf8_lossy(&delivered.body)
+    );
     assert_eq!(common::get(&ready).await.status, 200);
     let metrics = common::get(&format!("http://{admin}/metrics")).await;
     let errors = common::metric(&metrics.text(), "wechat_relay_store_errors_total", &[]);

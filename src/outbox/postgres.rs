@@ -10,9 +10,8 @@
 //!   that leaves nothing pending does not wait for the WAL flush (`synchronous_commit = off`;
 //!   it is visible to every relay all the same);
 //! - claims, and deliveries delivered, are written the same way in batches ([`Queue`]), each
-//!   on a connection that does not wait for the WAL flush: losing the last of them with the
-//!   database server costs work done again (a reply target asked, a delivery sent, once more),
-//!   never a push;
+//!   on a connection of its own; claims do not wait for the WAL flush: one lost with the
+//!   database server costs a reply target asked once more, never a push;
 //! - a pending delivery carries a lease (`lease_owner`, `lease_until_ms`): the relay that
 //!   committed it holds it, a worker that takes it due renews it, and `FOR UPDATE SKIP LOCKED`
 //!   keeps two relays from taking the same one. A relay that died leaves leases that run out
@@ -124,10 +123,10 @@ const SELECTED: &str = "($1::bigint IS NULL OR id = $1) AND ($2::text IS NULL OR
     AND ($3::boolean IS NULL OR dead = $3)";
 
 pub struct PgStore {
-    pool: Pool,
+    pool: Conns,
     writer: mpsc::Sender<Job>,
     /// Claims, and the deliveries delivered, each written in batches on a connection of its
-    /// own that commits without waiting for the WAL flush (see [`Batch`]).
+    /// own (see [`Batch`]): claims without waiting for the WAL flush, the others flushed.
     claims: Queue<Claims>,
     delivered: Queue<Delivered>,
     /// The bytes of the store's tables, as last measured.
@@ -151,8 +150,8 @@ impl Drop for PgStore {
 
 /// What `check` says of a database: its schema version, or that it is empty.
 pub async fn schema_version(database: &Database) -> StoreResult<Option<i32>> {
-    let pool = pool(database, 1)?;
-    let client = connect(&pool).await?;
+    let pool = pool(database, 1, &Arc::default())?;
+    let client = pool.get().await?;
     bounded(read_version(&client)).await
 }
 
@@ -160,11 +159,12 @@ impl PgStore {
     /// Connects, then sets up or migrates the schema (`serve`), or checks that it is the one
     /// this relay knows (`outbox` commands: they change nothing else).
     pub async fn open(database: &Database, lease: Duration, role: Role) -> StoreResult<PgStore> {
-        let writer_pool = pool(database, 1)?;
-        let claims_pool = unflushed_pool(database)?;
-        let delivered_pool = unflushed_pool(database)?;
-        let pool = pool(database, POOL_SIZE)?;
-        let mut client = connect(&pool).await?;
+        let reconnect = Arc::default();
+        let writer_pool = pool(database, 1, &reconnect)?;
+        let claims_pool = unflushed_pool(database, &reconnect)?;
+        let delivered_pool = pool(database, 1, &reconnect)?;
+        let pool = pool(database, POOL_SIZE, &reconnect)?;
+        let mut client = pool.get().await?;
         match role {
             Role::Server => migrate(&mut client).await?,
             Role::Tool => match bounded(read_version(&client)).await? {
@@ -232,7 +232,7 @@ impl PgStore {
     ) -> BoxFuture<'a, StoreResult<T>> {
         Box::pin(async move {
             bounded(async {
-                let client = connect(&self.pool).await?;
+                let client = self.pool.get().await?;
                 read(Cached(&client)).await.map_err(io_error)
             })
             .await
@@ -273,7 +273,7 @@ impl Cached<'_> {
     }
 }
 
-fn pool(database: &Database, size: usize) -> StoreResult<Pool> {
+fn pool(database: &Database, size: usize, reconnect: &Arc<Reconnect>) -> StoreResult<Conns> {
     let mut config = database.config.clone();
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("wechat-relay");
@@ -290,22 +290,26 @@ fn pool(database: &Database, size: usize) -> StoreResult<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
+    let pool = Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(OP_TIMEOUT))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(OP_TIMEOUT))
         .build()
-        .map_err(|e| StoreError::Open(format!("cannot set up the database pool: {e}")))
+        .map_err(|e| StoreError::Open(format!("cannot set up the database pool: {e}")))?;
+    Ok(Conns {
+        pool,
+        reconnect: Arc::clone(reconnect),
+    })
 }
 
 /// A connection for [`Queue`]s: its transactions commit without waiting for the WAL flush
 /// (`synchronous_commit = off`), visible to every relay at once all the same.
-fn unflushed_pool(database: &Database) -> StoreResult<Pool> {
+fn unflushed_pool(database: &Database, reconnect: &Arc<Reconnect>) -> StoreResult<Conns> {
     let mut database = database.clone();
     with_options(&mut database.config, "-c synchronous_commit=off");
-    pool(&database, 1)
+    pool(&database, 1, reconnect)
 }
 
 /// Adds server options to those the URL gave, if any.
@@ -345,18 +349,124 @@ fn tls(database: &Database) -> StoreResult<tokio_postgres_rustls::MakeRustlsConn
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-async fn connect(pool: &Pool) -> StoreResult<deadpool_postgres::Object> {
-    pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(e) => io_error(e),
-        deadpool_postgres::PoolError::Timeout(_) => {
+/// A pool of connections to the database whose connecting goes through the store's one
+/// [`Reconnect`].
+#[derive(Clone)]
+struct Conns {
+    pool: Pool,
+    reconnect: Arc<Reconnect>,
+}
+
+impl Conns {
+    /// A connection: an idle one of the pool, or a new one unless the last could not be
+    /// made and its backoff has not passed (then the call fails at once).
+    async fn get(&self) -> StoreResult<deadpool_postgres::Object> {
+        let idle = self.pool.status().available > 0;
+        if let Some(wait) = self.reconnect.waiting().filter(|_| !idle) {
             crate::metrics::store_error();
-            StoreError::Io("cannot reach the database: timed out".into())
+            return Err(StoreError::Io(format!(
+                "cannot reach the database (connecting again in {} ms)",
+                wait.as_millis()
+            )));
         }
-        other => {
-            crate::metrics::store_error();
-            StoreError::Io(format!("cannot reach the database: {other}"))
+        match self.pool.get().await {
+            Ok(client) => {
+                self.reconnect.connected();
+                Ok(client)
+            }
+            Err(e) => {
+                crate::metrics::store_error();
+                Err(match e {
+                    deadpool_postgres::PoolError::Backend(e) => {
+                        self.reconnect.failed(&e.to_string());
+                        StoreError::Io(format!("cannot reach the database: {e}"))
+                    }
+                    deadpool_postgres::PoolError::Timeout(
+                        deadpool_postgres::TimeoutType::Create,
+                    ) => {
+                        self.reconnect.failed("timed out");
+                        StoreError::Io("cannot reach the database: timed out".into())
+                    }
+                    deadpool_postgres::PoolError::Timeout(_) => {
+                        StoreError::Io("cannot reach the database: timed out".into())
+                    }
+                    other => StoreError::Io(format!("cannot reach the database: {other}")),
+                })
+            }
         }
-    })
+    }
+}
+
+/// The backoff after connections that could not be made: none is tried again for 100 ms,
+/// doubling with each failure to 2 s (with a quarter of jitter), so that while the database
+/// is away a push fails at once (503, WeChat retries) rather than each trying to connect,
+/// and relays do not all connect at the moment it is back. The first connection made ends it.
+#[derive(Default)]
+struct Reconnect {
+    /// Set while connections fail: the lock is taken only then.
+    down: std::sync::atomic::AtomicBool,
+    outage: std::sync::Mutex<Outage>,
+}
+
+#[derive(Default)]
+struct Outage {
+    failures: u32,
+    since: Option<std::time::Instant>,
+    next: Option<std::time::Instant>,
+}
+
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+impl Reconnect {
+    /// How long until a connection may be tried again, if it may not now.
+    fn waiting(&self) -> Option<Duration> {
+        if !self.down.load(Ordering::Relaxed) {
+            return None;
+        }
+        let outage = self.outage.lock().ok()?;
+        let next = outage.next?;
+        next.checked_duration_since(std::time::Instant::now())
+            .filter(|wait| !wait.is_zero())
+    }
+
+    fn failed(&self, why: &str) {
+        let Ok(mut outage) = self.outage.lock() else {
+            return;
+        };
+        crate::metrics::store_connect_failure();
+        let now = std::time::Instant::now();
+        outage.failures = outage.failures.saturating_add(1);
+        let doubled = RECONNECT_FIRST
+            .saturating_mul(1u32 << outage.failures.saturating_sub(1).min(5))
+            .min(RECONNECT_MAX);
+        // Up to a quarter less, so that relays that failed together spread out.
+        let jitter = doubled.mul_f64(rand::random::<f64>() * 0.25);
+        let wait = doubled.saturating_sub(jitter);
+        outage.next = now.checked_add(wait);
+        if outage.since.is_none() {
+            outage.since = Some(now);
+            tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64,
+                "cannot connect to the database; pushes that need it are answered 503 until it is back");
+        }
+        self.down.store(true, Ordering::Relaxed);
+    }
+
+    fn connected(&self) {
+        if !self.down.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut outage) = self.outage.lock()
+            && let Some(since) = outage.since.take()
+        {
+            tracing::info!(
+                down_ms = since.elapsed().as_millis() as u64,
+                failures = outage.failures,
+                "connected to the database again"
+            );
+            *outage = Outage::default();
+        }
+    }
 }
 
 /// `work` within [`OP_TIMEOUT`].
@@ -443,7 +553,7 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> StoreResult<()> {
 /// then answers each. A batch that fails is tried again commit by commit, so that one bad
 /// commit fails only itself.
 async fn write_loop(
-    pool: Pool,
+    pool: Conns,
     mut jobs: mpsc::Receiver<Job>,
     owner: Arc<str>,
     lease_ms: u64,
@@ -475,7 +585,7 @@ async fn write_loop(
 }
 
 async fn write_batch(
-    pool: &Pool,
+    pool: &Conns,
     commits: &[&Commit],
     owner: &str,
     lease_ms: u64,
@@ -485,7 +595,7 @@ async fn write_batch(
     // they wait for each other rather than deadlock.
     let mut commits = commits.to_vec();
     commits.sort_unstable_by(|a, b| a.push.event_id.cmp(&b.push.event_id));
-    let client = connect(pool).await?;
+    let client = pool.get().await?;
     let statement = client.prepare_cached(WRITE).await.map_err(io_error)?;
     let nothing_pending = commits.iter().all(|c| c.deliveries.iter().all(|d| d.dead));
     // A batch that leaves nothing pending is visible to every relay at COMMIT all the same; a
@@ -820,9 +930,9 @@ fn record_from(
 }
 
 /// The size of the store's tables and their indexes.
-async fn measure(pool: &Pool) -> StoreResult<u64> {
+async fn measure(pool: &Conns) -> StoreResult<u64> {
     bounded(async {
-        let client = connect(pool).await?;
+        let client = pool.get().await?;
         let row = client
             .query_one(
                 // The relay's tables as the connection's search_path finds them (another
@@ -838,7 +948,7 @@ async fn measure(pool: &Pool) -> StoreResult<u64> {
     .await
 }
 
-async fn measure_loop(pool: Pool, used: Arc<AtomicU64>, stop: CancellationToken) {
+async fn measure_loop(pool: Conns, used: Arc<AtomicU64>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -852,7 +962,7 @@ async fn measure_loop(pool: Pool, used: Arc<AtomicU64>, stop: CancellationToken)
 
 /// Renews the leases this relay holds (the deliveries it committed or took, until it settles
 /// them) three times per lease, so that another relay takes none while this one lives.
-async fn renew_loop(pool: Pool, owner: Arc<str>, lease_ms: u64, stop: CancellationToken) {
+async fn renew_loop(pool: Conns, owner: Arc<str>, lease_ms: u64, stop: CancellationToken) {
     let every = Duration::from_millis((lease_ms / 3).max(1));
     loop {
         tokio::select! {
@@ -861,7 +971,7 @@ async fn renew_loop(pool: Pool, owner: Arc<str>, lease_ms: u64, stop: Cancellati
         }
         let until = ms(super::now_ms().saturating_add(lease_ms));
         let renewed = bounded(async {
-            let client = connect(&pool).await?;
+            let client = pool.get().await?;
             client
                 .execute(
                     "UPDATE wechat_relay_deliveries SET lease_until_ms = $2 \
@@ -882,9 +992,7 @@ async fn renew_loop(pool: Pool, owner: Arc<str>, lease_ms: u64, stop: Cancellati
 
 /// A write that many pushes or attempts make at once, done for all that are waiting in one
 /// statement on a connection of its own, one batch at a time (what waits meanwhile makes the
-/// next batch). Its connection commits without waiting for the WAL flush: what it writes is
-/// visible to every relay at COMMIT, and a crash of the database server (not of a relay) loses
-/// at most its last fraction of a second, which only costs work done again (see each).
+/// next batch): one round trip, and one WAL flush, for the batch.
 trait Batch: Send + Sync + 'static {
     type Item: Send + Sync + 'static;
     type Out: Send + 'static;
@@ -906,18 +1014,18 @@ struct Queue<B: Batch> {
 }
 
 impl<B: Batch> Queue<B> {
-    fn spawn(pool: Pool, batch: B) -> Self {
+    fn spawn(pool: Conns, batch: B) -> Self {
         let (jobs, waiting) = mpsc::channel(MAX_WAITING);
         tokio::spawn(Self::run(pool, batch, waiting));
         Queue { jobs }
     }
 
-    async fn run(pool: Pool, batch: B, mut waiting: mpsc::Receiver<Waiting<B>>) {
+    async fn run(pool: Conns, batch: B, mut waiting: mpsc::Receiver<Waiting<B>>) {
         let mut jobs = Vec::with_capacity(MAX_BATCH);
         while waiting.recv_many(&mut jobs, MAX_BATCH).await > 0 {
             let (items, answers): (Vec<_>, Vec<_>) = jobs.drain(..).unzip();
             let written = bounded(async {
-                let client = connect(&pool).await?;
+                let client = pool.get().await?;
                 let out = batch
                     .write(Cached(&client), &items)
                     .await
@@ -960,9 +1068,11 @@ impl<B: Batch> Queue<B> {
     }
 }
 
-/// Claims of pushes about to ask their reply target, with each push's dedupe record. A claim
-/// lost with the database's last fraction of a second lets a WeChat retry on another relay
-/// ask the reply target once more, as a relay that died would.
+/// Claims of pushes about to ask their reply target, with each push's dedupe record. Their
+/// connection commits without waiting for the WAL flush ([`unflushed_pool`]): a claim is
+/// visible to every relay at COMMIT, and one lost with the database server's last fraction of
+/// a second (a crash of the server, not of a relay) lets a WeChat retry on another relay ask
+/// the reply target once more, as a relay that died would. Nothing acknowledged rests on it.
 struct Claims {
     owner: Arc<str>,
 }
@@ -1030,8 +1140,8 @@ impl Batch for Claims {
     }
 }
 
-/// Deliveries delivered, deleted. One lost with the database's last fraction of a second is
-/// delivered again (at least once, as after a relay's crash).
+/// Deliveries delivered, deleted, and flushed before the worker frees the attempt's slot (its
+/// outcome is recorded): a crash of the database server after it does not send it again.
 struct Delivered;
 
 impl Batch for Delivered {
@@ -1090,7 +1200,7 @@ impl Store for PgStore {
         let event_id = event_id.to_owned();
         Box::pin(async move {
             bounded(async {
-                let client = connect(&self.pool).await?;
+                let client = self.pool.get().await?;
                 recorded(&client, &event_id, since_ms).await
             })
             .await
@@ -1126,7 +1236,7 @@ impl Store for PgStore {
     fn probe(&self) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(async move {
             bounded(async {
-                let mut client = connect(&self.pool).await?;
+                let mut client = self.pool.get().await?;
                 // A write that is undone: fails when the database takes none (read-only, full).
                 let tx = client.transaction().await.map_err(io_error)?;
                 tx.execute(
