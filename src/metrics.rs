@@ -39,6 +39,7 @@ pub const STORE_COMMIT_SECONDS: &str = "wechat_relay_store_commit_seconds";
 pub const STORE_ERRORS: &str = "wechat_relay_store_errors_total";
 pub const STORE_LEASE_TAKEOVERS: &str = "wechat_relay_store_lease_takeovers_total";
 pub const STORE_CONNECT_FAILURES: &str = "wechat_relay_store_connect_failures_total";
+pub const STORE_WAKEUPS: &str = "wechat_relay_store_wakeups_total";
 pub const CONFIG_RELOADS: &str = "wechat_relay_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "wechat_relay_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "wechat_relay_connections_closed_total";
@@ -161,6 +162,10 @@ fn describe() {
         "Connections to the database that could not be made (PostgreSQL; retried with a backoff of 100 ms doubling to 2 s)"
     );
     metrics::describe_counter!(
+        STORE_WAKEUPS,
+        "Wake-ups heard from other processes (PostgreSQL LISTEN/NOTIFY: an outbox replay made deliveries due now)"
+    );
+    metrics::describe_counter!(
         STORE_LEASE_TAKEOVERS,
         "Deliveries taken over from another relay whose lease ran out (PostgreSQL)"
     );
@@ -225,6 +230,7 @@ fn started() {
     counter!(STORE_ERRORS).increment(0);
     counter!(STORE_LEASE_TAKEOVERS).increment(0);
     counter!(STORE_CONNECT_FAILURES).increment(0);
+    counter!(STORE_WAKEUPS).increment(0);
     gauge!(STORE_USED_BYTES).increment(0.0);
     gauge!(DEDUPE_RECORDS).increment(0.0);
 }
@@ -357,6 +363,11 @@ pub fn store_error() {
 /// A connection to the database could not be made.
 pub fn store_connect_failure() {
     counter!(STORE_CONNECT_FAILURES).increment(1);
+}
+
+/// Another process's wake-up was heard.
+pub fn store_wakeup() {
+    counter!(STORE_WAKEUPS).increment(1);
 }
 
 pub fn lease_takeovers(count: u64) {

@@ -99,7 +99,7 @@ pub struct Outbox {
     recent: tokio::sync::OnceCell<Option<RecentIds>>,
     workers: Mutex<HashMap<String, WorkerSlot>>,
     /// Per target name, for as long as the process lives: what its workers share.
-    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    lanes: Arc<Mutex<HashMap<String, Arc<Lane>>>>,
     /// Attempt trackers of every worker generation, for shutdown.
     generations: Mutex<Vec<TaskTracker>>,
     forwarder: Forwarder,
@@ -162,7 +162,7 @@ impl Outbox {
             claims: Claims::default(),
             recent: tokio::sync::OnceCell::new(),
             workers: Mutex::new(HashMap::new()),
-            lanes: Mutex::new(HashMap::new()),
+            lanes: Arc::default(),
             generations: Mutex::new(Vec::new()),
             forwarder,
             stop: CancellationToken::new(),
@@ -174,6 +174,13 @@ impl Outbox {
             Arc::clone(&outbox.limits),
             outbox.stop.clone(),
         ));
+        if let Some(wakeups) = outbox.store.wakeups() {
+            outbox.tasks.spawn(wake_lanes(
+                wakeups,
+                Arc::clone(&outbox.lanes),
+                outbox.stop.clone(),
+            ));
+        }
         outbox
     }
 
@@ -568,6 +575,33 @@ impl Outbox {
 
 /// At start and then every [`Limits::upkeep_every`]: deletes expired dedupe records and the
 /// dead letters older than the retention.
+/// Makes the workers that another process's wake-up names look at the store now, rather than
+/// at their next idle poll.
+async fn wake_lanes(
+    mut wakeups: tokio::sync::broadcast::Receiver<Option<Arc<str>>>,
+    lanes: Arc<Mutex<HashMap<String, Arc<Lane>>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let target = tokio::select! {
+            () = stop.cancelled() => return,
+            wakeup = wakeups.recv() => match wakeup {
+                Ok(target) => target,
+                // Some were missed: every worker looks.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        let Ok(lanes) = lanes.lock() else { return };
+        for (name, lane) in lanes.iter() {
+            if target.as_deref().is_none_or(|t| t == name) {
+                lane.poll_store();
+                lane.wake.notify_one();
+            }
+        }
+    }
+}
+
 async fn upkeep(store: Arc<dyn Store>, limits: Arc<Limits>, stop: CancellationToken) {
     loop {
         let now = now_ms();

@@ -57,6 +57,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const POOL_SIZE: usize = 8;
 /// Commits waiting for the writer; past it a push is refused (503, WeChat retries).
 const MAX_WAITING: usize = 4096;
+/// The channel of `NOTIFY` wake-ups: its payload is a target's name, or `*` for every target.
+const WAKE_CHANNEL: &str = "wechat_relay_due";
+/// Wake-ups held for the workers; past it the oldest are dropped and every worker looks.
+const WAKEUPS_HELD: usize = 64;
+/// How long the listener waits before connecting again after its connection failed.
+const LISTEN_AGAIN: Duration = Duration::from_secs(1);
 /// The most commits one transaction takes.
 const MAX_BATCH: usize = 256;
 /// How often the size of the store's tables is measured (`used_bytes`).
@@ -134,6 +140,8 @@ pub struct PgStore {
     /// Who holds a lease this relay takes: `host:pid:random`.
     owner: Arc<str>,
     lease_ms: u64,
+    /// What [`listen_loop`] hears: targets another process made due now.
+    wakeups: tokio::sync::broadcast::Sender<Option<Arc<str>>>,
     stop: CancellationToken,
 }
 
@@ -201,8 +209,16 @@ impl PgStore {
             used: Arc::default(),
             owner: Arc::clone(&owner),
             lease_ms,
+            wakeups: tokio::sync::broadcast::channel(WAKEUPS_HELD).0,
             stop: CancellationToken::new(),
         };
+        if role == Role::Server {
+            tokio::spawn(listen_loop(
+                database.clone(),
+                store.wakeups.clone(),
+                store.stop.clone(),
+            ));
+        }
         let used = Arc::clone(&store.used);
         store.measure_now().await;
         tokio::spawn(write_loop(
@@ -273,7 +289,8 @@ impl Cached<'_> {
     }
 }
 
-fn pool(database: &Database, size: usize, reconnect: &Arc<Reconnect>) -> StoreResult<Conns> {
+/// The settings of every connection the relay makes to the database.
+fn client_config(database: &Database) -> tokio_postgres::Config {
     let mut config = database.config.clone();
     config.connect_timeout(CONNECT_TIMEOUT);
     config.application_name("wechat-relay");
@@ -283,8 +300,12 @@ fn pool(database: &Database, size: usize, reconnect: &Arc<Reconnect>) -> StoreRe
     // analyzes them. Without sequential scans the plan is the index's from the start; the
     // few statements that read a whole table (stats, list) still may.
     with_options(&mut config, "-c enable_seqscan=off");
+    config
+}
+
+fn pool(database: &Database, size: usize, reconnect: &Arc<Reconnect>) -> StoreResult<Conns> {
     let manager = Manager::from_config(
-        config,
+        client_config(database),
         tls(database)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -988,6 +1009,66 @@ async fn renew_loop(pool: Conns, owner: Arc<str>, lease_ms: u64, stop: Cancellat
     }
 }
 
+// ---- wake-ups -----------------------------------------------------------------------------
+
+/// Listens on [`WAKE_CHANNEL`] on a connection of its own (the pool's connections drop what
+/// the server sends unasked) and passes each wake-up on, until `stop`. Lost, the connection is
+/// made again after [`LISTEN_AGAIN`], and every worker then looks at the store once, for what
+/// was sent meanwhile; until then the workers' idle poll (every second) finds it.
+async fn listen_loop(
+    database: Database,
+    wakeups: tokio::sync::broadcast::Sender<Option<Arc<str>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let listened = tokio::select! {
+            () = stop.cancelled() => return,
+            listened = listen(&database, &wakeups) => listened,
+        };
+        if let Err(e) = listened {
+            tracing::debug!(error = %e, "not listening for wake-ups; connecting again");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LISTEN_AGAIN) => {}
+        }
+    }
+}
+
+async fn listen(
+    database: &Database,
+    wakeups: &tokio::sync::broadcast::Sender<Option<Arc<str>>>,
+) -> Result<(), String> {
+    let tls = tls(database).map_err(|e| e.to_string())?;
+    let (client, mut connection) = client_config(database)
+        .connect(tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let listen = format!("LISTEN {WAKE_CHANNEL}");
+    let mut asked = std::pin::pin!(client.batch_execute(&listen));
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            listened = &mut asked, if !listening => {
+                listened.map_err(|e| e.to_string())?;
+                listening = true;
+                // What was sent while this relay was not listening.
+                let _ = wakeups.send(None);
+            }
+            message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(wakeup))) => {
+                    crate::metrics::store_wakeup();
+                    let target = wakeup.payload();
+                    let _ = wakeups.send((target != "*").then(|| target.into()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the database closed the connection".into()),
+            },
+        }
+    }
+}
+
 // ---- batches of small writes ------------------------------------------------------------
 
 /// A write that many pushes or attempts make at once, done for all that are waiting in one
@@ -1185,6 +1266,10 @@ impl Store for PgStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Option<Arc<str>>>> {
+        Some(self.wakeups.subscribe())
     }
 
     fn claim(&self, event_id: &str, times: ClaimTimes) -> BoxFuture<'_, StoreResult<ClaimOutcome>> {
@@ -1454,17 +1539,23 @@ impl Store for PgStore {
         self.with(move |client| {
             Box::pin(async move {
                 let (id, target, dead) = selected(&selection);
-                // Back in line, due now, with a fresh attempt count and age, leased by nobody.
-                client
-                    .execute(
+                // Back in line, due now, with a fresh attempt count and age, leased by nobody;
+                // and every relay's worker of each target replayed wakes at the COMMIT.
+                let row = client
+                    .query_one(
                         &format!(
-                            "UPDATE wechat_relay_deliveries SET attempts = 0, enqueued_ms = $4, \
-                             at_ms = $4, last_error = NULL, dead = false, lease_owner = NULL, \
-                             lease_until_ms = NULL WHERE {SELECTED}"
+                            "WITH replayed AS (UPDATE wechat_relay_deliveries SET attempts = 0, \
+                             enqueued_ms = $4, at_ms = $4, last_error = NULL, dead = false, \
+                             lease_owner = NULL, lease_until_ms = NULL WHERE {SELECTED} \
+                             RETURNING target), \
+                             woken AS (SELECT pg_notify('{WAKE_CHANNEL}', target) \
+                             FROM (SELECT DISTINCT target FROM replayed) t) \
+                             SELECT (SELECT count(*) FROM replayed), (SELECT count(*) FROM woken)"
                         ),
                         &[&id, &target, &dead, &ms(now_ms)],
                     )
-                    .await
+                    .await?;
+                Ok(unsigned(row.get(0)))
             })
         })
     }

@@ -336,6 +336,13 @@ pub trait Store: Send + Sync {
         false
     }
 
+    /// Wake-ups from other processes: the name of a target whose deliveries another process
+    /// made due now (an `outbox replay`), or `None` for every target (the wake-ups were
+    /// interrupted, and some may be lost). Only a shared store has them.
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Option<Arc<str>>>> {
+        None
+    }
+
     /// Claims `event_id` for this process until `until_ms`, unless another process holds a
     /// live claim on it, and reads its dedupe record committed at or after `since_ms`, in one
     /// call. Only a shared store has claims of other processes: the others say held (this
