@@ -261,6 +261,8 @@ impl Outbox {
             digest,
             guards: Vec::new(),
             collisions: 0,
+            shared_claims: Vec::new(),
+            store: Arc::clone(&self.store),
         };
         match self.claim(&mut ticket, look_up).await {
             Ok(None) => Ok(Admitted::New(ticket)),
@@ -304,7 +306,11 @@ impl Outbox {
             }
             // A shared store's claim reads the record too.
             let recorded = if self.store.shared() {
-                self.claim_shared(ticket).await?
+                let recorded = self.claim_shared(ticket).await?;
+                if recorded.is_none() {
+                    ticket.shared_claims.push(ticket.push.event_id.clone());
+                }
+                recorded
             } else {
                 self.answer(&ticket.push.event_id).await?
             };
@@ -503,15 +509,17 @@ impl Outbox {
                         );
                     }
                     ticket.finish(&answer);
+                    ticket.shared_claims.clear();
                     return Ok(Accepted::New {
                         collided: ticket.collisions > 0,
-                        push: ticket.push,
+                        push: Arc::clone(&ticket.push),
                         answer,
                     });
                 }
                 Ok(Committed::Duplicate(earlier)) => {
                     let earlier = Arc::new(earlier);
                     ticket.finish(&earlier);
+                    ticket.shared_claims.clear();
                     return Ok(Accepted::Retry {
                         push: Arc::clone(&ticket.push),
                         answer: earlier,
@@ -762,6 +770,35 @@ pub struct Ticket {
     /// The claims on the ids tried: the first and, after a collision, the push's own.
     guards: Vec<ClaimGuard>,
     collisions: u32,
+    /// The ids claimed in a shared store ([`Outbox::claim_shared`]), until the push is
+    /// committed: a ticket dropped before that releases them.
+    shared_claims: Vec<String>,
+    store: Arc<dyn Store>,
+}
+
+impl Drop for Ticket {
+    /// A push that failed (or was dropped) before its commit gives up its shared claims, so
+    /// that WeChat's retry on another relay is handled there at once.
+    fn drop(&mut self) {
+        if self.shared_claims.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, claims) = (
+            Arc::clone(&self.store),
+            std::mem::take(&mut self.shared_claims),
+        );
+        runtime.spawn(async move {
+            for event_id in claims {
+                if let Err(e) = store.release(&event_id).await {
+                    tracing::debug!(event_id = %event_id, error = %e,
+                        "cannot release the claim; it runs out");
+                }
+            }
+        });
+    }
 }
 
 impl Ticket {

@@ -275,7 +275,11 @@ async fn a_delivery_left_by_a_relay_that_died_is_taken_by_the_other_when_its_lea
         "wechat_relay_store_lease_takeovers_total",
         &[],
     );
-    assert_eq!(takeovers, Some(1.0), "{}", metrics.text());
+    assert!(
+        takeovers.is_some_and(|n| n >= 1.0),
+        "takeovers {takeovers:?}: {}",
+        metrics.text()
+    );
     drop(b);
 }
 
@@ -690,11 +694,27 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push(
         two_relays(|dir| write_config_with(dir, &pg, "relay", &url, 30_000, "reply_text = \"ok\""));
     let mut acknowledged = std::collections::BTreeSet::new();
     let mut refused = 0;
-    for n in 0..60u64 {
+    // Pushes go on after the database is back until 10 in a row are acknowledged (the relays
+    // connect again with a backoff of at most 2 s), within 10 s of its return.
+    let mut back = None;
+    let mut n = 0u64;
+    loop {
         match n {
             20 => pg.kill(),
-            40 => pg.run(),
+            40 => {
+                pg.run();
+                back = Some(Instant::now());
+            }
             _ => {}
+        }
+        if n >= 50 && (n - 10..n).all(|m| acknowledged.contains(&m)) {
+            break;
+        }
+        if let Some(back) = back {
+            assert!(
+                back.elapsed() < Duration::from_secs(10),
+                "not serving again: {acknowledged:?}"
+            );
         }
         let relay = if n % 2 == 0 { &a } else { &b };
         let (query, body) = PushBuilder::new(text_xml(&format!("load {n};"), 2000 + n)).plaintext();
@@ -706,17 +726,14 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push(
             503 => refused += 1,
             other => panic!("push {n}: {other} {}", answer.text()),
         }
+        n += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Away: 503s (WeChat retries them); before and after: acknowledged.
+    // Away: 503s (WeChat retries them); before: acknowledged.
     assert!(refused >= 20, "{refused} refused");
     assert!(
         (0..20).all(|n| acknowledged.contains(&n)),
         "{acknowledged:?}"
-    );
-    assert!(
-        (50..60).all(|n| acknowledged.contains(&n)),
-        "serving again: {acknowledged:?}"
     );
     let mut delivered = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -870,5 +887,48 @@ async fn a_replay_wakes_every_relay_s_worker_and_is_delivered_once() {
         pg.psql("relay", "SELECT count(*) FROM wechat_relay_deliveries"),
         "0"
     );
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_fails_before_its_commit_gives_up_its_claim_to_the_other_relay() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut target = FakeTarget::with(common::Behaviour {
+        status: http::StatusCode::SERVICE_UNAVAILABLE,
+        ..Default::default()
+    })
+    .await;
+    let url = target.url("/t");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = Binary::start(&write_config(dir_b.path(), &pg, "relay", &url, 30_000));
+    // Dead letters past relay A's budget of 1 MiB (not past B's): A refuses a push that
+    // needs a delivery, after it has claimed it and asked the reply target.
+    pg.psql(
+        "relay",
+        "INSERT INTO wechat_relay_deliveries (target, account, event_id, query, body, \
+         forwarded_for, received_ms, enqueued_ms, attempts, at_ms, route, dead) \
+         SELECT 't', 'main', 'old' || g, '', convert_to((SELECT string_agg(md5(random()::text \
+         || g || i), '') FROM generate_series(1, 64) i), 'UTF8'), '-', 0, 0, 1, 0, 'r', true \
+         FROM generate_series(1, 2000) g",
+    );
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let config_a = write_config(dir_a.path(), &pg, "relay", &url, 30_000);
+    let toml = std::fs::read_to_string(&config_a).expect("read");
+    let toml = toml.replacen("[store]\n", "[store]\nmax_bytes = 1048576\n", 1);
+    std::fs::write(&config_a, toml).expect("write");
+    let a = Binary::start(&config_a);
+
+    let (query, body) = PushBuilder::new(text_xml("refused", 31)).plaintext();
+    let first = post(&a.url(&format!("/wechat?{query}")), body.clone()).await;
+    assert_eq!(first.status, 503, "{}", first.text());
+    let _ = target.next().await;
+    // WeChat's retry reaches relay B: handled at once, not after A's claim runs out (5 s,
+    // longer than a retry waits for another relay's answer: it would get 503 again).
+    target.set(common::Behaviour::default());
+    let retry = post(&b.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    let asked = target.next().await;
+    assert!(String::from_utf8_lossy(&asked.body).contains("refused"));
     drop((a, b));
 }

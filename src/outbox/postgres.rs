@@ -1277,6 +1277,22 @@ impl Store for PgStore {
         Box::pin(self.claims.call((event_id, times)))
     }
 
+    fn release(&self, event_id: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let event_id = event_id.to_owned();
+        let owner = Arc::clone(&self.owner);
+        self.with(move |client| {
+            Box::pin(async move {
+                client
+                    .execute(
+                        "DELETE FROM wechat_relay_claims WHERE event_id = $1 AND owner = $2",
+                        &[&event_id, &&*owner],
+                    )
+                    .await?;
+                Ok(())
+            })
+        })
+    }
+
     fn answer(
         &self,
         event_id: &str,

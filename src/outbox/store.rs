@@ -346,7 +346,7 @@ pub trait Store: Send + Sync {
     /// Claims `event_id` for this process until `until_ms`, unless another process holds a
     /// live claim on it, and reads its dedupe record committed at or after `since_ms`, in one
     /// call. Only a shared store has claims of other processes: the others say held (this
-    /// process's own claims are in memory). A claim is not released: it runs out.
+    /// process's own claims are in memory). A claim runs out, unless [`Store::release`]d.
     fn claim(&self, event_id: &str, times: ClaimTimes) -> BoxFuture<'_, StoreResult<ClaimOutcome>> {
         let _ = (event_id, times);
         Box::pin(async {
@@ -355,6 +355,14 @@ pub trait Store: Send + Sync {
                 recorded: None,
             })
         })
+    }
+
+    /// Gives up this process's claim on `event_id`: its push failed before it was committed,
+    /// and a WeChat retry that reaches another process is then handled there at once instead
+    /// of waiting for the claim to run out.
+    fn release(&self, event_id: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let _ = event_id;
+        Box::pin(async { Ok(()) })
     }
 
     /// The dedupe record of `event_id`, if it was committed at or after `since_ms`.
