@@ -716,7 +716,7 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push(
                 "not serving again: {acknowledged:?}"
             );
         }
-        let relay = if n % 2 == 0 { &a } else { &b };
+        let relay = if n.is_multiple_of(2) { &a } else { &b };
         let (query, body) = PushBuilder::new(text_xml(&format!("load {n};"), 2000 + n)).plaintext();
         let answer = post(&relay.url(&format!("/wechat?{query}")), body).await;
         match answer.status.as_u16() {
