@@ -7,7 +7,7 @@
 #   -w  warm-up before each case's runs (default 2)
 #   -n  distinct pushes of each kind built before the runs (default 600000)
 #   -b  deliveries pending for a down target in case 8 (default 100000)
-#   -p  first of the five 127.0.0.1 ports used (default 18490)
+#   -p  first of the eight 127.0.0.1 ports used (default 18490)
 #   -c  the relay cases to run, e.g. "9 10" (default all; nginx's, 1 and 2, always run)
 #   -k  keep the temporary folder (configs, relay logs, nginx logs) and say where it is
 #
@@ -26,6 +26,7 @@
 #   8  case 7 with BACKLOG deliveries pending for a target that is down (a closed port)
 #   9  case 5 on PostgreSQL ([store] url: a throwaway cluster on a Unix socket, same disk)
 #  10  case 7 on PostgreSQL
+#  11  case 10 with two relays, A and B, on one database, behind nginx (an `upstream` of both)
 #
 # nginx runs as our own process (daemon off, -p/-c in a temporary folder), never as the system
 # service; so does PostgreSQL (initdb into /tmp/wechat-relay-bench-pg.XXXXXX, as the postgres
@@ -48,7 +49,8 @@ while getopts d:w:n:b:p:c:kh opt; do
   esac
 done
 up_port=$port proxy_port=$((port + 1)) relay_port=$((port + 2)) down_port=$((port + 3))
-admin_port=$((port + 4))
+admin_port=$((port + 4)) relay_b_port=$((port + 5)) admin_b_port=$((port + 6))
+balancer_port=$((port + 7))
 started_at=$(date +%s) load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 say() { printf '%s\n' "$*" >&2; }
@@ -88,17 +90,19 @@ release=${CARGO_TARGET_DIR:-target}/release
 relay_bin=$release/wechat-relay
 pushfile=$release/examples/pushfile
 
-for p in $up_port $proxy_port $relay_port $down_port $admin_port; do
+for p in $up_port $proxy_port $relay_port $down_port $admin_port $relay_b_port $admin_b_port \
+  $balancer_port; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "127.0.0.1:$p is in use (-p PORT)"; fi
 done
 
 # The store's folders go here too: on the repository's disk, as an operator's would be.
 mkdir -p target
 dir=$(mktemp -d "$PWD/target/load.XXXXXX")
-relay_pid="" nginx_pid="" fill_pid="" pg_pid="" pg_dir=""
+relay_pids=() nginx_pid="" fill_pid="" pg_pid="" pg_dir=""
 cleanup() {
   [ -z "$fill_pid" ] || kill "$fill_pid" 2>/dev/null || true
-  [ -z "$relay_pid" ] || kill "$relay_pid" 2>/dev/null || true
+  local pid
+  for pid in "${relay_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   [ -z "$nginx_pid" ] || kill "$nginx_pid" 2>/dev/null || true
   # SIGINT to the postmaster itself (runuser, in between under root, does not pass it on):
   # PostgreSQL's fast shutdown; then its folder goes once it has exited.
@@ -129,7 +133,7 @@ wait_port() {
   die "nothing listens on 127.0.0.1:$1"
 }
 
-# --- nginx: the upstream (1), the proxy (2) and the relay's targets --------------------------
+# --- nginx: the upstream (1), the proxy (2), the relay's targets, the balancer (11) --------
 plain_reply='<xml><ToUserName><![CDATA[oBench]]></ToUserName><FromUserName><![CDATA[gh_0123456789ab]]></FromUserName><CreateTime>1700000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[Your order ships tomorrow.]]></Content></xml>'
 raw_reply='<xml><ToUserName><![CDATA[oBench]]></ToUserName><Encrypt><![CDATA[raw-reply-of-the-identity-provider]]></Encrypt></xml>'
 mkdir -p "$dir/nginx/logs"
@@ -171,14 +175,33 @@ http {
       proxy_set_header Connection "";
     }
   }
+  # 11: the load balancer in front of relays A and B, as docs/operations.md puts it ("Several
+  # relays on PostgreSQL"), with the keep-alive pool of case 2.
+  upstream wechat_relays {
+    server 127.0.0.1:$relay_port max_fails=2 fail_timeout=5s;
+    server 127.0.0.1:$relay_b_port max_fails=2 fail_timeout=5s;
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$balancer_port;
+    location /wechat {
+      proxy_pass http://wechat_relays;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_next_upstream error timeout;
+      proxy_read_timeout 5s;
+    }
+  }
 }
 NGINX
 "$nginx_bin" -p "$dir/nginx" -c "$dir/nginx/nginx.conf" -e "$dir/nginx/logs/error.log" &
 nginx_pid=$!
 wait_port "$up_port"
 wait_port "$proxy_port"
+wait_port "$balancer_port"
 
-# --- PostgreSQL: the store of cases 9 and 10 -----------------------------------------------
+# --- PostgreSQL: the store of cases 9, 10 and 11 -------------------------------------------
 # Its own cluster, on a Unix socket only, with the settings a relay's database keeps
 # (synchronous_commit and fsync on: the defaults); a database per case.
 pg_dir=$(mktemp -d /tmp/wechat-relay-bench-pg.XXXXXX)
@@ -198,7 +221,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 "${as_pg[@]}" "$pg_bin/pg_isready" -q -h "$pg_dir" || { cat "$dir/postgres.log" >&2; die "postgres did not start"; }
-for case in 9 10; do
+for case in 9 10 11; do
   "${as_pg[@]}" "$pg_bin/psql" -q -h "$pg_dir" -U relay -d postgres -c "CREATE DATABASE bench$case" ||
     die "cannot create the database of case $case"
 done
@@ -208,8 +231,12 @@ done
 # `timestamp`: the bench config allows 3600 s of skew (the shipped 300 s would refuse the last
 # cases' pushes with 403), and keeps dedupe records as long, which the config requires.
 skew=3600
+# Case 11 runs two relays, A on relay-11.toml and B on relay-11b.toml: B has ports of its own
+# and both trust the balancer in front of them (nginx on this machine) for X-Forwarded-For.
 relay_config() { # CASE [max_connections]
-  local case=$1 routes=""
+  local case=$1 routes="" listen=$relay_port admin=$admin_port proxies=""
+  [ "$case" != 11b ] || listen=$relay_b_port admin=$admin_b_port
+  case $case in 11 | 11b) proxies='trusted_proxies = ["127.0.0.1"]' ;; esac
   # Store off: a [store] without `path` (in memory, as with no [store] at all), which is
   # where dedupe_ttl_s is set.
   local store="[store]
@@ -217,8 +244,8 @@ dedupe_ttl_s = $skew"
   case $case in
     5 | 6 | 7 | 8 | 5c1000) store="$store
 path = \"$dir/store-$case\"" ;;
-    9 | 10) store="$store
-url = \"postgres:///bench$case?host=$pg_dir&user=relay\"" ;;
+    9 | 10 | 11 | 11b) store="$store
+url = \"postgres:///bench${case%b}?host=$pg_dir&user=relay\"" ;;
   esac
   case $case in
     3 | 5 | 9 | 5c1000) routes='[[route]]
@@ -232,7 +259,7 @@ msg_type = ["event"]
 event = ["SCAN"]
 to = ["identity"]
 reply = "identity"' ;;
-    7 | 8 | 10) routes='[[route]]
+    7 | 8 | 10 | 11 | 11b) routes='[[route]]
 name = "text"
 msg_type = ["text"]
 to = ["shop", "queued"]
@@ -246,11 +273,12 @@ to = ["down"]' ;;
   cat <<TOML
 # bench/load.sh case $case
 [server]
-listen = "127.0.0.1:$relay_port"
+listen = "127.0.0.1:$listen"
 timestamp_skew_s = $skew
 max_connections = ${2:-1024}
+$proxies
 [admin]
-listen = "127.0.0.1:$admin_port"
+listen = "127.0.0.1:$admin"
 $store
 [[account]]
 name = "main"
@@ -278,7 +306,7 @@ format = "raw"
 $routes
 TOML
 }
-for case in 3 4 5 6 7 8 9 10 5c1000; do
+for case in 3 4 5 6 7 8 9 10 11 11b 5c1000; do
   max=1024
   [ "$case" != 5c1000 ] || max=4096
   relay_config "$case" "$max" >"$dir/relay-$case.toml"
@@ -353,27 +381,48 @@ run_wrk() {
 
 vmhwm_mib() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
-start_relay() { # CASE
-  # With the allocator settings of the systemd unit (systemd/wechat-relay.service).
-  MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0 \
-    "$relay_bin" serve --config "$dir/relay-$1.toml" 2>"$dir/relay-$1.log" &
-  relay_pid=$!
-  wait_port "$relay_port"
+# case_relays CASE: sets `relays` (the configs of the case's relays: one, or for case 11 A and
+# then B), `admins` (their admin ports) and `entry` (the port the case's pushes go to: the
+# relay's, or for case 11 the balancer's).
+relays=() admins=() entry=""
+case_relays() {
+  relays=("$1") admins=("$admin_port") entry=$relay_port
+  [ "$1" != 11 ] || relays=(11 11b) admins=("$admin_port" "$admin_b_port") entry=$balancer_port
 }
-stop_relay() {
-  kill -TERM "$relay_pid"
-  wait "$relay_pid" || true
-  relay_pid=""
+# start_relays: the relays set by case_relays, started together (two on an empty database run
+# its migrations under an advisory lock), each logging to relay-CONFIG.log.
+start_relays() {
+  local config
+  for config in "${relays[@]}"; do
+    # With the allocator settings of the systemd unit (systemd/wechat-relay.service).
+    MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0 \
+      "$relay_bin" serve --config "$dir/relay-$config.toml" 2>"$dir/relay-$config.log" &
+    relay_pids+=("$!")
+  done
+  for config in "${relays[@]}"; do
+    if [ "$config" = 11b ]; then wait_port "$relay_b_port"; else wait_port "$relay_port"; fi
+  done
+}
+stop_relays() { # SIGTERM to every relay at once, then wait for each
+  local pid
+  for pid in "${relay_pids[@]}"; do kill -TERM "$pid"; done
+  for pid in "${relay_pids[@]}"; do wait "$pid" || true; done
+  relay_pids=()
+}
+peak_rss() { # the relays' peak RSS in MiB, "A/B" for two
+  local pid shown=""
+  for pid in "${relay_pids[@]}"; do shown="${shown:+$shown/}$(vmhwm_mib "$pid")"; done
+  echo "$shown"
 }
 
-# probe CASE KIND N EXPECT: sends probe push N with curl and checks the answer: `sealed` (a
-# reply sealed for the account, which opens to nginx's plain reply), `raw` (nginx's raw reply
-# verbatim) or `success`.
+# probe CASE KIND N EXPECT: sends probe push N with curl to the case's entry and checks the
+# answer: `sealed` (a reply sealed for the account, which opens to nginx's plain reply), `raw`
+# (nginx's raw reply verbatim) or `success`.
 probe() {
   local case=$1 kind=$2 n=$3 expect=$4 query body answer
   IFS=$'\t' read -r query body < <(sed -n "${n}p" "$dir/$kind.probe")
   answer=$(curl -sS --fail-with-body -H 'Content-Type: text/xml' --data-binary "$body" \
-    "http://127.0.0.1:$relay_port/wechat?$query") || die "case $case: the probe push was refused: $answer"
+    "http://127.0.0.1:$entry/wechat?$query") || die "case $case: the probe push was refused: $answer"
   case $expect in
     sealed)
       local inner
@@ -386,21 +435,41 @@ probe() {
 }
 
 # store_totals: the durable store's transactions, the commits in them and their seconds, so
-# far (from /metrics; "0 0 0" without a store); store_note KEY BEFORE: their means over a run.
+# far, summed over the case's relays (from /metrics; "0 0 0" without a store); store_note KEY
+# BEFORE: their means over a run.
 store_totals() {
-  curl -s "http://127.0.0.1:$admin_port/metrics" | awk '
-    $1 == "wechat_relay_store_batch_size_count" { n = $2 }
-    $1 == "wechat_relay_store_batch_size_sum" { c = $2 }
-    $1 == "wechat_relay_store_commit_seconds_sum" { s = $2 }
+  local admin
+  for admin in "${admins[@]}"; do curl -s "http://127.0.0.1:$admin/metrics"; done | awk '
+    $1 == "wechat_relay_store_batch_size_count" { n += $2 }
+    $1 == "wechat_relay_store_batch_size_sum" { c += $2 }
+    $1 == "wechat_relay_store_commit_seconds_sum" { s += $2 }
     END { printf "%d %d %f\n", n, c, s }'
 }
 store_note() {
-  local key=$1 n0 c0 s0 n1 c1 s1
+  local key=$1 n0 c0 s0 n1 c1 s1 whose=""
   read -r n0 c0 s0 <<<"$2"
   read -r n1 c1 s1 < <(store_totals)
   [ "$n1" -gt "$n0" ] || return 0
-  note[$key]="${note[$key]:+${note[$key]}; }$(awk -v n=$((n1 - n0)) -v c=$((c1 - c0)) -v s0="$s0" -v s1="$s1" \
-    'BEGIN { printf "%d store transactions of %.1f commits on average, %.2f ms each", n, c / n, (s1 - s0) * 1000 / n }')"
+  [ ${#admins[@]} -eq 1 ] || whose=" (both relays together)"
+  note[$key]="${note[$key]:+${note[$key]}; }$(awk -v n=$((n1 - n0)) -v c=$((c1 - c0)) -v s0="$s0" -v s1="$s1" -v w="$whose" \
+    'BEGIN { printf "%d store transactions%s of %.1f commits on average, %.2f ms each", n, w, c / n, (s1 - s0) * 1000 / n }')"
+}
+# answers: the pushes each of the case's relays has answered so far (from /metrics), "A B";
+# share_note KEY BEFORE: with two relays, how the run's pushes fell between them.
+answers() {
+  local admin
+  for admin in "${admins[@]}"; do
+    curl -s "http://127.0.0.1:$admin/metrics" |
+      awk '$1 == "wechat_relay_reply_seconds_count" { n = $2 } END { printf "%d ", n }'
+  done
+  echo
+}
+share_note() {
+  [ ${#admins[@]} -gt 1 ] || return 0
+  local key=$1 before after
+  read -ra before <<<"$2"
+  read -ra after < <(answers)
+  note[$key]="${note[$key]:+${note[$key]}; }relay A answered $((after[0] - before[0])) of the run's pushes, B $((after[1] - before[1]))"
 }
 
 pending_of() { # CASE TARGET
@@ -408,15 +477,18 @@ pending_of() { # CASE TARGET
     awk -v t="target=$2" '$1 == t { sub("pending=", "", $2); print $2 }'
 }
 
-# relay_case CASE KIND: the relay on case CASE's config, the probes, a warm-up at 64
-# connections, then the measured runs at 64 and at one connection, on pushes it has not seen.
+# relay_case CASE KIND: the relay on case CASE's config (case 11: both relays), the probes, a
+# warm-up at 64 connections, then the measured runs at 64 and at one connection, on pushes it
+# has not seen.
 relay_case() {
-  local case=$1 kind=$2 next=0
-  start_relay "$case"
+  local case=$1 kind=$2 next=0 nginx_errors
+  case_relays "$case"
+  nginx_errors=$(wc -l <"$dir/nginx/logs/error.log")
+  start_relays
   case $case in
     3 | 5 | 9) probe "$case" text 1 sealed ;;
     4 | 6) probe "$case" scan 1 raw ;;
-    7 | 8 | 10)
+    7 | 8 | 10 | 11)
       probe "$case" text 1 sealed
       # The queued target gets the push from the outbox.
       for _ in $(seq 30); do [ -s "$dir/nginx/logs/queued.log" ] && break; sleep 0.1; done
@@ -446,23 +518,35 @@ relay_case() {
       die "case 8: $pending deliveries pending for the down target, not $backlog"
     backlog_before=$pending
   fi
-  run_wrk - 64 "$warmup" "$relay_port" "$dir/$kind.push" "$next"
+  run_wrk - 64 "$warmup" "$entry" "$dir/$kind.push" "$next"
   next=$((next + consumed))
-  local before
-  before=$(store_totals)
-  run_wrk "$case/64" 64 "$duration" "$relay_port" "$dir/$kind.push" "$next"
+  local before shares
+  before=$(store_totals) shares=$(answers)
+  run_wrk "$case/64" 64 "$duration" "$entry" "$dir/$kind.push" "$next"
   next=$((next + consumed))
-  rss[$case/64]=$(vmhwm_mib "$relay_pid")
+  rss[$case/64]=$(peak_rss)
   store_note "$case/64" "$before"
-  run_wrk "$case/1" 1 "$duration" "$relay_port" "$dir/$kind.push" "$next"
-  rss[$case/1]=$(vmhwm_mib "$relay_pid")
-  stop_relay
-  case $case in 7 | 8 | 10)
+  share_note "$case/64" "$shares"
+  shares=$(answers)
+  run_wrk "$case/1" 1 "$duration" "$entry" "$dir/$kind.push" "$next"
+  rss[$case/1]=$(peak_rss)
+  share_note "$case/1" "$shares"
+  stop_relays
+  case $case in 7 | 8 | 10 | 11)
+    local whose="the relay's"
+    [ "$case" != 11 ] || whose="the relays'"
     # nginx writes its buffered log lines within a second.
     sleep 1.5
-    note[$case/64]="${note[$case/64]:+${note[$case/64]}; }the queued target took $(wc -l <"$dir/nginx/logs/queued.log") deliveries by the relay's exit, $(pending_of "$case" queued) left pending"
+    note[$case/64]="${note[$case/64]:+${note[$case/64]}; }the queued target took $(wc -l <"$dir/nginx/logs/queued.log") deliveries by $whose exit, $(pending_of "$case" queued) left pending"
     : >"$dir/nginx/logs/queued.log" ;;
   esac
+  # The balancer's own view: a relay that failed a request (refused, reset, timed out) is in
+  # nginx's error log, even when the other relay then answered it.
+  if [ "$case" = 11 ]; then
+    nginx_errors=$(($(wc -l <"$dir/nginx/logs/error.log") - nginx_errors))
+    [ "$nginx_errors" -eq 0 ] ||
+      note[11/64]="${note[11/64]:+${note[11/64]}; }$nginx_errors lines in nginx's error log during the case (-k keeps it)"
+  fi
   [ "$case" != 8 ] ||
     note[8/64]="${note[8/64]}; $backlog_before pending for the down target before the runs, $(pending_of 8 down) after"
 }
@@ -477,19 +561,20 @@ run_wrk 2/64 64 "$duration" "$proxy_port" "$dir/text.push" 0 cycle
 run_wrk 2/1 1 "$duration" "$proxy_port" "$dir/text.push" 0 cycle
 # wanted CASE: whether -c leaves CASE in.
 wanted() { [ -z "$only" ] || [[ $only == *" $1 "* ]]; }
-for spec in 3:text 4:scan 5:text 6:scan 7:text 8:text 9:text 10:text; do
+for spec in 3:text 4:scan 5:text 6:scan 7:text 8:text 9:text 10:text 11:text; do
   wanted "${spec%%:*}" || continue
   say "case ${spec%%:*}"
   relay_case "${spec%%:*}" "${spec#*:}"
 done
 if wanted 5c1000; then
   say "case 5 at 1,000 connections"
-  start_relay 5c1000
+  case_relays 5c1000
+  start_relays
   run_wrk - 1000 "$warmup" "$relay_port" "$dir/text.push" 0
   first=$consumed
   run_wrk 5/1000 1000 "$duration" "$relay_port" "$dir/text.push" "$first"
-  rss[5/1000]=$(vmhwm_mib "$relay_pid")
-  stop_relay
+  rss[5/1000]=$(peak_rss)
+  stop_relays
 fi
 [ $(($(date +%s) - pushes_built_at)) -lt "$skew" ] ||
   say "WARNING: the runs took longer than timestamp_skew_s after the pushes were built"
@@ -497,8 +582,8 @@ fi
 # --- The report ----------------------------------------------------------------------------
 ms() { awk -v u="$1" 'BEGIN { printf "%.2f", u / 1000 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-# holds VALUE OP LIMIT -> yes / no
-holds() { awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN {
+# holds VALUE OP LIMIT -> yes / no; OP "-": no goal, "-"
+holds() { awk -v v="$1" -v l="$3" -v op="$2" 'BEGIN { if (op == "-") { print "-"; exit }
   ok = (op == ">=") ? v >= l : (op == "<=") ? v <= l : v < l; print ok ? "yes" : "**no**" }'; }
 declare -A what=(
   [1]='nginx `return 200` (the upstream)'
@@ -511,6 +596,7 @@ declare -A what=(
   [8]="relay, durable: case 7 with $backlog deliveries pending for a down target"
   [9]='relay, PostgreSQL store: text -> `plain` reply target (case 5)'
   [10]='relay, PostgreSQL store: text -> `plain` reply target + a queued target (case 7)'
+  [11]='relays A and B behind nginx on one PostgreSQL database: case 10'
 )
 own_cpu
 others=$(awk -v m0="$machine_cpu_at_start" -v m1="$(machine_cpu)" -v o0="$own_cpu_at_start" \
@@ -534,14 +620,14 @@ for key in "${rows[@]}"; do
   shown=${rps[$key]}
   [ -n "${valid[$key]}" ] || shown="not valid"
   notes=${note[$key]}
-  case $case in 5 | 6 | 7 | 8 | 9 | 10) notes="${notes:+$notes; }$fsync_note" ;; esac
+  case $case in 5 | 6 | 7 | 8 | 9 | 10 | 11) notes="${notes:+$notes; }$fsync_note" ;; esac
   vs=-
   [ -z "${valid[$key]}" ] || vs=$(ratio "${rps[$key]}" "${rps[2/$conns]:-0}")
   printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$case" "${what[$case]}" "$conns" \
     "$shown" "$vs" "$(ms "${p50[$key]}")" "$(ms "${p99[$key]}")" "${rss[$key]:--}" "$notes"
 done
 echo
-echo "Targets (issue 9), from the rows above:"
+echo "Targets (issues 9 and 10), from the rows above:"
 echo
 echo "| target | measured | goal | holds |"
 echo "|---|---|---|---|"
@@ -561,6 +647,10 @@ for pair in 3:2 4:2 5:3 6:4 7:3 8:7; do
 done
 target_row "case 7, pushes/s at 64" "${rps[7/64]:-0}" ">=" 5000 "${rps[7/64]:-0}" ">= 5000" 7/64
 target_row "case 10 (case 7 on PostgreSQL), pushes/s at 64" "${rps[10/64]:-0}" ">=" 3000 "${rps[10/64]:-0}" ">= 3000 (issue 10)" 10/64
+r=$(ratio "${rps[11/64]:-0}" "${rps[10/64]:-0}")
+[ "$r" = - ] || r=" (${r}x case 10)"
+target_row "case 11 (two relays behind nginx on PostgreSQL), pushes/s at 64" "${rps[11/64]:-0}" - 0 \
+  "${rps[11/64]:-0}${r#-}" "none (case 11 vs case 10, informational)" 11/64
 r=$(ratio "${p99[7/64]:-0}" "${p99[3/64]:-0}")
 target_row "case 7 p99 vs case 3 p99, at 64" "$r" "<=" 2 "${r}x" "<= 2x" 7/64 3/64
 limit=$((fsync_p99 + 1000))
