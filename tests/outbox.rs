@@ -23,8 +23,8 @@ enum Backend {
     Postgres,
 }
 
-/// A store for one test: SQLite in a folder of its own, or a database on a PostgreSQL server
-/// of its own.
+/// A store for one test: SQLite in a folder of its own, or a database of its own on a
+/// PostgreSQL server (a cluster of the test's own, or `WECHAT_RELAY_TEST_POSTGRES`'s).
 struct StoreAt {
     dir: tempfile::TempDir,
     pg: Option<common::postgres::Postgres>,

@@ -1,7 +1,9 @@
 //! The PostgreSQL store (`[store] url`) on a real PostgreSQL server (tests/common/postgres.rs):
 //! `check` and `serve` set up and read the schema, two relays share dedupe and the outbox, a
-//! relay refuses a newer schema and an unreachable database, and the `outbox` commands read
-//! the shared store.
+//! relay refuses a newer schema, an unreachable database and a wrong password, and the
+//! `outbox` commands read the shared store. The tests that stop, freeze or restart the server take a cluster of
+//! their own (`Postgres::start_own`); the others run on the server of
+//! `WECHAT_RELAY_TEST_POSTGRES` when it is set.
 
 mod common;
 
@@ -96,7 +98,7 @@ fn check(config: &Path) -> (Option<i32>, String, String) {
 }
 
 #[test]
-fn check_reads_the_schema_version_and_serve_sets_it_up_once() {
+fn check_reads_the_schema_version_serve_sets_it_up_once_and_a_wrong_password_is_refused() {
     let Some(pg) = Postgres::start() else { return };
     pg.create_db("relay");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -105,10 +107,7 @@ fn check_reads_the_schema_version_and_serve_sets_it_up_once() {
     let (code, out, err) = check(&config);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(
-        out.contains(&format!(
-            "store: postgres://relay@127.0.0.1:{}/relay (PostgreSQL",
-            pg.port
-        )),
+        out.contains(&format!("store: {} (PostgreSQL", pg.shown("relay"))),
         "{out}"
     );
     assert!(
@@ -124,7 +123,7 @@ fn check_reads_the_schema_version_and_serve_sets_it_up_once() {
         "0"
     );
     // No secret in what check prints.
-    assert!(!out.contains(common::postgres::PASSWORD) && !err.contains(common::postgres::PASSWORD));
+    assert!(!out.contains(pg.password()) && !err.contains(pg.password()));
 
     // Two relays starting together: the advisory lock lets one set it up; both serve.
     let mut first = Binary::start(&config);
@@ -138,11 +137,27 @@ fn check_reads_the_schema_version_and_serve_sets_it_up_once() {
     assert!(out.contains("database: schema version 1"), "{out}");
     first.terminate();
     second.terminate();
+
+    // The database lets the relay in only with the password of its password_file: another
+    // one there is refused, and neither password is shown.
+    let wrong = "not-the-password-4711";
+    std::fs::write(dir.path().join("db.password"), format!("{wrong}\n")).expect("write");
+    let (code, out, err) = check(&config);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("password authentication failed"), "{err}");
+    for secret in [wrong, pg.password()] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{out}\n{err}"
+        );
+    }
 }
 
 #[test]
 fn a_schema_newer_than_the_relay_is_refused_and_so_is_an_unreachable_database() {
-    let Some(pg) = Postgres::start() else { return };
+    let Some(pg) = Postgres::start_own() else {
+        return;
+    };
     pg.create_db("relay");
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &pg, "relay", "http://127.0.0.1:9/t", 30_000);
@@ -161,7 +176,8 @@ fn a_schema_newer_than_the_relay_is_refused_and_so_is_an_unreachable_database() 
     assert_eq!(code, Some(1), "{out}\n{err}");
     assert!(out.contains("database: schema version 99"), "{out}");
 
-    // Nothing listens on the port any more: a clear error, exit 1, within 10 s.
+    // Nothing listens any more (the server and its socket are gone): a clear error, exit 1,
+    // within 10 s.
     drop(pg);
     let started = Instant::now();
     let (code, err) = serve_until_exit(&config);
@@ -184,6 +200,7 @@ fn serve_until_exit(config: &Path) -> (Option<i32>, String) {
         .args(["serve", "--config"])
         .arg(config)
         .env_remove("NOTIFY_SOCKET")
+        .env_remove(common::postgres::SERVER_VARIABLE)
         .output()
         .expect("run serve");
     (
@@ -348,7 +365,7 @@ async fn a_live_relay_keeps_its_delivery_past_the_lease_and_the_other_does_not_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_lost_while_serving_gets_503s_then_the_relay_serves_again_without_a_restart() {
-    let Some(mut pg) = Postgres::start() else {
+    let Some(mut pg) = Postgres::start_own() else {
         return;
     };
     pg.create_db("relay");
@@ -460,7 +477,9 @@ async fn a_database_lost_while_serving_gets_503s_then_the_relay_serves_again_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_hangs_mid_push_gets_a_503_before_wechat_stops_waiting() {
-    let Some(pg) = Postgres::start() else { return };
+    let Some(pg) = Postgres::start_own() else {
+        return;
+    };
     pg.create_db("relay");
     // The reply target answers after 4 s; the database hangs meanwhile, before the commit.
     let mut target = FakeTarget::with(common::Behaviour {
@@ -553,7 +572,7 @@ async fn a_retry_takes_over_a_push_whose_relay_died_once_its_claim_runs_out() {
 
 #[test]
 fn tls_to_the_database_is_verified_against_ca_file() {
-    let Some(mut pg) = Postgres::start() else {
+    let Some(mut pg) = Postgres::start_own() else {
         return;
     };
     pg.create_db("relay");
@@ -561,7 +580,11 @@ fn tls_to_the_database_is_verified_against_ca_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &pg, "relay", "http://127.0.0.1:9/t", 30_000);
     let text = std::fs::read_to_string(&config).expect("read");
-    let required = text.replace("/relay\"\n", "/relay?sslmode=require\"\n");
+    // TLS needs TCP: the server's 127.0.0.1 port instead of its socket.
+    let required = text.replace(
+        &pg.url("relay"),
+        &format!("{}?sslmode=require", pg.tcp_url("relay")),
+    );
     assert_ne!(required, text);
     // The server's certificate is not from the Web PKI: refused without ca_file.
     std::fs::write(&config, &required).expect("write");
@@ -684,7 +707,7 @@ async fn every_push_a_relay_acknowledged_before_kill_9_is_delivered_by_the_other
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_push() {
-    let Some(mut pg) = Postgres::start() else {
+    let Some(mut pg) = Postgres::start_own() else {
         return;
     };
     pg.create_db("relay");

@@ -180,6 +180,8 @@ impl Binary {
         command
             .env("RUST_LOG", "info")
             .env_remove("WECHAT_RELAY_CONFIG")
+            // The kit's, not a config override (the relay reads every WECHAT_RELAY_* as one).
+            .env_remove(postgres::SERVER_VARIABLE)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID");
@@ -331,6 +333,7 @@ pub fn cli(args: &[&str]) -> (Option<i32>, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_wechat-relay"))
         .args(args)
         .env_remove("WECHAT_RELAY_CONFIG")
+        .env_remove(postgres::SERVER_VARIABLE)
         .output()
         .expect("run wechat-relay");
     (
