@@ -37,8 +37,13 @@ pub(super) fn apply_env(
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        // WECHAT_RELAY_CONFIG names the file itself.
-        if rest.eq_ignore_ascii_case("config") {
+        // WECHAT_RELAY_CONFIG names the file itself; WECHAT_RELAY_TEST_* are the test
+        // suite's (WECHAT_RELAY_TEST_POSTGRES: the server its PostgreSQL tests use).
+        if rest.eq_ignore_ascii_case("config")
+            || rest
+                .get(..5)
+                .is_some_and(|head| head.eq_ignore_ascii_case("test_"))
+        {
             continue;
         }
         if raw == NOT_UTF8 {
@@ -164,6 +169,33 @@ fn typed_like(key: &str, existing: Option<&Value>, raw: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_file_s_variable_and_the_test_suite_s_are_not_overrides() {
+        let mut root = Dict::new();
+        let mut problems = Vec::new();
+        let env = [
+            ("WECHAT_RELAY_CONFIG".to_owned(), "relay.toml".to_owned()),
+            (
+                "WECHAT_RELAY_TEST_POSTGRES".to_owned(),
+                "postgres://relay@127.0.0.1/postgres".to_owned(),
+            ),
+            (
+                "WECHAT_RELAY_SERVER__LISTEN".to_owned(),
+                "127.0.0.1:1".to_owned(),
+            ),
+        ];
+        let set = apply_env(&mut root, &env, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            set,
+            vec![(
+                "server.listen".to_owned(),
+                "WECHAT_RELAY_SERVER__LISTEN".to_owned()
+            )]
+        );
+        assert!(!root.contains_key("test_postgres"));
+    }
 
     #[test]
     fn env_values_keep_text_for_text_keys() {
