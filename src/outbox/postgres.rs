@@ -395,13 +395,15 @@ impl Conns {
                 self.reconnect.connected();
                 Ok(client)
             }
+            // The server's own words when it refused (a wrong password, no such database).
+            Err(deadpool_postgres::PoolError::Backend(e)) => {
+                let error = io_error(e);
+                self.reconnect.failed(&error.to_string());
+                Err(error)
+            }
             Err(e) => {
                 crate::metrics::store_error();
                 Err(match e {
-                    deadpool_postgres::PoolError::Backend(e) => {
-                        self.reconnect.failed(&e.to_string());
-                        StoreError::Io(format!("cannot reach the database: {e}"))
-                    }
                     deadpool_postgres::PoolError::Timeout(
                         deadpool_postgres::TimeoutType::Create,
                     ) => {
