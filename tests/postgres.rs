@@ -16,6 +16,7 @@ use common::{
     Binary, FakeTarget, PushBuilder, account_section, assert_success, cli, post, target_section,
     text_xml,
 };
+use wechat_relay::wechat::sender::{PushContent, message_xml};
 
 /// A relay config on database `db` of `pg`: a plaintext account, target `t` (the reply
 /// target of the catch-all) at `target`, leases of `lease_ms`.
@@ -953,5 +954,59 @@ async fn a_push_that_fails_before_its_commit_gives_up_its_claim_to_the_other_rel
     assert_eq!(retry.status, 200, "{}", retry.text());
     let asked = target.next().await;
     assert!(String::from_utf8_lossy(&asked.body).contains("refused"));
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_message_under_a_recorded_event_id_on_the_other_relay_is_a_push_of_its_own() {
+    let Some(pg) = Postgres::start() else { return };
+    pg.create_db("relay");
+    let mut target = FakeTarget::start().await;
+    let url = target.url("/t");
+    let Pair { a, b, _dirs } = two_relays(|dir| write_config(dir, &pg, "relay", &url, 30_000));
+    // Both messages with one MsgId and CreateTime: the same event id.
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs();
+    let text = |content: &str| {
+        let content = PushContent::Text {
+            content,
+            msg_id: 77,
+        };
+        PushBuilder::new(message_xml(common::GH, common::OPENID, at, &content)).plaintext()
+    };
+    let (query, body) = text("the first message");
+    let first = post(&a.url(&format!("/wechat?{query}")), body.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let _ = target.next().await;
+
+    // The same MsgId with another message, on relay B: a collision, not WeChat's retry. It is
+    // forwarded and committed under an id of its own, never answered with A's bytes.
+    let (other_query, other_body) = text("a second message");
+    let other = post(&b.url(&format!("/wechat?{other_query}")), other_body).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+    let asked = target.next().await;
+    assert!(
+        String::from_utf8_lossy(&asked.body).contains("a second message"),
+        "{}",
+        String::from_utf8_lossy(&asked.body)
+    );
+    assert_eq!(
+        pg.psql(
+            "relay",
+            "SELECT count(*) FROM wechat_relay_dedupe WHERE event_id LIKE '%~%'"
+        ),
+        "1",
+        "the second under an id of its own: {}",
+        pg.psql(
+            "relay",
+            "SELECT string_agg(event_id, ' ') FROM wechat_relay_dedupe"
+        )
+    );
+    // WeChat's retry of the first, on B too: the first one's answer, not asked again.
+    let retry = post(&b.url(&format!("/wechat?{query}")), body).await;
+    assert_eq!(retry.body, first.body, "the first one's answer");
+    target.expect_none(Duration::from_millis(1000)).await;
     drop((a, b));
 }
