@@ -359,7 +359,6 @@ pub fn store_error() {
     counter!(STORE_ERRORS).increment(1);
 }
 
-/// `count` deliveries taken over from a relay whose lease ran out.
 /// A connection to the database could not be made.
 pub fn store_connect_failure() {
     counter!(STORE_CONNECT_FAILURES).increment(1);
@@ -370,6 +369,7 @@ pub fn store_wakeup() {
     counter!(STORE_WAKEUPS).increment(1);
 }
 
+/// `count` deliveries taken over from a relay whose lease ran out.
 pub fn lease_takeovers(count: u64) {
     counter!(STORE_LEASE_TAKEOVERS).increment(count);
 }

@@ -581,8 +581,6 @@ impl Outbox {
     }
 }
 
-/// At start and then every [`Limits::upkeep_every`]: deletes expired dedupe records and the
-/// dead letters older than the retention.
 /// Makes the workers that another process's wake-up names look at the store now, rather than
 /// at their next idle poll.
 async fn wake_lanes(
@@ -610,6 +608,8 @@ async fn wake_lanes(
     }
 }
 
+/// At start and then every [`Limits::upkeep_every`]: deletes expired dedupe records and the
+/// dead letters older than the retention.
 async fn upkeep(store: Arc<dyn Store>, limits: Arc<Limits>, stop: CancellationToken) {
     loop {
         let now = now_ms();

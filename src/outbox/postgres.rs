@@ -325,8 +325,8 @@ fn pool(database: &Database, size: usize, reconnect: &Arc<Reconnect>) -> StoreRe
     })
 }
 
-/// A connection for [`Queue`]s: its transactions commit without waiting for the WAL flush
-/// (`synchronous_commit = off`), visible to every relay at once all the same.
+/// The claims' connection ([`Claims`]): its transactions commit without waiting for the WAL
+/// flush (`synchronous_commit = off`), visible to every relay at once all the same.
 fn unflushed_pool(database: &Database, reconnect: &Arc<Reconnect>) -> StoreResult<Conns> {
     let mut database = database.clone();
     with_options(&mut database.config, "-c synchronous_commit=off");
@@ -720,14 +720,14 @@ async fn records_met(
     if met.is_empty() {
         return Ok(std::collections::HashMap::new());
     }
-    let statement = client
-        .prepare_cached(
+    let rows = Cached(client)
+        .query(
             "SELECT event_id, status, content_type, body, digest FROM wechat_relay_dedupe \
              WHERE event_id = ANY($1)",
+            &[&met],
         )
         .await
         .map_err(io_error)?;
-    let rows = client.query(&statement, &[&met]).await.map_err(io_error)?;
     Ok(rows
         .iter()
         .map(|row| {
@@ -914,25 +914,6 @@ async fn make_room(
     let now_ms = at_budget.iter().map(|c| c.now_ms).max().unwrap_or(0);
     super::store::evicted(evicted, now_ms);
     Ok(())
-}
-
-async fn recorded(
-    client: &impl GenericClient,
-    event_id: &str,
-    since_ms: u64,
-) -> StoreResult<Option<Recorded>> {
-    let statement = client
-        .prepare_cached(
-            "SELECT status, content_type, body, digest FROM wechat_relay_dedupe \
-             WHERE event_id = $1 AND committed_ms >= $2",
-        )
-        .await
-        .map_err(io_error)?;
-    let row = client
-        .query_opt(&statement, &[&event_id, &ms(since_ms)])
-        .await
-        .map_err(io_error)?;
-    Ok(row.map(|row| record_from(row.get(0), row.get(1), row.get(2), row.get(3))))
 }
 
 /// A dedupe record from its columns.
@@ -1301,12 +1282,17 @@ impl Store for PgStore {
         since_ms: u64,
     ) -> BoxFuture<'_, StoreResult<Option<Recorded>>> {
         let event_id = event_id.to_owned();
-        Box::pin(async move {
-            bounded(async {
-                let client = self.pool.get().await?;
-                recorded(&client, &event_id, since_ms).await
+        self.with(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT status, content_type, body, digest FROM wechat_relay_dedupe \
+                         WHERE event_id = $1 AND committed_ms >= $2",
+                        &[&event_id, &ms(since_ms)],
+                    )
+                    .await?;
+                Ok(row.map(|row| record_from(row.get(0), row.get(1), row.get(2), row.get(3))))
             })
-            .await
         })
     }
 

@@ -1382,7 +1382,7 @@ fn info_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
     })
 }
 
-/// Milliseconds as SQLite's integer (far beyond any clock).
+/// Milliseconds since the Unix epoch of `at` (0 before it).
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
